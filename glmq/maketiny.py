@@ -1,0 +1,103 @@
+"""``glmq make-tiny``: write a complete GLM-Image pipeline folder with random weights.
+
+``size="tiny"`` gives a folder of a few tens of MB that stock ``diffusers.GlmImagePipeline`` loads and
+runs end to end on a CPU in seconds. ``size="full"`` writes the released architecture (about 36 GB of
+random bf16/fp32 weights), streaming one tensor at a time; it is what converters and memory tests run on.
+Both use the release's folder layout, tensor names, dtypes and config files.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from glmq.io.layout import COMPONENTS, WEIGHT_COMPONENTS, model_index
+from glmq.io.writer import DEFAULT_MAX_SHARD_BYTES, OutputFolder
+from glmq.models.configs import SIZES, component_config
+from glmq.progress import ByteProgress
+
+# Tiny shards are kept small so the tiny AR is split over several files, as the release is.
+TINY_MAX_SHARD_BYTES = 8 * 1024 * 1024
+
+
+def make_tiny(out: str | Path, *, size: str = "tiny", seed: int = 0, force: bool = False,
+              progress: bool = True, max_shard_bytes: int | None = None) -> Path:
+    """Write a GLM-Image pipeline folder with random weights to ``out``; returns the path.
+
+    Writes into ``out.partial`` and renames at the end; an interrupted ``full`` run resumes from its
+    finished shards when rerun with the same arguments.
+    """
+    import torch
+
+    from glmq import __version__
+    from glmq.errors import GlmqError
+    from glmq.models.build import (
+        build_glyph_tokenizer,
+        build_model,
+        build_processor,
+        build_scheduler,
+        norm_parameter_names,
+        random_tensor,
+        tensor_specs,
+    )
+
+    if size not in SIZES:
+        raise GlmqError(f"unknown size {size!r}; valid sizes: {', '.join(SIZES)}")
+    if max_shard_bytes is None:
+        max_shard_bytes = TINY_MAX_SHARD_BYTES if size == "tiny" else DEFAULT_MAX_SHARD_BYTES
+    import diffusers
+
+    job = {"command": "make-tiny", "size": size, "seed": seed, "glmq": __version__, "shard": max_shard_bytes}
+    folder = OutputFolder(out, job=job, force=force)
+    folder.write_json("model_index.json", model_index(diffusers.__version__))
+
+    models = {}
+    for comp in WEIGHT_COMPONENTS:
+        model = build_model(comp, component_config(comp.name, size))
+        models[comp.name] = model
+        target = folder.path(comp.name)
+        if comp.library == "transformers":
+            model.config.dtype = getattr(torch, comp.dtype)
+            model.config.save_pretrained(target)
+            if comp.role == "ar":
+                from transformers import GenerationConfig
+
+                GenerationConfig.from_model_config(model.config).save_pretrained(target)
+        else:
+            model.save_config(target)
+    build_processor().save_pretrained(folder.path("processor"))
+    build_glyph_tokenizer().save_pretrained(folder.path("tokenizer"))
+    build_scheduler().save_pretrained(folder.path("scheduler"))
+
+    writers = []
+    for comp in WEIGHT_COMPONENTS:
+        model = models[comp.name]
+        specs = tensor_specs(model, comp.dtype)
+        writers.append((comp, specs, norm_parameter_names(model), folder.component_writer(
+            comp, specs, max_shard_bytes=max_shard_bytes)))
+    total = sum(w.total_size for *_, w in writers)
+    with ByteProgress(total, f"make-tiny {size}", enabled=progress) as bar:
+        for comp, specs, norms, writer in writers:
+            shapes = {name: (dtype, shape) for name, dtype, shape in specs}
+            pending = set(writer.pending())
+            for i, shard in enumerate(writer.shards):
+                if i not in pending:
+                    bar.update(sum(_nbytes(dt, sh) for _, dt, sh in shard))
+
+            def produce(name, shapes=shapes, norms=norms):
+                dtype, shape = shapes[name]
+                return random_tensor(name, shape, dtype, seed=seed, is_norm=name in norms)
+
+            writer.write(produce, on_tensor=lambda name, n: bar.update(n))
+    return folder.commit({"source": {"make-tiny": {"size": size, "seed": seed}}})
+
+
+def _nbytes(dtype: str, shape: tuple[int, ...]) -> int:
+    import torch
+
+    n = torch.empty((), dtype=getattr(torch, dtype)).element_size()
+    for d in shape:
+        n *= d
+    return n
+
+
+__all__ = ["make_tiny", "COMPONENTS"]

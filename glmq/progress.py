@@ -1,0 +1,26 @@
+"""Progress bars on stderr (tqdm), switched off for ``--json`` output and non-interactive use."""
+
+from __future__ import annotations
+
+
+class ByteProgress:
+    """A byte-counting progress bar; a no-op when disabled."""
+
+    def __init__(self, total: int, desc: str, *, enabled: bool = True):
+        self._bar = None
+        if enabled:
+            from tqdm import tqdm
+
+            self._bar = tqdm(total=total, desc=desc, unit="B", unit_scale=True, unit_divisor=1024,
+                             dynamic_ncols=True, leave=False)
+
+    def update(self, n: int) -> None:
+        if self._bar is not None:
+            self._bar.update(n)
+
+    def __enter__(self) -> ByteProgress:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._bar is not None:
+            self._bar.close()
