@@ -1,0 +1,3 @@
+from glmq.cli import main
+import sys
+sys.exit(main())

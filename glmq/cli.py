@@ -1,0 +1,104 @@
+"""The ``glmq`` command: thin argument parsing over the library's functions.
+
+User errors (bad paths, corrupt files, existing outputs, bad flags) print one line on stderr and exit with
+code 2, without a traceback. ``--json`` prints a machine-readable result on stdout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import errno
+import json
+import sys
+
+EXIT_USER_ERROR = 2
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that reports a usage error as one line (exit code 2), pointing at ``--help``."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        print(f"{self.prog}: error: {message} (see '{self.prog} --help')", file=sys.stderr)
+        raise SystemExit(EXIT_USER_ERROR)
+
+
+def _cmd_make_tiny(args: argparse.Namespace) -> int:
+    from glmq.maketiny import make_tiny
+
+    out = make_tiny(args.out, size=args.size, seed=args.seed, force=args.force, progress=not args.json)
+    if args.json:
+        from glmq.inspect import inspect_pipeline
+
+        print(json.dumps(inspect_pipeline(out, verify_hashes=False), indent=2))
+    else:
+        print(f"wrote {out} (GLM-Image pipeline, {args.size} size, random weights, seed {args.seed})")
+    return 0
+
+
+def _cmd_inspect(args: argparse.Namespace) -> int:
+    from glmq.errors import CheckpointError
+    from glmq.inspect import format_report, inspect_pipeline
+
+    report = inspect_pipeline(args.path, verify_hashes=not args.quick)
+    print(json.dumps(report, indent=2) if args.json else format_report(report))
+    manifest = report["manifest"]
+    if manifest["present"] and not manifest["verified"]:
+        raise CheckpointError(f"{args.path}: manifest verification failed: {manifest['problems'][0]}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from glmq import __version__
+    from glmq.models.configs import SIZES
+
+    parser = _Parser(prog="glmq", description="Quantize, export and run GLM-Image on ordinary GPUs.")
+    parser.add_argument("--version", action="version", version=f"glmq {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    sub.required = True
+
+    p = sub.add_parser("make-tiny", help="write a GLM-Image pipeline folder with random weights",
+                       description="Write a complete diffusers GLM-Image pipeline folder with random weights: "
+                                   "'tiny' runs on a CPU in seconds, 'full' is the released architecture "
+                                   "(about 36 GB, streamed).")
+    p.add_argument("out", help="output folder (must not exist unless --force)")
+    p.add_argument("--size", choices=SIZES, default="tiny", help="tiny (default) or full (the released sizes)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random weights (default 0)")
+    p.add_argument("--force", action="store_true", help="replace OUT if it exists")
+    p.add_argument("--json", action="store_true", help="print the new folder's inspect report as JSON")
+    p.set_defaults(func=_cmd_make_tiny)
+
+    p = sub.add_parser("inspect", help="show a GLM-Image folder's components and verify its files",
+                       description="Show components, classes, parameter counts, dtypes, sizes and quantization "
+                                   "of a GLM-Image pipeline folder, check every tensor against the configs, and "
+                                   "verify glmq's sha256 manifest when present.")
+    p.add_argument("path", help="a GLM-Image pipeline folder (the release, make-tiny or glmq output)")
+    p.add_argument("--quick", action="store_true", help="check manifest sizes only, skip sha256")
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
+    p.set_defaults(func=_cmd_inspect)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    from glmq.errors import GlmqError
+
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except GlmqError as e:
+        print(f"glmq: error: {e}", file=sys.stderr)
+    except KeyboardInterrupt:
+        print("glmq: interrupted; any .partial output is kept and the same command resumes it", file=sys.stderr)
+    except MemoryError:
+        print("glmq: error: out of memory", file=sys.stderr)
+    except OSError as e:
+        if e.errno == errno.ENOSPC:
+            print(f"glmq: error: no space left on the device ({e.filename or 'writing output'})", file=sys.stderr)
+        else:
+            where = f"{e.filename}: " if e.filename else ""
+            print(f"glmq: error: {where}{e.strerror or e}", file=sys.stderr)
+    return EXIT_USER_ERROR
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,113 @@
+"""``glmq inspect``: what a GLM-Image folder holds and whether it is intact."""
+
+from __future__ import annotations
+
+from collections import Counter
+from pathlib import Path
+
+from glmq.io.layout import COMPONENTS
+from glmq.io.manifest import verify_manifest
+from glmq.io.reader import PipelineReader
+from glmq.io.validate import check_component
+
+
+def inspect_pipeline(path: str | Path, *, verify_hashes: bool = True) -> dict:
+    """A JSON-able report: components, classes, parameter counts, dtypes, bytes, quantization, manifest.
+
+    Raises :class:`~glmq.errors.CheckpointError` for a folder that is not a sound GLM-Image pipeline.
+    """
+    reader = PipelineReader(path)
+    report: dict = {"path": str(Path(path)), "pipeline": reader.model_index["_class_name"], "components": []}
+    total_params = total_bytes = 0
+    for comp in COMPONENTS:
+        entry: dict = {"name": comp.name, "library": comp.library, "class": comp.class_name, "role": comp.role}
+        declared = reader.model_index.get(comp.name)
+        if isinstance(declared, list) and len(declared) == 2:
+            entry["library"], entry["class"] = declared
+        if comp.has_weights:
+            cr = reader.component(comp.name)
+            check = check_component(cr)
+            dtypes: Counter = Counter()
+            for info in cr.tensors.values():
+                dtypes[info.dtype] += info.numel
+            qcfg = cr.quantization_config
+            entry.update(
+                params=check.params,
+                tensors=len(cr.tensors),
+                shards=len(cr.files),
+                bytes=cr.nbytes,
+                dtypes=dict(sorted(dtypes.items(), key=lambda kv: -kv[1])),
+                quantization=_quant_summary(qcfg),
+                checked=check.checked,
+                notes=check.notes,
+            )
+            total_params += check.params
+            total_bytes += cr.nbytes
+        else:
+            folder = reader.path / comp.name
+            entry["files"] = sorted(p.name for p in folder.iterdir() if p.is_file())
+        report["components"].append(entry)
+    report["total_params"] = total_params
+    report["total_bytes"] = total_bytes
+    manifest = reader.manifest
+    if manifest is None:
+        report["manifest"] = {"present": False, "verified": None, "problems": []}
+    else:
+        problems = verify_manifest(reader.path, manifest, hashes=verify_hashes)
+        report["manifest"] = {
+            "present": True,
+            "verified": not problems,
+            "hashes_checked": verify_hashes,
+            "files": len(manifest.get("files", {})),
+            "problems": problems,
+        }
+    reader.close()
+    return report
+
+
+def _quant_summary(qcfg: dict | None) -> dict | None:
+    if qcfg is None:
+        return None
+    keys = ("quant_method", "format", "formats", "recipe", "bits", "group_size", "load_in_4bit", "load_in_8bit",
+            "bnb_4bit_quant_type")
+    return {k: qcfg[k] for k in keys if k in qcfg}
+
+
+def _human(n: float, unit: str = "B") -> str:
+    for prefix in ("", "K", "M", "G", "T"):
+        if abs(n) < 1000 or prefix == "T":
+            return f"{n:.3g} {prefix}{unit}" if prefix else f"{n:.0f} {unit}"
+        n /= 1000
+    return f"{n} {unit}"
+
+
+def format_report(report: dict) -> str:
+    lines = [f"{report['path']}: {report['pipeline']}", ""]
+    header = f"{'component':<25} {'class':<34} {'params':>9} {'size':>9} {'tensors':>7} {'shards':>6}  dtypes / quantization"
+    lines += [header, "-" * len(header)]
+    for c in report["components"]:
+        if "params" in c:
+            total = sum(c["dtypes"].values()) or 1
+            dt = ", ".join(f"{k} {100 * v / total:.0f}%" for k, v in c["dtypes"].items())
+            q = c["quantization"]
+            qs = f"  [{', '.join(f'{k}={v}' for k, v in q.items())}]" if q else ""
+            lines.append(
+                f"{c['name']:<25} {c['class']:<34} {_human(c['params'], ''):>9} {_human(c['bytes']):>9} "
+                f"{c['tensors']:>7} {c['shards']:>6}  {dt}{qs}"
+            )
+            for note in c.get("notes", []):
+                lines.append(f"{'':<25} note: {note}")
+        else:
+            lines.append(f"{c['name']:<25} {c['class']:<34} {'-':>9} {'':>9} {'':>7} {'':>6}  {len(c['files'])} files")
+    lines.append("")
+    lines.append(f"total: {_human(report['total_params'], '')} parameters, {_human(report['total_bytes'])} of weights")
+    m = report["manifest"]
+    if not m["present"]:
+        lines.append("manifest: none (folder not written by glmq)")
+    elif m["verified"]:
+        how = "sha256" if m["hashes_checked"] else "sizes only"
+        lines.append(f"manifest: OK, {m['files']} files verified ({how})")
+    else:
+        lines.append(f"manifest: FAILED, {len(m['problems'])} problems:")
+        lines += [f"  {p}" for p in m["problems"]]
+    return "\n".join(lines)

@@ -1,0 +1,52 @@
+"""Helpers for glmq's own tests and for users testing glmq integrations (CPU-only, no model weights)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+
+def run_cli(*args: str, cwd: str | Path | None = None, env: dict | None = None,
+            timeout: float = 600) -> subprocess.CompletedProcess:
+    """Run ``glmq ARGS`` in a fresh interpreter, as a user would, capturing text output."""
+    full_env = {**os.environ, **(env or {})}
+    return subprocess.run([sys.executable, "-m", "glmq", *args], capture_output=True, text=True, cwd=cwd,
+                          env=full_env, timeout=timeout)
+
+
+def assert_user_error(proc: subprocess.CompletedProcess, *needles: str) -> None:
+    """Exit code 2, exactly one line on stderr containing every needle, and no traceback."""
+    print("stderr:", proc.stderr)
+    assert proc.returncode == 2, (proc.returncode, proc.stdout, proc.stderr)
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, lines
+    assert "Traceback" not in proc.stderr
+    for needle in needles:
+        assert needle in lines[0], (needle, lines[0])
+
+
+def tree_snapshot(root: str | Path) -> dict[str, int]:
+    """Relative path -> size of every file and folder under ``root`` (to prove nothing was written)."""
+    root = Path(root)
+    return {p.relative_to(root).as_posix(): (p.stat().st_size if p.is_file() else -1) for p in root.rglob("*")}
+
+
+def run_cli_inprocess(*args: str) -> subprocess.CompletedProcess:
+    """Run ``glmq ARGS`` in this interpreter (fast: model libraries are already imported).
+
+    Same code path as the console script from argument parsing on; returns what :func:`run_cli` returns.
+    """
+    import contextlib
+    import io
+
+    from glmq.cli import main
+
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            code = main(list(args))
+        except SystemExit as e:  # argparse usage errors and --help
+            code = e.code if isinstance(e.code, int) else 2
+    return subprocess.CompletedProcess(["glmq", *args], code, out.getvalue(), err.getvalue())

@@ -1,0 +1,17 @@
+"""Shared fixtures: one tiny GLM-Image folder per test session (written by glmq make-tiny)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session")
+def tiny_dir(tmp_path_factory) -> Path:
+    """A tiny random-weight GLM-Image pipeline folder (seed 0). Tests must not modify it: copy first."""
+    from glmq.maketiny import make_tiny
+
+    return make_tiny(tmp_path_factory.mktemp("tiny") / "glm-image-tiny", progress=False)
