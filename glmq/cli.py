@@ -47,6 +47,26 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_quantize(args: argparse.Namespace) -> int:
+    from glmq.quant.convert import quantize
+    from glmq.quant.report import layer_summary
+
+    report = quantize(args.src, args.out, recipe=args.recipe, device=args.device, calib_prompts=args.calib_prompts,
+                      force=args.force, progress=not args.json)
+    if args.json:
+        print(json.dumps(report, indent=2))
+        return 0
+    before = sum(c["bytes_before"] for c in report["components"].values())
+    after = sum(c["bytes_after"] for c in report["components"].values())
+    print(f"wrote {args.out}: recipe {report['recipe']['name']}, weights {before / 1e9:.3f} GB -> {after / 1e9:.3f} GB")
+    for r in layer_summary(report):
+        out = f", output SQNR min {r['output_sqnr_min']} dB" if r["output_sqnr_min"] is not None else ""
+        print(f"  {r['component']:<24} {r['format']:<9} {r['layers']:>4} layers, {r['bits_per_weight']:.2f} bits/weight, "
+              f"weight SQNR min {r['weight_sqnr_min']} dB, median {r['weight_sqnr_median']} dB{out}")
+    print(f"report: {args.out}/quantization_report.md")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from glmq import __version__
     from glmq.models.configs import SIZES
@@ -75,6 +95,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quick", action="store_true", help="check manifest sizes only, skip sha256")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     p.set_defaults(func=_cmd_inspect)
+
+    p = sub.add_parser("quantize", help="write a 4-bit AR / 8-bit DiT checkpoint, with a fidelity report",
+                       description="Quantize a GLM-Image pipeline folder by a recipe, streaming tensor by tensor. "
+                                   "An interrupted run resumes when the same command is rerun.")
+    p.add_argument("src", help="GLM-Image pipeline folder (the release or make-tiny output)")
+    p.add_argument("--out", required=True, help="output folder (must not exist unless --force)")
+    p.add_argument("--recipe", default="default",
+                   help="recipe name (default, ampere, quality, tier16) or a path to a .toml recipe")
+    p.add_argument("--device", default="cpu", help="where quantization math runs: cpu (default) or cuda")
+    p.add_argument("--calib-prompts", default=None, metavar="FILE",
+                   help="text file, one prompt per line, for calibrated algorithms (GPTQ)")
+    p.add_argument("--force", action="store_true", help="replace OUT if it exists")
+    p.add_argument("--json", action="store_true", help="print the fidelity report as JSON")
+    p.set_defaults(func=_cmd_quantize)
     return parser
 
 

@@ -68,6 +68,17 @@ def inspect_pipeline(path: str | Path, *, verify_hashes: bool = True) -> dict:
 def _quant_summary(qcfg: dict | None) -> dict | None:
     if qcfg is None:
         return None
+    if qcfg.get("quant_method") == "glmq":
+        counts: Counter = Counter(e.get("format") for e in qcfg.get("layers", {}).values())
+        formats = []
+        for key, n in sorted(counts.items()):
+            f = qcfg.get("formats", {}).get(key, {})
+            detail = f.get("format", "?")
+            if "group_size" in f:
+                detail += f" g{f['group_size']} {'sym' if f.get('symmetric') else 'asym'}"
+            formats.append(f"{detail} x{n}")
+        return {"quant_method": "glmq", "recipe": qcfg.get("recipe", {}).get("name"), "layers": sum(counts.values()),
+                "formats": formats}
     keys = ("quant_method", "format", "formats", "recipe", "bits", "group_size", "load_in_4bit", "load_in_8bit",
             "bnb_4bit_quant_type")
     return {k: qcfg[k] for k in keys if k in qcfg}

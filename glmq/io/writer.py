@@ -202,11 +202,13 @@ class ComponentWriter:
     def pending(self) -> list[int]:
         return [i for i, rel in enumerate(self.shard_files) if not self.folder.shard_done(rel, self.plan_hashes[i])]
 
-    def write(self, produce: Callable[[str], torch.Tensor], on_tensor: Callable[[str, int], None] | None = None) -> None:
+    def write(self, produce: Callable[[str], torch.Tensor], on_tensor: Callable[[str, int], None] | None = None,
+              on_shard: Callable[[int], None] | None = None) -> None:
         """Write every pending shard, calling ``produce(name)`` for each of its tensors in plan order.
 
-        ``on_tensor(name, nbytes)`` is called after each tensor (progress bars). Finished shards from an
-        earlier run of the same job are skipped without calling ``produce``.
+        ``on_tensor(name, nbytes)`` is called after each tensor (progress bars), ``on_shard(i)`` once shard ``i``
+        is on disk, just before it is journaled. Finished shards from an earlier run of the same job are
+        skipped without calling ``produce``.
         """
         for i in self.pending():
             rel = self.shard_files[i]
@@ -230,6 +232,8 @@ class ComponentWriter:
                 writer.abort()
                 raise
             os.replace(tmp, final)
+            if on_shard is not None:  # before journaling: a kill in between redoes the shard and its side files
+                on_shard(i)
             self.folder.record_shard(rel, self.plan_hashes[i], sha)
         weight_map = {}
         for rel, shard in zip(self.shard_files, self.shards):

@@ -89,8 +89,9 @@ _TINY: dict[str, dict[str, Any]] = {
     "vision_language_encoder": {
         "text_config": {
             "vocab_size": 168064,  # the special token ids above must embed
-            "hidden_size": 64,
-            "intermediate_size": 96,
+            # 128 wide so every int4 group size (32/64/128) divides the linear layers' inputs.
+            "hidden_size": 128,
+            "intermediate_size": 128,
             "num_hidden_layers": 2,
             "num_attention_heads": 4,
             "num_key_value_heads": 2,
@@ -102,7 +103,7 @@ _TINY: dict[str, dict[str, Any]] = {
                 "rope_type": "default",
                 "rope_theta": 10000,
                 "partial_rotary_factor": 0.5,
-                "mrope_section": [2, 1, 1],  # head_dim 16 * 0.5 / 2 = 4
+                "mrope_section": [2, 3, 3],  # head_dim 32 * 0.5 / 2 = 8
             },
         },
         "vision_config": {

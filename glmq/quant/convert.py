@@ -1,0 +1,304 @@
+"""``glmq quantize``: a GLM-Image folder in, the same layout with quantized linear layers out.
+
+Streaming: tensors are read one at a time from the memory-mapped source, quantized (on the CPU or a GPU)
+and streamed into planned shards; nothing ever holds a whole component. Resumable: an interrupted run
+(Ctrl-C, SIGKILL, full disk) leaves ``DST.partial`` and rerunning the same command skips its finished
+shards (sha256-checked), ending byte-identical to an uninterrupted run. Per-layer statistics are kept in
+side files next to each finished shard so the fidelity report is complete after a resume too.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from glmq.errors import GlmqError
+from glmq.io.layout import COMPONENTS, WEIGHT_COMPONENTS, Component
+from glmq.io.reader import ComponentReader, PipelineReader
+from glmq.io.validate import check_component
+from glmq.io.writer import DEFAULT_MAX_SHARD_BYTES, OutputFolder
+from glmq.progress import ByteProgress
+from glmq.quant.checkpoint import make_quantization_config
+from glmq.quant.recipe import Recipe, load_recipe
+
+STATS_DIR = ".glmq-stats"
+FLOAT_DTYPES = ("float32", "bfloat16", "float16", "float64")
+
+
+@dataclass
+class LayerPlan:
+    name: str  # module name
+    shape: tuple[int, int]
+    fmt: Any
+    algo: Any
+    activations: str
+    rule: int
+
+
+def plan_component(comp: Component, cr: ComponentReader, recipe: Recipe) -> tuple[dict[str, LayerPlan], list[str], Any]:
+    """Which linear layers of ``comp`` get which format; also the linears kept as they are."""
+    from torch import nn
+
+    from glmq.models.build import build_model
+    from glmq.quant.algorithms import get_algorithm
+    from glmq.quant.formats import get_format
+
+    model = build_model(comp, cr.config)
+    linears = {n: m for n, m in model.named_modules() if isinstance(m, nn.Linear)}
+    plans: dict[str, LayerPlan] = {}
+    kept = []
+    used = [False] * len(recipe.rules)
+    for name, mod in linears.items():
+        idx = next((i for i, r in enumerate(recipe.rules) if r.matches(comp.name, name)), None)
+        if idx is None:
+            kept.append(name)
+            continue
+        used[idx] = True
+        rule = recipe.rules[idx]
+        if rule.format == "none":
+            kept.append(name)
+            continue
+        fmt = get_format(rule.format, **rule.params)
+        shape = (mod.out_features, mod.in_features)
+        try:
+            fmt.check(shape)
+        except GlmqError as e:
+            raise GlmqError(f"recipe {recipe.name}: cannot quantize {comp.name} layer {name}: {e}") from None
+        plans[name] = LayerPlan(name, shape, fmt, get_algorithm(rule.algorithm, **rule.algorithm_params),
+                                rule.activations, idx)
+    for i, rule in enumerate(recipe.rules):
+        if rule.component == comp.name and not used[i]:
+            raise GlmqError(
+                f"{recipe.source}: rule {i + 1} ({', '.join(rule.modules)}) matches no linear layer of {comp.name}"
+            )
+    return plans, kept, model
+
+
+def _source_fingerprint(reader: PipelineReader) -> list:
+    files = []
+    for p in sorted(reader.path.rglob("*")):
+        if p.is_file():
+            st = p.stat()
+            files.append([p.relative_to(reader.path).as_posix(), st.st_size, st.st_mtime_ns])
+    return files
+
+
+def quantize(src: str | Path, out: str | Path, *, recipe: str | Path = "default", device: str = "cpu",
+             calib_prompts: str | Path | None = None, force: bool = False, progress: bool = True,
+             max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES) -> dict:
+    """Quantize the GLM-Image folder ``src`` into ``out`` by ``recipe``; returns the fidelity report dict."""
+    import torch
+
+    from glmq import __version__
+    from glmq.models.build import tensor_specs
+
+    src, out = Path(src), Path(out)
+    reader = PipelineReader(src)
+    if out.resolve() == src.resolve() or src.resolve() in out.resolve().parents or out.resolve() in src.resolve().parents:
+        raise GlmqError(f"output {out} must not be the input folder or inside it (or contain it)")
+    rec = load_recipe(recipe)
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise GlmqError("--device cuda was given but no CUDA GPU is available")
+
+    components = {}
+    for comp in WEIGHT_COMPONENTS:
+        cr = reader.component(comp.name)
+        if cr.quantization_config is not None:
+            method = cr.quantization_config.get("quant_method", "unknown")
+            raise GlmqError(
+                f"{src}: already quantized ({comp.name} carries a {method} quantization_config); "
+                "quantize the original bf16 checkpoint instead"
+            )
+        check_component(cr)
+        plans, kept, model = plan_component(comp, cr, rec)
+        components[comp.name] = (comp, cr, plans, kept, model)
+
+    calibrator = None
+    needs_hessian = [p.name for (_, _, plans, _, _) in components.values() for p in plans.values() if p.algo.needs_hessian]
+    if needs_hessian:
+        from glmq.quant.calibrate import ArCalibrator
+
+        calibrator = ArCalibrator(reader, components["vision_language_encoder"][2], prompts_file=calib_prompts,
+                                  device=device)
+
+    calib_text = Path(calib_prompts).read_text(encoding="utf-8") if calib_prompts else None
+    job = {
+        "command": "quantize",
+        "glmq": __version__,
+        "recipe": rec.to_dict(),
+        "source": _source_fingerprint(reader),
+        "calib": calib_text,
+        "shard": max_shard_bytes,
+        # Results depend on the device's arithmetic, so a resume must use the same kind of device.
+        "device": device.split(":")[0],
+    }
+    folder = OutputFolder(out, job=job, force=force)
+
+    # Weightless components and the pipeline index are copied as they are.
+    shutil.copy2(src / "model_index.json", folder.path("model_index.json"))
+    for comp in COMPONENTS:
+        if not comp.has_weights:
+            dst = folder.path(comp.name)
+            shutil.copytree(src / comp.name, dst, dirs_exist_ok=True)
+
+    writers = []
+    for name, (comp, cr, plans, kept, model) in components.items():
+        config = dict(cr.config)
+        if plans:  # components the recipe leaves alone stay loadable by stock diffusers/transformers
+            layers = {p.name: (p.fmt, p.algo, p.activations) for p in plans.values()}
+            config["quantization_config"] = make_quantization_config(rec.summary(), layers, kept)
+        folder.write_json(f"{comp.name}/config.json", config)
+        for extra in sorted(cr.folder.iterdir()):
+            if extra.is_file() and extra.name != "config.json" and not extra.name.startswith(comp.weights_name):
+                shutil.copy2(extra, folder.path(f"{comp.name}/{extra.name}"))
+        by_weight = {f"{p.name}.weight": p for p in plans.values()}
+        specs = []
+        for tname, _, shape in tensor_specs(model, comp.dtype):
+            info = cr.tensors[tname]
+            if tname in by_weight:
+                plan = by_weight[tname]
+                for qname, (qshape, qdtype) in plan.fmt.expected_tensors(plan.name, plan.shape).items():
+                    specs.append((qname, str(qdtype).removeprefix("torch."), tuple(qshape)))
+            else:
+                specs.append((tname, info.dtype, tuple(info.shape)))
+        writer = folder.component_writer(comp, specs, max_shard_bytes=max_shard_bytes)
+        writers.append((comp, cr, plans, by_weight, writer))
+
+    total = sum(cr.nbytes for (_, cr, *_rest) in writers)
+    stats_root = folder.partial / STATS_DIR
+    with ByteProgress(total, f"quantize ({rec.name})", enabled=progress) as bar:
+        for comp, cr, plans, by_weight, writer in writers:
+            cache: dict[str, dict] = {}
+            shard_stats: dict[str, dict] = {}
+            prefix_of = {}
+            for plan in plans.values():
+                for qname in plan.fmt.expected_tensors(plan.name, plan.shape):
+                    prefix_of[qname] = plan
+
+            def produce(name, cr=cr, cache=cache, prefix_of=prefix_of, shard_stats=shard_stats, comp=comp):
+                plan = prefix_of.get(name)
+                if plan is None:
+                    t = cr.get(name)
+                    _check_finite(t, f"{cr.folder}: tensor {name!r}")
+                    bar.update(t.numel() * t.element_size())
+                    return t
+                if plan.name not in cache:
+                    cache.clear()
+                    w = cr.get(f"{plan.name}.weight")
+                    _check_finite(w, f"{cr.folder}: tensor {plan.name + '.weight'!r}")
+                    bar.update(w.numel() * w.element_size())
+                    hessian = calibrator.hessian(plan.name) if plan.algo.needs_hessian else None
+                    cache[plan.name] = _quantize_layer(plan, w, hessian, device)
+                    shard_stats[plan.name] = cache[plan.name].pop("__stats__")
+                    shard_stats[plan.name].update(component=comp.name, rule=plan.rule)
+                return cache[plan.name][name.removeprefix(plan.name + ".")]
+
+            def on_shard(i, writer=writer, shard_stats=shard_stats, comp=comp):
+                names = {n for n, _, _ in writer.shards[i]}
+                stats = {k: v for k, v in shard_stats.items() if f"{k}.weight" in names}
+                p = stats_root / comp.name / f"{i:05d}.json"
+                p.parent.mkdir(parents=True, exist_ok=True)
+                p.write_text(json.dumps(stats, sort_keys=True))
+                for k in stats:
+                    shard_stats.pop(k, None)
+
+            pending = set(writer.pending())
+            for i, shard in enumerate(writer.shards):
+                if i not in pending:
+                    bar.update(sum(cr.tensors[n].nbytes for n, _, _ in shard if n in cr.tensors)
+                               + sum(cr.tensors[f"{p.name}.weight"].nbytes for p in plans.values()
+                                     if any(n == f"{p.name}.weight" for n, _, _ in shard)))
+            writer.write(produce, on_shard=on_shard)
+
+    report = _build_report(rec, components, stats_root, calibrated=calibrator is not None)
+    shutil.rmtree(stats_root, ignore_errors=True)
+    from glmq.quant.report import model_card, report_markdown
+
+    folder.write_json("quantization_report.json", report)
+    folder.write_text("quantization_report.md", report_markdown(report))
+    folder.write_text("README.md", model_card(report))
+    folder.commit({"source": {"quantize": {"recipe": rec.name}}})
+    reader.close()
+    return report
+
+
+def _check_finite(t, what: str) -> None:
+    import torch
+
+    if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+        bad = int((~torch.isfinite(t)).sum())
+        raise GlmqError(f"{what} holds {bad} NaN/Inf values; refusing to write a broken checkpoint")
+
+
+def _quantize_layer(plan: LayerPlan, w, hessian, device: str) -> dict:
+    """Quantize one layer; returns stored tensors (CPU) plus ``__stats__``."""
+    from glmq.quant.metrics import sqnr_db
+
+    wd = w.to(device)
+    tensors = plan.algo.quantize_weight(plan.fmt, wd, hessian=hessian.to(device) if hessian is not None else None)
+    deq = plan.fmt.dequantize(tensors, plan.shape)
+    ref = wd.float()
+    stats = {
+        "shape": list(plan.shape),
+        "format": plan.fmt.name,
+        "bits_per_weight": plan.fmt.nbytes(plan.shape) * 8 / (plan.shape[0] * plan.shape[1]),
+        "weight_sqnr_db": _finite_or_none(sqnr_db(ref, deq)),
+        "output_sqnr_db": None,
+    }
+    if hessian is not None:
+        # Output SQNR on the calibration activations X without storing X: with H = X^T X / n,
+        # ||X W^T||^2 = n tr(W H W^T) and likewise for the error (W - W_q).
+        h = hessian.to(device).double()
+        err = (ref - deq).double()
+        num = float((ref.double() @ h * ref.double()).sum())
+        den = float((err @ h * err).sum())
+        stats["output_sqnr_db"] = _finite_or_none(10 * __import__("math").log10(num / den)) if den > 0 else None
+    out = {k: v.cpu() for k, v in tensors.items()}
+    out["__stats__"] = stats
+    return out
+
+
+def _finite_or_none(x: float) -> float | None:
+    import math
+
+    x = float(x)
+    return round(x, 3) if math.isfinite(x) else None
+
+
+def _build_report(rec: Recipe, components: dict, stats_root: Path, *, calibrated: bool) -> dict:
+    from glmq.quant.formats.base import QuantFormat  # noqa: F401  (formats registered)
+
+    layers = {}
+    for name, (comp, cr, plans, kept, model) in components.items():
+        for p in sorted((stats_root / name).glob("*.json")):
+            for lname, st in json.loads(p.read_text()).items():
+                layers[f"{name}:{lname}"] = st
+    comps = {}
+    for name, (comp, cr, plans, kept, model) in components.items():
+        before = sum(info.nbytes for info in cr.tensors.values())
+        after = before
+        qparams = 0
+        for plan in plans.values():
+            info = cr.tensors[f"{plan.name}.weight"]
+            after += plan.fmt.nbytes(plan.shape) - info.nbytes
+            qparams += plan.shape[0] * plan.shape[1]
+        params = sum(info.numel for info in cr.tensors.values())
+        comps[name] = {
+            "bytes_before": before,
+            "bytes_after": after,
+            "params": params,
+            "quantized_params": qparams,
+            "bits_per_weight": round(after * 8 / params, 3) if params else None,
+            "quantized_layers": len(plans),
+            "kept_linears": len(kept),
+        }
+    return {
+        "recipe": rec.to_dict(),
+        "calibrated": calibrated,
+        "components": comps,
+        "layers": dict(sorted(layers.items())),
+        "model_level": None,
+    }

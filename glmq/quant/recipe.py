@@ -1,0 +1,155 @@
+"""Recipes: versioned data files that map module-name patterns to quantization formats.
+
+A recipe is a TOML file (``recipes/NAME.toml`` ships with glmq; any path works too)::
+
+    name = "default"
+    version = 1
+    description = "..."
+
+    [[rules]]
+    component = "vision_language_encoder"          # model_index key
+    modules = ["model.language_model.layers.*.self_attn.*_proj"]   # fnmatch patterns on module names
+    format = "int4"                                 # a glmq.quant.formats name, or "none" (keep as is)
+    params = { group_size = 128, symmetric = false }
+    algorithm = "hqq"                               # a glmq.quant.algorithms name (default "rtn")
+    algorithm_params = {}
+    activations = "weight_only"                     # runtime hint for 8-bit: "dynamic_per_token" = W8A8
+
+Rules are tried in order and the first whose component and pattern match a linear layer decides it;
+linear layers no rule matches keep their original dtype. Only ``nn.Linear`` weights are quantized; a
+pattern that matches no linear layer at all is an error (it is almost certainly a typo).
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from glmq.errors import GlmqError
+
+RECIPE_VERSION = 1
+ACTIVATION_MODES = ("weight_only", "dynamic_per_token")
+
+
+def recipes_dir() -> Path:
+    """Where the shipped recipes live (``recipes/`` at the repository root, installed beside the package)."""
+    here = Path(__file__).resolve().parent
+    for candidate in (here.parent.parent / "recipes", here.parent / "recipes"):
+        if candidate.is_dir():
+            return candidate
+    raise GlmqError("glmq's recipes folder is missing from this installation")
+
+
+def available_recipes() -> list[str]:
+    return sorted(p.stem for p in recipes_dir().glob("*.toml"))
+
+
+@dataclass(frozen=True)
+class Rule:
+    component: str
+    modules: tuple[str, ...]
+    format: str
+    params: dict[str, Any] = field(default_factory=dict)
+    algorithm: str = "rtn"
+    algorithm_params: dict[str, Any] = field(default_factory=dict)
+    activations: str = "weight_only"
+
+    def matches(self, component: str, module: str) -> bool:
+        return component == self.component and any(fnmatch.fnmatchcase(module, p) for p in self.modules)
+
+
+@dataclass(frozen=True)
+class Recipe:
+    name: str
+    version: int
+    description: str
+    rules: tuple[Rule, ...]
+    source: str  # file it was read from
+
+    def rule_for(self, component: str, module: str) -> Rule | None:
+        for rule in self.rules:
+            if rule.matches(component, module):
+                return rule
+        return None
+
+    def summary(self) -> dict[str, Any]:
+        return {"name": self.name, "version": self.version, "description": self.description}
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "version": self.version,
+            "description": self.description,
+            "rules": [
+                {
+                    "component": r.component,
+                    "modules": list(r.modules),
+                    "format": r.format,
+                    "params": r.params,
+                    "algorithm": r.algorithm,
+                    "algorithm_params": r.algorithm_params,
+                    "activations": r.activations,
+                }
+                for r in self.rules
+            ],
+        }
+
+
+def load_recipe(name_or_path: str | Path) -> Recipe:
+    """A shipped recipe by name (``default``, ``ampere``, ``quality``, ``tier16``) or a TOML file by path."""
+    from glmq.io.layout import BY_NAME
+    from glmq.quant.algorithms import ALGORITHMS
+    from glmq.quant.formats import FORMATS
+
+    p = Path(name_or_path)
+    if p.suffix == ".toml" or p.exists():
+        path = p
+        if not path.is_file():
+            raise GlmqError(f"{path}: recipe file not found")
+    else:
+        path = recipes_dir() / f"{name_or_path}.toml"
+        if not path.is_file():
+            raise GlmqError(
+                f"unknown recipe {str(name_or_path)!r}; valid recipes: {', '.join(available_recipes())} "
+                "(or a path to a .toml file)"
+            )
+    try:
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+        raise GlmqError(f"{path}: not a valid TOML recipe ({e})") from None
+    where = str(path)
+    version = data.get("version")
+    if version != RECIPE_VERSION:
+        raise GlmqError(f"{where}: recipe version {version!r} is not supported (this glmq reads version {RECIPE_VERSION})")
+    rules = []
+    for i, raw in enumerate(data.get("rules", [])):
+        ctx = f"{where}: rule {i + 1}"
+        unknown = set(raw) - {"component", "modules", "format", "params", "algorithm", "algorithm_params", "activations"}
+        if unknown:
+            raise GlmqError(f"{ctx}: unknown key {sorted(unknown)[0]!r}")
+        comp = raw.get("component")
+        if comp not in BY_NAME or not BY_NAME[comp].has_weights:
+            valid = ", ".join(c for c, v in BY_NAME.items() if v.has_weights)
+            raise GlmqError(f"{ctx}: unknown component {comp!r}; valid components: {valid}")
+        modules = raw.get("modules")
+        if isinstance(modules, str):
+            modules = [modules]
+        if not modules or not all(isinstance(m, str) for m in modules):
+            raise GlmqError(f"{ctx}: 'modules' must be a non-empty list of patterns")
+        fmt = raw.get("format")
+        if fmt != "none" and fmt not in FORMATS:
+            raise GlmqError(f"{ctx}: unknown format {fmt!r}; valid formats: none, {', '.join(FORMATS)}")
+        algo = raw.get("algorithm", "rtn")
+        if algo not in ALGORITHMS:
+            raise GlmqError(f"{ctx}: unknown algorithm {algo!r}; valid algorithms: {', '.join(ALGORITHMS)}")
+        acts = raw.get("activations", "weight_only")
+        if acts not in ACTIVATION_MODES:
+            raise GlmqError(f"{ctx}: unknown activations mode {acts!r}; valid: {', '.join(ACTIVATION_MODES)}")
+        rules.append(Rule(comp, tuple(modules), fmt, dict(raw.get("params", {})), algo,
+                          dict(raw.get("algorithm_params", {})), acts))
+    if not rules:
+        raise GlmqError(f"{where}: recipe has no rules")
+    return Recipe(str(data.get("name", path.stem)), version, str(data.get("description", "")), tuple(rules), where)
