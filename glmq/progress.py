@@ -1,6 +1,9 @@
-"""Progress bars on stderr (tqdm), switched off for ``--json`` output and non-interactive use."""
+"""Progress bars on stderr (tqdm), switched off for ``--json`` output and when stderr is not a terminal
+(logs and scripts then see only results and one-line errors)."""
 
 from __future__ import annotations
+
+import sys
 
 
 class ByteProgress:
@@ -8,7 +11,7 @@ class ByteProgress:
 
     def __init__(self, total: int, desc: str, *, enabled: bool = True):
         self._bar = None
-        if enabled:
+        if enabled and sys.stderr.isatty():
             from tqdm import tqdm
 
             self._bar = tqdm(total=total, desc=desc, unit="B", unit_scale=True, unit_divisor=1024,
