@@ -199,3 +199,19 @@ def test_every_recipe_runs_on_the_tiny_model(tiny_dir, tmp_path):
         assert report["components"]["transformer"]["quantized_layers"] > 0
     with pytest.raises(GlmqError):
         load_recipe("nope")
+
+
+def test_quality_recipe_calibrates_the_ar_with_gptq_and_beats_rtn(tiny_dir, tmp_path):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red fox in snow\na 'glmq' poster\n")
+    report = convert.quantize(tiny_dir, tmp_path / "q", recipe="quality", calib_prompts=prompts, progress=False)
+    assert report["calibrated"]
+    ar = {k: v for k, v in report["layers"].items() if k.startswith("vision_language_encoder:")}
+    assert len(ar) == 12
+    for name, st in ar.items():
+        print(name, st["output_sqnr_db"], "vs RTN", st["rtn_output_sqnr_db"])
+        assert st["output_sqnr_db"] >= st["rtn_output_sqnr_db"], name
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n")
+    assert_user_error(run_cli_inprocess("quantize", str(tiny_dir), "--out", str(tmp_path / "q2"), "--recipe",
+                                        "quality", "--calib-prompts", str(empty)), "no calibration prompts")

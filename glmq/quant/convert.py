@@ -190,8 +190,11 @@ def quantize(src: str | Path, out: str | Path, *, recipe: str | Path = "default"
                     w = cr.get(f"{plan.name}.weight")
                     _check_finite(w, f"{cr.folder}: tensor {plan.name + '.weight'!r}")
                     bar.update(w.numel() * w.element_size())
-                    hessian = calibrator.hessian(plan.name) if plan.algo.needs_hessian else None
-                    cache[plan.name] = _quantize_layer(plan, w, hessian, device)
+                    if plan.algo.needs_hessian:
+                        tensors, hessian = calibrator.result(plan.name)
+                    else:
+                        tensors, hessian = None, None
+                    cache[plan.name] = _quantize_layer(plan, w, hessian, device, tensors)
                     shard_stats[plan.name] = cache[plan.name].pop("__stats__")
                     shard_stats[plan.name].update(component=comp.name, rule=plan.rule)
                 return cache[plan.name][name.removeprefix(plan.name + ".")]
@@ -233,12 +236,15 @@ def _check_finite(t, what: str) -> None:
         raise GlmqError(f"{what} holds {bad} NaN/Inf values; refusing to write a broken checkpoint")
 
 
-def _quantize_layer(plan: LayerPlan, w, hessian, device: str) -> dict:
-    """Quantize one layer; returns stored tensors (CPU) plus ``__stats__``."""
+def _quantize_layer(plan: LayerPlan, w, hessian, device: str, tensors: dict | None = None) -> dict:
+    """Quantize one layer (or take ``tensors`` a calibrator computed); returns stored tensors (CPU) plus
+    ``__stats__``, with the output SQNR on the calibration activations when a Hessian is known."""
     from glmq.quant.metrics import sqnr_db
 
     wd = w.to(device)
-    tensors = plan.algo.quantize_weight(plan.fmt, wd, hessian=hessian.to(device) if hessian is not None else None)
+    if tensors is None:
+        tensors = plan.algo.quantize_weight(plan.fmt, wd, hessian=hessian.to(device) if hessian is not None else None)
+    tensors = {k: v.to(device) for k, v in tensors.items()}
     deq = plan.fmt.dequantize(tensors, plan.shape)
     ref = wd.float()
     stats = {
@@ -252,13 +258,25 @@ def _quantize_layer(plan: LayerPlan, w, hessian, device: str) -> dict:
         # Output SQNR on the calibration activations X without storing X: with H = X^T X / n,
         # ||X W^T||^2 = n tr(W H W^T) and likewise for the error (W - W_q).
         h = hessian.to(device).double()
-        err = (ref - deq).double()
-        num = float((ref.double() @ h * ref.double()).sum())
-        den = float((err @ h * err).sum())
-        stats["output_sqnr_db"] = _finite_or_none(10 * __import__("math").log10(num / den)) if den > 0 else None
+        stats["output_sqnr_db"] = _output_sqnr(ref, deq, h)
+        if plan.algo.name != "rtn":  # what calibration bought: the same layer rounded to nearest
+            from glmq.quant.algorithms import get_algorithm
+
+            rtn = get_algorithm("rtn").quantize_weight(plan.fmt, wd)
+            stats["rtn_output_sqnr_db"] = _output_sqnr(ref, plan.fmt.dequantize(rtn, plan.shape), h)
     out = {k: v.cpu() for k, v in tensors.items()}
     out["__stats__"] = stats
     return out
+
+
+def _output_sqnr(ref, deq, h) -> float | None:
+    """SQNR of X W^T against X W_q^T given H = X^T X / n: ||X W^T||^2 = n tr(W H W^T), same for the error."""
+    import math
+
+    err = (ref - deq).double()
+    num = float((ref.double() @ h * ref.double()).sum())
+    den = float((err @ h * err).sum())
+    return _finite_or_none(10 * math.log10(num / den)) if den > 0 and num > 0 else None
 
 
 def _finite_or_none(x: float) -> float | None:

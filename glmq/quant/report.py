@@ -18,6 +18,7 @@ def layer_summary(report: dict) -> list[dict]:
     for (comp, fmt), items in sorted(groups.items()):
         w = [s["weight_sqnr_db"] for s in items if s["weight_sqnr_db"] is not None]
         o = [s["output_sqnr_db"] for s in items if s["output_sqnr_db"] is not None]
+        r = [s["rtn_output_sqnr_db"] for s in items if s.get("rtn_output_sqnr_db") is not None]
         rows.append({
             "component": comp,
             "format": fmt,
@@ -27,6 +28,7 @@ def layer_summary(report: dict) -> list[dict]:
             "weight_sqnr_median": round(statistics.median(w), 2) if w else None,
             "output_sqnr_min": min(o) if o else None,
             "output_sqnr_median": round(statistics.median(o), 2) if o else None,
+            "rtn_output_sqnr_median": round(statistics.median(r), 2) if r else None,
         })
     return rows
 
@@ -44,12 +46,14 @@ def report_markdown(report: dict) -> str:
         lines.append(f"| {name} | {_gb(c['bytes_before'])} | {_gb(c['bytes_after'])} | {c['bits_per_weight']} | "
                      f"{c['quantized_layers']} | {c['kept_linears']} |")
     lines += ["", "## Layers (SQNR in dB; higher is better)", "",
-              "| component | format | layers | bits/weight | weight SQNR min | median | output SQNR min | median |",
-              "|---|---|---|---|---|---|---|---|"]
+              "| component | format | layers | bits/weight | weight SQNR min | median | output SQNR min | median "
+              "| RTN output SQNR median |",
+              "|---|---|---|---|---|---|---|---|---|"]
     for r in layer_summary(report):
         lines.append(f"| {r['component']} | {r['format']} | {r['layers']} | {r['bits_per_weight']} | "
                      f"{_fmt(r['weight_sqnr_min'])} | {_fmt(r['weight_sqnr_median'])} | "
-                     f"{_fmt(r['output_sqnr_min'])} | {_fmt(r['output_sqnr_median'])} |")
+                     f"{_fmt(r['output_sqnr_min'])} | {_fmt(r['output_sqnr_median'])} | "
+                     f"{_fmt(r['rtn_output_sqnr_median'])} |")
     lines.append("")
     if not report["calibrated"]:
         lines.append("Output SQNR needs calibration activations; this recipe is data-free, so only weight SQNR "
