@@ -52,7 +52,7 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
     from glmq.quant.report import layer_summary
 
     report = quantize(args.src, args.out, recipe=args.recipe, device=args.device, calib_prompts=args.calib_prompts,
-                      force=args.force, progress=not args.json)
+                      force=args.force, progress=not args.json, evaluate=not args.no_eval)
     if args.json:
         print(json.dumps(report, indent=2))
         return 0
@@ -63,6 +63,12 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
         out = f", output SQNR min {r['output_sqnr_min']} dB" if r["output_sqnr_min"] is not None else ""
         print(f"  {r['component']:<24} {r['format']:<9} {r['layers']:>4} layers, {r['bits_per_weight']:.2f} bits/weight, "
               f"weight SQNR min {r['weight_sqnr_min']} dB, median {r['weight_sqnr_median']} dB{out}")
+    ml = report.get("model_level")
+    if ml and "skipped" not in ml:
+        print(f"  model level: AR logits SQNR {ml['ar']['logits_sqnr_db']} dB (KL {ml['ar']['kl_mean']}), "
+              f"image PSNR {ml['image']['psnr_db']} dB vs bf16")
+    elif ml:
+        print(f"  model level: skipped ({ml['skipped']})")
     print(f"report: {args.out}/quantization_report.md")
     return 0
 
@@ -106,6 +112,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cpu", help="where quantization math runs: cpu (default) or cuda")
     p.add_argument("--calib-prompts", default=None, metavar="FILE",
                    help="text file, one prompt per line, for calibrated algorithms (GPTQ)")
+    p.add_argument("--no-eval", action="store_true",
+                   help="skip the model-level fidelity evaluation (AR logits, DiT velocity, image PSNR)")
     p.add_argument("--force", action="store_true", help="replace OUT if it exists")
     p.add_argument("--json", action="store_true", help="print the fidelity report as JSON")
     p.set_defaults(func=_cmd_quantize)

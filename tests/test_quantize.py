@@ -29,7 +29,7 @@ def _files(root):
 def quantized(tiny_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("q") / "tiny-default"
     report = convert.quantize(tiny_dir, out, progress=False, max_shard_bytes=SMALL_SHARDS)
-    return out, report
+    return out, report  # evaluated: the model-level test below reads it
 
 
 def test_shipped_recipes_parse():
@@ -118,7 +118,7 @@ def test_resume_after_kill_is_byte_identical(quantized, tiny_dir, tmp_path, monk
     redone = []
     monkeypatch.setattr(convert, "_quantize_layer", lambda *a, **k: (redone.append(1), real(*a, **k))[1])
     convert.quantize(tiny_dir, out, progress=False, max_shard_bytes=SMALL_SHARDS)
-    assert _files(out) == _files(reference)
+    assert _files(out) == _files(reference)  # the evaluation is deterministic too
     assert len(redone) <= max_redone  # layers of finished shards (the DiT's, at 16) are not quantized again
 
 
@@ -195,7 +195,7 @@ def test_ctrl_c_is_one_line_and_resumable(tiny_dir, tmp_path, monkeypatch):
 
 def test_every_recipe_runs_on_the_tiny_model(tiny_dir, tmp_path):
     for name in ("ampere", "tier16"):
-        report = convert.quantize(tiny_dir, tmp_path / name, recipe=name, progress=False)
+        report = convert.quantize(tiny_dir, tmp_path / name, recipe=name, progress=False, evaluate=False)
         assert report["components"]["transformer"]["quantized_layers"] > 0
     with pytest.raises(GlmqError):
         load_recipe("nope")
@@ -204,7 +204,8 @@ def test_every_recipe_runs_on_the_tiny_model(tiny_dir, tmp_path):
 def test_quality_recipe_calibrates_the_ar_with_gptq_and_beats_rtn(tiny_dir, tmp_path):
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("a red fox in snow\na 'glmq' poster\n")
-    report = convert.quantize(tiny_dir, tmp_path / "q", recipe="quality", calib_prompts=prompts, progress=False)
+    report = convert.quantize(tiny_dir, tmp_path / "q", recipe="quality", calib_prompts=prompts, progress=False,
+                              evaluate=False)
     assert report["calibrated"]
     ar = {k: v for k, v in report["layers"].items() if k.startswith("vision_language_encoder:")}
     assert len(ar) == 12
@@ -215,3 +216,13 @@ def test_quality_recipe_calibrates_the_ar_with_gptq_and_beats_rtn(tiny_dir, tmp_
     empty.write_text("\n")
     assert_user_error(run_cli_inprocess("quantize", str(tiny_dir), "--out", str(tmp_path / "q2"), "--recipe",
                                         "quality", "--calib-prompts", str(empty)), "no calibration prompts")
+
+
+def test_model_level_fidelity_is_reported(quantized):
+    _, report = quantized
+    ml = report["model_level"]
+    print(ml)
+    assert ml["ar"]["tokens"] == 1024 + 256  # a full 1024x1024 target grid plus its preview grid
+    assert 0 < ml["ar"]["logits_sqnr_db"] < 200 and ml["ar"]["kl_mean"] >= 0
+    assert set(ml["dit"]["velocity_sqnr_db"]) == {"999", "750", "500", "250", "0"}
+    assert ml["image"]["psnr_db"] > 20

@@ -88,8 +88,12 @@ def _source_fingerprint(reader: PipelineReader) -> list:
 
 def quantize(src: str | Path, out: str | Path, *, recipe: str | Path = "default", device: str = "cpu",
              calib_prompts: str | Path | None = None, force: bool = False, progress: bool = True,
-             max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES) -> dict:
-    """Quantize the GLM-Image folder ``src`` into ``out`` by ``recipe``; returns the fidelity report dict."""
+             evaluate: bool = True, max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES) -> dict:
+    """Quantize the GLM-Image folder ``src`` into ``out`` by ``recipe``; returns the fidelity report dict.
+
+    With ``evaluate`` the report includes model-level fidelity (``glmq.quant.fidelity``), computed on
+    ``device``; it is skipped, and says so, for full-size models on the CPU.
+    """
     import torch
 
     from glmq import __version__
@@ -218,6 +222,10 @@ def quantize(src: str | Path, out: str | Path, *, recipe: str | Path = "default"
 
     report = _build_report(rec, components, stats_root, calibrated=calibrator is not None)
     shutil.rmtree(stats_root, ignore_errors=True)
+    if evaluate:
+        from glmq.quant.fidelity import evaluate as evaluate_model
+
+        report["model_level"] = evaluate_model(src, folder.partial, device=device)
     from glmq.quant.report import model_card, report_markdown
 
     folder.write_json("quantization_report.json", report)

@@ -58,9 +58,22 @@ def report_markdown(report: dict) -> str:
     if not report["calibrated"]:
         lines.append("Output SQNR needs calibration activations; this recipe is data-free, so only weight SQNR "
                      "is reported per layer.")
-    if report.get("model_level") is None:
-        lines.append("Model-level metrics (AR logits SQNR/KL, DiT velocity SQNR, image PSNR) are not part of "
-                     "this report yet.")
+    ml = report.get("model_level")
+    lines += ["", "## Model level (quantized vs bf16 source)", ""]
+    if ml is None:
+        lines.append("Not evaluated (`--no-eval`).")
+    elif "skipped" in ml:
+        lines.append(f"Skipped: {ml['skipped']}.")
+    else:
+        ar = ml["ar"]
+        lines.append(f"- AR, teacher-forced over {ar['tokens']} grid tokens: logits SQNR {ar['logits_sqnr_db']} dB, "
+                     f"mean KL {ar['kl_mean']}, top-1 agreement {ar['top1_agreement']:.1%}")
+        vel = ", ".join(f"t={t}: {v} dB" for t, v in ml["dit"]["velocity_sqnr_db"].items())
+        lines.append(f"- DiT velocity SQNR (conditional pass): {vel}")
+        im = ml["image"]
+        lines.append(f"- Image PSNR vs the bf16 pipeline, same AR tokens and noise ({im['size']}x{im['size']}, "
+                     f"{im['steps']} steps): {im['psnr_db']} dB")
+        lines.append(f"- evaluated on {ml['device']}, seed {ml['seed']}")
     lines += ["", "Per-layer numbers: `quantization_report.json`.", ""]
     return "\n".join(lines)
 
