@@ -10,6 +10,7 @@ import argparse
 import errno
 import json
 import sys
+from pathlib import Path
 
 EXIT_USER_ERROR = 2
 
@@ -73,6 +74,59 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
     return 0
 
 
+def _parse_size(text: str) -> tuple[int, int]:
+    from glmq.errors import GlmqError
+
+    try:
+        w, h = (int(x) for x in text.lower().split("x"))
+    except ValueError:
+        raise GlmqError(f"--size must look like 1024x1024 (WIDTHxHEIGHT), got {text!r}") from None
+    return w, h
+
+
+def _cmd_generate(args: argparse.Namespace) -> int:
+    import torch
+
+    import glmq
+    from glmq.errors import GlmqError
+
+    width, height = _parse_size(args.size)
+    out = Path(args.out)
+    if out.exists() and not args.force:
+        raise GlmqError(f"{out} already exists; pass --force to replace it")
+    if not out.parent.is_dir():
+        raise GlmqError(f"{out.parent}: output folder does not exist")
+    images = []
+    for ref in args.image or []:
+        from PIL import Image, UnidentifiedImageError
+
+        try:
+            images.append(Image.open(ref).convert("RGB"))
+        except (OSError, UnidentifiedImageError) as e:
+            raise GlmqError(f"{ref}: cannot read image ({e.__class__.__name__})") from None
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    pipe = glmq.load(args.path, device=device, vram_budget_gb=args.vram_budget_gb, mode=args.memory_mode)
+    generator = torch.Generator(device="cpu").manual_seed(args.seed)
+    result = pipe(args.prompt, image=images or None, height=height, width=width,
+                  num_inference_steps=args.steps, guidance_scale=args.guidance, generator=generator,
+                  progress=not args.json)
+    partial = out.with_name(out.name + ".partial" + out.suffix)
+    result[0].save(partial)
+    partial.replace(out)
+    t = pipe.last_times
+    summary = {"out": str(out), "size": [width, height], "steps": args.steps, "seed": args.seed,
+               "device": device, "memory_mode": pipe.mode, "seconds": round(t.total_s, 3),
+               "ar_s": round(t.ar_s, 3), "ar_tokens": t.ar_tokens, "glyph_s": round(t.glyph_s, 3),
+               "dit_s": round(t.dit_s, 3), "vae_s": round(t.vae_s, 3)}
+    if args.json:
+        print(json.dumps(summary, indent=2))
+    else:
+        print(f"wrote {out} ({width}x{height}, {args.steps} steps, seed {args.seed}) in {t.total_s:.2f} s "
+              f"[AR {t.ar_s:.2f} s / {t.ar_tokens} tokens, DiT {t.dit_s:.2f} s, VAE {t.vae_s:.2f} s; "
+              f"{pipe.mode} on {device}]")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from glmq import __version__
     from glmq.models.configs import SIZES
@@ -117,6 +171,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="replace OUT if it exists")
     p.add_argument("--json", action="store_true", help="print the fidelity report as JSON")
     p.set_defaults(func=_cmd_quantize)
+
+    p = sub.add_parser("generate", help="generate an image (text-to-image or image-to-image)",
+                       description="Generate an image with a GLM-Image folder (bf16, make-tiny or glmq-quantized).")
+    p.add_argument("path", help="GLM-Image pipeline folder")
+    p.add_argument("--prompt", required=True, help="the prompt; quoted text in it is rendered by the glyph encoder")
+    p.add_argument("--image", action="append", metavar="REF", help="reference image (repeat for several)")
+    p.add_argument("--size", default="1024x1024", help="WIDTHxHEIGHT, multiples of 32 (default 1024x1024)")
+    p.add_argument("--steps", type=int, default=50, help="denoising steps (default 50)")
+    p.add_argument("--guidance", type=float, default=1.5, help="classifier-free guidance scale (default 1.5)")
+    p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
+    p.add_argument("--vram-budget-gb", type=float, default=None, help="plan memory for this many GiB")
+    p.add_argument("--memory-mode", choices=("resident", "staged", "offload"), default=None,
+                   help="force a memory mode (default: chosen from the budget)")
+    p.add_argument("--out", required=True, help="output PNG path")
+    p.add_argument("--force", action="store_true", help="replace OUT if it exists")
+    p.add_argument("--json", action="store_true", help="print timings as JSON")
+    p.set_defaults(func=_cmd_generate)
     return parser
 
 

@@ -27,3 +27,27 @@ class ByteProgress:
     def __exit__(self, *exc) -> None:
         if self._bar is not None:
             self._bar.close()
+
+
+class StageProgress:
+    """One progress bar per pipeline stage (AR, glyph, DiT steps, VAE); a no-op when disabled."""
+
+    def __init__(self, *, enabled: bool = True):
+        self.enabled = enabled and sys.stderr.isatty()
+        self._bar = None
+
+    def stage(self, name: str, total: int | None = None) -> None:
+        self.close()
+        if self.enabled:
+            from tqdm import tqdm
+
+            self._bar = tqdm(total=total, desc=name, unit="step" if total else "", leave=False, dynamic_ncols=True)
+
+    def step(self) -> None:
+        if self._bar is not None:
+            self._bar.update(1)
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None

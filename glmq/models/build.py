@@ -23,10 +23,12 @@ if TYPE_CHECKING:
 # Base id of the tiny tokenizer's character vocabulary: above the 16512 visual ids, below the specials.
 _TINY_CHAR_BASE = 20000
 
-# A character-level chat template: reference images become <|image|> placeholders, text passes through.
+# A chat template: each reference image becomes an <|image|> placeholder between the image start and end
+# tokens (GlmImageModel.get_rope_index finds reference images by those delimiters), text passes through.
 CHAT_TEMPLATE = (
     "{% for message in messages %}{% if message['content'] is string %}{{ message['content'] }}"
-    "{% else %}{% for item in message['content'] %}{% if item['type'] == 'image' %}<|image|>"
+    "{% else %}{% for item in message['content'] %}"
+    "{% if item['type'] == 'image' %}<|dit_token_16384|><|image|><|dit_token_16385|>"
     "{% elif item['type'] == 'text' %}{{ item['text'] }}{% endif %}{% endfor %}{% endif %}{% endfor %}"
 )
 

@@ -1,0 +1,115 @@
+"""Load GLM-Image components into the upstream classes, quantized layers as :class:`QuantLinear`.
+
+Each component is built on the meta device from its ``config.json``; the linear layers a glmq
+``quantization_config`` lists are swapped for empty :class:`~glmq.runtime.qlinear.QuantLinear` modules;
+then the module is materialized on the target device and every stored tensor is copied in, one at a time,
+straight from the memory-mapped safetensors. Nothing is ever held twice, and nothing is randomly
+initialized only to be overwritten. Works for the bf16 release, make-tiny folders and ``glmq quantize``
+output alike.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from glmq.errors import CheckpointError
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
+
+    from glmq.io.reader import ComponentReader
+
+# Recipe activation modes -> QuantLinear modes: W8A8 kernels where the recipe asks for dynamic per-token
+# activation scales, dequantize-then-matmul where it asks for weight-only.
+_MODES = {"dynamic_per_token": "auto", "weight_only": "weight_only"}
+
+
+def quant_plan(cr: ComponentReader) -> dict[str, dict]:
+    """``swap_linears`` plan for a component's glmq ``quantization_config`` (empty when unquantized)."""
+    qcfg = cr.quantization_config
+    if qcfg is None:
+        return {}
+    if qcfg.get("quant_method") != "glmq":
+        raise CheckpointError(
+            f"{cr.folder}: quantized by {qcfg.get('quant_method')!r}; glmq loads its own quantization and bf16 "
+            "checkpoints (stock diffusers loads bitsandbytes folders)"
+        )
+    from glmq.quant.checkpoint import layer_formats
+
+    plan = {}
+    for name, (fmt, acts) in layer_formats(qcfg).items():
+        spec = {"fmt_name": fmt.name, "mode": _MODES.get(acts, "auto") if fmt.name != "int4" else "auto"}
+        if fmt.name == "int4":
+            spec.update(group_size=fmt.group_size, symmetric=fmt.symmetric)
+        plan[name] = spec
+    return plan
+
+
+def load_component(cr: ComponentReader, *, device: str | torch.device = "cpu", dtype=None) -> nn.Module:
+    """The component's upstream module on ``device``; float tensors in ``dtype`` (default: as stored)."""
+    import torch
+
+    from glmq.models.build import build_model
+    from glmq.runtime.qlinear import QuantLinear, swap_linears
+
+    model = build_model(cr.component, cr.config)
+    plan = quant_plan(cr)
+    if plan:
+        swap_linears(model, plan)
+    # Tied parameters (T5's shared / encoder.embed_tokens) are stored once; to_empty unties them.
+    tied: dict[int, list[str]] = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        tied.setdefault(id(p), []).append(name)
+    tied_groups = [names for names in tied.values() if len(names) > 1]
+    aliases = {n for names in tied_groups for n in names[1:]}
+    model.to_empty(device=device)
+    if dtype is not None:
+        model.to(dtype)  # QuantLinear keeps its quantized buffers' dtypes
+    for first, *rest in tied_groups:
+        for alias in rest:
+            owner_name, _, attr = alias.rpartition(".")
+            setattr(model.get_submodule(owner_name), attr, model.get_parameter(first))
+    expected = set(model.state_dict().keys())
+    stored = set(cr.tensors)
+    missing = sorted(expected - stored - aliases)
+    if missing:
+        raise CheckpointError(f"{cr.folder}: missing tensor {missing[0]!r}" + (f" (+{len(missing) - 1} more)" if len(missing) > 1 else ""))
+    with torch.no_grad():
+        for name in sorted(stored, key=lambda n: (cr.tensors[n].file.name, cr.tensors[n].begin)):
+            if name not in expected or name in aliases:
+                raise CheckpointError(f"{cr.folder}: unexpected tensor {name!r}")
+            module_name, _, attr = name.rpartition(".")
+            owner = model.get_submodule(module_name) if module_name else model
+            target = getattr(owner, attr)
+            value = cr.get(name)
+            if tuple(value.shape) != tuple(target.shape):
+                raise CheckpointError(f"{cr.folder}: tensor {name!r} has shape {list(value.shape)}, "
+                                      f"the model expects {list(target.shape)}")
+            if isinstance(owner, QuantLinear) and attr != "bias":
+                target.copy_(value)  # quantized buffers keep their storage dtype
+            else:
+                target.copy_(value.to(target.dtype))
+    _init_nonpersistent_buffers(model)
+    model.eval()
+    model.requires_grad_(False)
+    return model
+
+
+def _init_nonpersistent_buffers(model: nn.Module) -> None:
+    """Recompute buffers that are not stored (rotary tables) with the upstream initializer.
+
+    Only modules holding nothing but such buffers are re-initialized, so loaded weights are never touched.
+    """
+    state_keys = set(model.state_dict().keys())
+    for mod_name, module in model.named_modules():
+        own = [f"{mod_name}.{n}" if mod_name else n for n, b in module.named_buffers(recurse=False) if b is not None]
+        unsaved = [n for n in own if n not in state_keys]
+        if not unsaved:
+            continue
+        if list(module.parameters(recurse=False)) or len(unsaved) != len(own):
+            raise RuntimeError(f"{type(module).__name__} mixes saved and unsaved tensors; cannot re-initialize it")
+        init = getattr(model, "_init_weights", None)
+        if init is None:
+            raise RuntimeError(f"{type(module).__name__} has unsaved buffers and no initializer")
+        init(module)

@@ -1,0 +1,460 @@
+"""``glmq.load(path)``: a GLM-Image pipeline that generates fast and fits small GPUs.
+
+The networks are the upstream transformers/diffusers modules loaded by :mod:`glmq.runtime.loader`
+(quantized linears swapped in where the checkpoint says so); glmq owns only the loops around them:
+the AR decode engine (:mod:`glmq.runtime.ar_engine`), the batched DiT loop (:mod:`glmq.runtime.dit_loop`),
+and the memory stages (:mod:`glmq.runtime.memory`). The call mirrors diffusers' ``GlmImagePipeline``.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from glmq.errors import GlmqError
+from glmq.runtime.memory import GiB, StageSizes, activation_allowance, choose_mode
+
+_GLYPH_PATTERNS = (r"'([^']*)'", r"\u201c([^\u201c\u201d]*)\u201d", r'"([^"]*)"', r"「([^「」]*)」")
+
+
+def glyph_texts(prompt: str) -> list[str]:
+    """The quoted substrings the glyph encoder renders, in the order the stock pipeline collects them."""
+    found: list[str] = []
+    for pattern in _GLYPH_PATTERNS:
+        found += re.findall(pattern, prompt)
+    return found
+
+
+@dataclass
+class StageTimes:
+    """Seconds per stage of the last call (and AR tokens / DiT steps, for per-unit figures)."""
+
+    ar_s: float = 0.0
+    ar_tokens: int = 0
+    glyph_s: float = 0.0
+    dit_s: float = 0.0
+    dit_steps: int = 0
+    vae_s: float = 0.0
+    total_s: float = 0.0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+class _BlockStreamer:
+    """Keeps a stack of blocks in pinned CPU memory and copies each to the GPU just before it runs."""
+
+    def __init__(self, blocks, device: torch.device):
+        self.device = device
+        self.handles = []
+        self.slots = []
+        for block in blocks:
+            tensors = []
+            for mod in block.modules():
+                for kind in ("_parameters", "_buffers"):
+                    for name, t in getattr(mod, kind).items():
+                        if t is not None:
+                            cpu = t.detach().to("cpu")
+                            cpu = cpu.pin_memory() if torch.cuda.is_available() else cpu
+                            tensors.append((mod, kind, name, cpu))
+                            self._set(mod, kind, name, cpu)
+            self.slots.append(tensors)
+            self.handles.append(block.register_forward_pre_hook(self._pre(tensors)))
+            self.handles.append(block.register_forward_hook(self._post(tensors)))
+
+    @staticmethod
+    def _set(mod, kind, name, value):
+        if kind == "_parameters":
+            mod._parameters[name].data = value
+        else:
+            mod._buffers[name] = value
+
+    def _pre(self, tensors):
+        def hook(module, args):
+            for mod, kind, name, cpu in tensors:
+                self._set(mod, kind, name, cpu.to(self.device, non_blocking=True))
+        return hook
+
+    def _post(self, tensors):
+        def hook(module, args, output):
+            for mod, kind, name, cpu in tensors:
+                self._set(mod, kind, name, cpu)
+        return hook
+
+
+class GlmqPipeline:
+    """Text-to-image and image-to-image with GLM-Image; see :func:`load`."""
+
+    def __init__(self, path: Path, *, device: torch.device, dtype: torch.dtype, mode: str, sizes: StageSizes,
+                 components: dict, processor, tokenizer, scheduler_config: dict, attention: str,
+                 cuda_graph: bool):
+        self.path = path
+        self.device = device
+        self.dtype = dtype
+        self.mode = mode
+        self.sizes = sizes
+        self.ar = components["vision_language_encoder"]
+        self.transformer = components["transformer"]
+        self.text_encoder = components["text_encoder"]
+        self.vae = components["vae"]
+        self.processor = processor
+        self.tokenizer = tokenizer
+        self.scheduler_config = scheduler_config
+        self.attention = attention
+        self.cuda_graph = cuda_graph and device.type == "cuda" and mode != "offload"
+        self.vae_scale_factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
+        self.last_times = StageTimes()
+        self._engine = None
+        self._runner = None
+        self._streamers: dict[str, _BlockStreamer] = {}
+        self._place_initial()
+
+    # -- placement ----------------------------------------------------------------------------------------
+    def _gpu(self) -> bool:
+        return self.device.type == "cuda"
+
+    def _move(self, module, where: str) -> None:
+        if not self._gpu():
+            return
+        if where == "gpu":
+            module.to(self.device)
+        else:
+            module.to("cpu")
+            for p in module.parameters():
+                p.data = p.data.pin_memory()
+
+    def _place_initial(self) -> None:
+        if not self._gpu():
+            for m in (self.ar, self.transformer, self.text_encoder, self.vae):
+                m.to(self.device)
+            return
+        if self.mode == "resident":
+            for m in (self.ar, self.transformer, self.text_encoder, self.vae):
+                m.to(self.device)
+        elif self.mode == "offload":
+            # The block stacks stream; everything else of each network is small and moves per stage.
+            self._streamers["ar"] = _BlockStreamer(self.ar.model.language_model.layers, self.device)
+            self._streamers["dit"] = _BlockStreamer(self.transformer.transformer_blocks, self.device)
+
+    def _stage(self, stage: str, image_to_image: bool) -> None:
+        """Put the networks ``stage`` needs on the GPU and park the others (staged/offload modes)."""
+        if not self._gpu() or self.mode == "resident":
+            return
+        if stage == "ar":
+            for m in (self.transformer, self.text_encoder, self.vae):
+                self._move(m, "cpu")
+            self._move(self.ar, "gpu")
+            if not image_to_image:
+                self._move(self.ar.model.visual, "cpu")
+                self._move(self.ar.model.vqmodel, "cpu")
+        else:
+            self._move(self.ar, "cpu")
+            for m in (self.transformer, self.text_encoder, self.vae):
+                self._move(m, "gpu")
+        torch.cuda.empty_cache()
+
+    # -- stages -------------------------------------------------------------------------------------------
+    def _engine_for(self):
+        if self._engine is None:
+            from glmq.runtime.ar_engine import ArEngine
+
+            self._engine = ArEngine(self.ar, device=self.device, cuda_graph=self.cuda_graph)
+        return self._engine
+
+    def _runner_for(self):
+        if self._runner is None:
+            from glmq.runtime.dit_loop import DitRunner
+
+            self._runner = DitRunner(self.transformer, self.scheduler_config, device=self.device,
+                                     dtype=self.dtype, cuda_graph=self.cuda_graph)
+        return self._runner
+
+    def _ar_inputs(self, prompt: str, images: list | None, height: int, width: int):
+        content = [{"type": "image", "image": img} for img in (images or [])]
+        content.append({"type": "text", "text": prompt})
+        return self.processor.apply_chat_template([[{"role": "user", "content": content}]], tokenize=True,
+                                                  target_h=height, target_w=width, return_dict=True,
+                                                  return_tensors="pt")
+
+    @torch.no_grad()
+    def generate_prior_tokens(self, prompt: str, height: int, width: int, images: list | None = None,
+                              generator: torch.Generator | None = None):
+        """Run the AR: the DiT's prior ids (and, for image-to-image, the references' ids and grids)."""
+        from glmq.runtime.ar_engine import prior_tokens_from_generated
+
+        inputs = self._ar_inputs(prompt, images, height, width)
+        engine = self._engine_for()
+        tokens = engine.generate(inputs["input_ids"], image_grid_thw=inputs["image_grid_thw"],
+                                 attention_mask=inputs.get("attention_mask"),
+                                 images_per_sample=inputs.get("images_per_sample"),
+                                 pixel_values=inputs.get("pixel_values"), generator=generator)
+        grids = inputs["image_grid_thw"]
+        prior = prior_tokens_from_generated(tokens.cpu(), grids, is_text_to_image=not images)
+        ref_ids = ref_grids = None
+        if images:
+            ref_ids, ref_grids = self._reference_tokens(inputs, len(images))
+        return prior, tokens.shape[-1], ref_ids, ref_grids
+
+    def _reference_tokens(self, inputs, n_images: int):
+        """VQ ids of the reference images, upsampled 2x like the prior ids, and their upsampled grids."""
+        grids = inputs["image_grid_thw"][:n_images].to(self.device)
+        inner = self.ar.model
+        features = inner.get_image_features(inputs["pixel_values"].to(self.device), grids, return_dict=True)
+        # transformers >= 5.2 returns one [C, h, w] map per image, which get_image_tokens takes as is
+        # (the stock pipeline concatenates them into the wrong shape and crashes here).
+        ids = inner.get_image_tokens(features.pooler_output).view(-1)
+        upsampled = []
+        for part, (_, h, w) in zip(torch.split(ids, grids.prod(-1).tolist()), grids.tolist()):
+            grid = part.view(1, h, w)
+            upsampled.append(grid.repeat_interleave(2, 1).repeat_interleave(2, 2).reshape(-1))
+        up_grids = grids.clone()
+        up_grids[:, 1:] *= 2
+        return torch.cat(upsampled).cpu(), up_grids.cpu()
+
+    @torch.no_grad()
+    def encode_glyphs(self, prompt: str) -> torch.Tensor:
+        """Glyph embeddings [1, T, d] of the prompt's quoted text ("" when there is none), as upstream."""
+        texts = glyph_texts(prompt) or [""]
+        ids = self.tokenizer(texts, max_length=2048, truncation=True).input_ids
+        pad = self.tokenizer.pad_token_id
+        # Upstream prepends one pad token to every text when the NUMBER of texts is even; replicated as
+        # is so that glmq's embeddings equal the stock pipeline's.
+        ids = [[pad] * ((len(ids) + 1) % 2) + row for row in ids]
+        longest = max(len(row) for row in ids)
+        mask = torch.tensor([[1] * len(r) + [0] * (longest - len(r)) for r in ids], device=self.device)
+        ids = torch.tensor([r + [pad] * (longest - len(r)) for r in ids], device=self.device)
+        hidden = self.text_encoder(ids, attention_mask=mask).last_hidden_state
+        return hidden[mask.bool()].unsqueeze(0)
+
+    def _preprocess_reference(self, img, multiple: int):
+        from diffusers.image_processor import VaeImageProcessor
+
+        w, h = img.size
+        h, w = (h // multiple) * multiple, (w // multiple) * multiple
+        return VaeImageProcessor(vae_scale_factor=self.vae_scale_factor).preprocess(img, height=h, width=w), h, w
+
+    @torch.no_grad()
+    def __call__(self, prompt: str, image=None, height: int | None = 1024, width: int | None = 1024,
+                 num_inference_steps: int = 50, guidance_scale: float = 1.5,
+                 generator: torch.Generator | None = None, prior_token_ids: torch.Tensor | None = None,
+                 latents: torch.Tensor | None = None, output_type: str = "pil", *,
+                 prior_token_image_ids: torch.Tensor | None = None,
+                 source_image_grid_thw: torch.Tensor | None = None, progress: bool = False):
+        """Generate one image; returns a list with one PIL image (``output_type="pil"``), or a tensor
+        ``[1, 3, H, W]`` in [0, 1] (``"pt"``), or the final latents (``"latent"``).
+
+        ``image``: a PIL image or a list of them (image-to-image references). ``prior_token_ids``: skip the
+        AR with these upsampled target-grid ids (for image-to-image also give ``prior_token_image_ids`` and
+        ``source_image_grid_thw`` or let the AR's vision tower compute them). ``latents``: initial noise.
+        """
+        from glmq.progress import StageProgress
+
+        if not isinstance(prompt, str):
+            raise GlmqError("glmq generates one prompt per call; call it once per prompt")
+        images = [image] if image is not None and not isinstance(image, (list, tuple)) else (list(image) if image else None)
+        height, width = height or 1024, width or 1024
+        if height % 32 or width % 32:
+            raise GlmqError(f"height and width must be multiples of 32, got {height}x{width}")
+        if output_type not in ("pil", "pt", "latent"):
+            raise GlmqError(f"output_type must be 'pil', 'pt' or 'latent', got {output_type!r}")
+        times = StageTimes()
+        t_start = time.perf_counter()
+        i2i = bool(images)
+        bar = StageProgress(enabled=progress)
+        if prior_token_ids is None:
+            bar.stage("AR")
+            self._stage("ar", i2i)
+            t0 = self._sync_time()
+            prior_token_ids, n_tokens, ref_ids, ref_grids = self.generate_prior_tokens(
+                prompt, height, width, images, generator)
+            times.ar_s, times.ar_tokens = self._sync_time() - t0, n_tokens
+            if prior_token_image_ids is None:
+                prior_token_image_ids, source_image_grid_thw = ref_ids, ref_grids
+        elif i2i and prior_token_image_ids is None:
+            self._stage("ar", True)
+            inputs = self._ar_inputs(prompt, images, height, width)
+            prior_token_image_ids, source_image_grid_thw = self._reference_tokens(inputs, len(images))
+        bar.stage("glyph")
+        self._stage("dit", i2i)
+        t0 = self._sync_time()
+        prompt_embeds = self.encode_glyphs(prompt).to(self.dtype)
+        negative = self.encode_glyphs("").to(self.dtype) if guidance_scale > 1 else None
+        times.glyph_s = self._sync_time() - t0
+
+        runner = self._runner_for()
+        kv = None
+        if i2i:
+            mean, std = self._latent_stats(self.dtype)
+            cond_latents = []
+            for img in images:
+                pixels, h, w = self._preprocess_reference(img, self.vae_scale_factor * self.transformer.config.patch_size)
+                lat = self.vae.encode(pixels.to(self.device, self.vae.dtype)).latent_dist.mode()
+                cond_latents.append(((lat.to(self.dtype) - mean) / std))
+            kv = runner.write_reference_kv([cond_latents], [prior_token_image_ids.to(self.device)],
+                                           [source_image_grid_thw], vae_scale_factor=self.vae_scale_factor)
+        if latents is None:
+            shape = (1, self.transformer.config.in_channels, height // self.vae_scale_factor,
+                     width // self.vae_scale_factor)
+            gen_device = generator.device if generator is not None else torch.device("cpu")
+            latents = torch.randn(shape, generator=generator, device=gen_device, dtype=self.dtype)
+        bar.stage("DiT", total=num_inference_steps)
+        t0 = self._sync_time()
+        latents = runner.denoise(latents.to(self.device, self.dtype), prompt_embeds=prompt_embeds,
+                                 negative_prompt_embeds=negative, prior_token_ids=prior_token_ids.to(self.device),
+                                 height=height, width=width, num_inference_steps=num_inference_steps,
+                                 guidance_scale=guidance_scale, kv_caches=kv,
+                                 callback=lambda i, t, x: bar.step())
+        times.dit_s, times.dit_steps = self._sync_time() - t0, num_inference_steps
+        if kv is not None:
+            kv.clear()
+        if output_type == "latent":
+            self.last_times = times
+            bar.close()
+            return latents
+        bar.stage("VAE")
+        t0 = self._sync_time()
+        image_out = self.decode_latents(latents, tiled=height * width > 1024 * 1024)
+        times.vae_s = self._sync_time() - t0
+        times.total_s = time.perf_counter() - t_start
+        self.last_times = times
+        bar.close()
+        if output_type == "pt":
+            return image_out
+        from PIL import Image
+
+        arr = (image_out[0].permute(1, 2, 0).float().cpu().numpy() * 255).round().astype("uint8")
+        return [Image.fromarray(arr)]
+
+    def _latent_stats(self, dtype):
+        c = self.vae.config.latent_channels
+        mean = torch.tensor(self.vae.config.latents_mean).view(1, c, 1, 1).to(self.device, dtype)
+        std = torch.tensor(self.vae.config.latents_std).view(1, c, 1, 1).to(self.device, dtype)
+        return mean, std
+
+    @torch.no_grad()
+    def decode_latents(self, latents: torch.Tensor, *, tiled: bool = False) -> torch.Tensor:
+        """VAE-decode ``latents`` (DiT space) into images in [0, 1], [B, 3, H, W]."""
+        vdtype = self.vae.dtype
+        mean, std = self._latent_stats(vdtype)
+        z = latents.to(self.device, vdtype) * std + mean
+        if tiled:
+            self.vae.enable_tiling()
+        try:
+            image = self.vae.decode(z, return_dict=False)[0]
+        finally:
+            if tiled:
+                self.vae.disable_tiling()
+        return (image.float() / 2 + 0.5).clamp(0, 1)
+
+    def _sync_time(self) -> float:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        return time.perf_counter()
+
+
+def _component_gpu_bytes(cr, dtype_bytes: int) -> int:
+    total = 0
+    for info in cr.tensors.values():
+        floating = info.dtype in ("float32", "bfloat16", "float16")
+        total += info.numel * dtype_bytes if floating and info.dtype != "float8_e4m3fn" else info.nbytes
+    return total
+
+
+def stage_sizes(reader, height: int = 1024, width: int = 1024) -> StageSizes:
+    ar = reader.component("vision_language_encoder")
+    vision = sum(i.nbytes for n, i in ar.tensors.items() if n.startswith(("model.visual.", "model.vqmodel.")))
+    ar_total = _component_gpu_bytes(ar, 2)
+    dit = reader.component("transformer")
+    act_ar, act_dit, act_vae = activation_allowance(height, width)
+    ar_layers: dict[str, int] = {}
+    for n, i in ar.tensors.items():
+        if n.startswith("model.language_model.layers."):
+            key = n.split(".")[3]
+            ar_layers[key] = ar_layers.get(key, 0) + i.nbytes
+    dit_blocks: dict[str, int] = {}
+    for n, i in dit.tensors.items():
+        if n.startswith("transformer_blocks."):
+            key = n.split(".")[1]
+            dit_blocks[key] = dit_blocks.get(key, 0) + i.nbytes
+    return StageSizes(
+        ar_weights=ar_total - vision,
+        vision_weights=vision,
+        glyph_weights=_component_gpu_bytes(reader.component("text_encoder"), 4),
+        dit_weights=_component_gpu_bytes(dit, 2),
+        vae_weights=_component_gpu_bytes(reader.component("vae"), 2),
+        ar_activations=act_ar,
+        dit_activations=act_dit,
+        vae_activations=act_vae,
+        largest_ar_block=max(ar_layers.values(), default=0),
+        largest_dit_block=max(dit_blocks.values(), default=0),
+    )
+
+
+def load(path: str | Path, device: str = "cuda", vram_budget_gb: float | None = None, *,
+         dtype: torch.dtype | None = None, mode: str | None = None, attention: str = "auto",
+         cuda_graph: bool = True) -> GlmqPipeline:
+    """Load a GLM-Image folder (the bf16 release, make-tiny output or ``glmq quantize`` output).
+
+    Args:
+        path: the pipeline folder.
+        device: "cuda" (default), "cuda:N" or "cpu".
+        vram_budget_gb: GPU memory to plan for; the fastest memory mode whose estimated peak fits is used
+            (``resident``, ``staged``, ``offload``); None: all resident.
+        dtype: compute dtype of the unquantized parts (bf16 on GPU, fp32 on CPU by default).
+        mode: force a memory mode.
+        attention: "auto" (glmq's Triton kernels on CUDA, upstream SDPA elsewhere), "glmq", "sdpa".
+        cuda_graph: capture the AR step and DiT step in CUDA graphs (CUDA, non-offload modes only).
+    """
+    from transformers import ByT5Tokenizer, GlmImageProcessor
+
+    from glmq.io.reader import PipelineReader
+    from glmq.models.build import _quiet_transformers
+    from glmq.runtime.loader import load_component
+
+    _quiet_transformers()
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise GlmqError("device cuda requested but no CUDA GPU is available (use device='cpu')")
+    dtype = dtype or (torch.bfloat16 if dev.type == "cuda" else torch.float32)
+    path = Path(path)
+    reader = PipelineReader(path)
+    sizes = stage_sizes(reader)
+    budget = int(vram_budget_gb * GiB) if vram_budget_gb is not None else None
+    if budget is not None and dev.type != "cuda":
+        budget = None
+    chosen = choose_mode(sizes, budget, requested=mode) if dev.type == "cuda" else "resident"
+    components = {}
+    for name in ("vision_language_encoder", "transformer", "text_encoder", "vae"):
+        cr = reader.component(name)
+        # Weights land in CPU memory first; the memory plan moves them to the GPU when needed.
+        target_dtype = torch.float32 if name == "text_encoder" else dtype
+        if name == "vae" and dtype == torch.float16:
+            target_dtype = torch.bfloat16  # an fp16 VAE overflows to NaN
+        load_device = dev if chosen == "resident" else "cpu"
+        components[name] = load_component(cr, device=load_device, dtype=target_dtype)
+    _install_attention(components, dev, attention)
+    processor = GlmImageProcessor.from_pretrained(path / "processor")
+    tokenizer = ByT5Tokenizer.from_pretrained(path / "tokenizer")
+    from glmq.io.layout import read_json
+
+    scheduler_config = read_json(path / "scheduler" / "scheduler_config.json", "scheduler config")
+    reader.close()
+    return GlmqPipeline(path, device=dev, dtype=dtype, mode=chosen, sizes=sizes, components=components,
+                        processor=processor, tokenizer=tokenizer, scheduler_config=scheduler_config,
+                        attention=attention, cuda_graph=cuda_graph)
+
+
+def _install_attention(components: dict, device: torch.device, attention: str) -> None:
+    if attention not in ("auto", "glmq", "sdpa"):
+        raise GlmqError(f"unknown attention {attention!r}; valid: auto, glmq, sdpa")
+    use_glmq = attention == "glmq" or (attention == "auto" and device.type == "cuda")
+    if not use_glmq:
+        return
+    from glmq.runtime.attention import install_dit_attention, register_ar_attention
+
+    register_ar_attention()
+    components["vision_language_encoder"].model.language_model.set_attn_implementation("glmq")
+    install_dit_attention(components["transformer"])
