@@ -127,6 +127,35 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_bench(args: argparse.Namespace) -> int:
+    from glmq.bench.report import markdown, update_readme
+    from glmq.bench.run import BenchConfig, run_bench
+    from glmq.errors import GlmqError
+
+    try:
+        tiers = tuple(float(t) for t in args.tiers.split(",")) if args.tiers else None
+    except ValueError:
+        raise GlmqError(f"--tiers must be comma-separated GiB numbers, got {args.tiers!r}") from None
+    sizes = tuple(_parse_size(s) for s in (args.size or ["1024x1024"]))
+    cfg = BenchConfig(path=Path(args.path) if args.path else None, model=args.model,
+                      recipes=tuple(args.recipe or ["default"]), tiers=tiers, sizes=sizes, steps=args.steps,
+                      images=args.images, baseline=args.baseline, profile=args.profile, seed=args.seed,
+                      device=args.device)
+    if cfg.path is None and args.model == "tiny":
+        import tempfile
+
+        from glmq.maketiny import make_tiny
+
+        tmp = tempfile.TemporaryDirectory(prefix="glmq-bench-")
+        cfg.path = make_tiny(Path(tmp.name) / "tiny", progress=False)
+    result = run_bench(cfg, Path(args.out))
+    if args.update_readme:
+        readme = Path(__file__).resolve().parent.parent / "README.md"
+        update_readme(result, readme)
+    print(json.dumps(result, indent=2) if args.json else markdown(result))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from glmq import __version__
     from glmq.models.configs import SIZES
@@ -189,6 +218,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="replace OUT if it exists")
     p.add_argument("--json", action="store_true", help="print timings as JSON")
     p.set_defaults(func=_cmd_generate)
+
+    p = sub.add_parser("bench", help="seconds per image and peak VRAM per hardware tier, beside stock diffusers",
+                       description="Benchmark glmq per recipe and GPU-memory tier (the allocator is capped to each "
+                                   "tier), optionally beside stock diffusers bf16. Without a GPU the tiny model runs "
+                                   "on the CPU. Writes bench.json, bench.md and bench.png into --out.")
+    p.add_argument("path", nargs="?", help="a GLM-Image folder (default: --model)")
+    p.add_argument("--model", choices=("tiny", "full-random"), default="tiny",
+                   help="without PATH: tiny (default) or the full architecture with random weights built on the GPU")
+    p.add_argument("--recipe", action="append", help="recipe to benchmark (repeatable; 'bf16' for none); default: default")
+    p.add_argument("--tiers", default=None, help="GPU memory tiers in GiB, comma-separated (default 80,32,24,16,12)")
+    p.add_argument("--size", action="append", help="WIDTHxHEIGHT (repeatable; default 1024x1024)")
+    p.add_argument("--steps", type=int, default=50, help="denoising steps (default 50)")
+    p.add_argument("--images", type=int, default=1, help="timed images per configuration (default 1)")
+    p.add_argument("--baseline", action="store_true", help="also run stock diffusers GlmImagePipeline in bf16")
+    p.add_argument("--profile", action="store_true", help="add the top kernels of one short run per configuration")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
+    p.add_argument("--out", required=True, help="folder for bench.json, bench.md and bench.png")
+    p.add_argument("--update-readme", action="store_true", help="regenerate README.md's hardware-tier table")
+    p.add_argument("--json", action="store_true", help="print the results as JSON")
+    p.set_defaults(func=_cmd_bench)
     return parser
 
 

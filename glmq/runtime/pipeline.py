@@ -393,6 +393,51 @@ def stage_sizes(reader, height: int = 1024, width: int = 1024) -> StageSizes:
     )
 
 
+def _module_bytes(module, prefixes: tuple[str, ...] = ("",), exclude: tuple[str, ...] = ()) -> int:
+    total = 0
+    seen = set()
+    for name, t in list(module.named_parameters()) + list(module.named_buffers()):
+        if t is None or id(t) in seen or not name.startswith(prefixes) or (exclude and name.startswith(exclude)):
+            continue
+        seen.add(id(t))
+        total += t.numel() * t.element_size()
+    return total
+
+
+def stage_sizes_from_modules(components: dict, height: int = 1024, width: int = 1024) -> StageSizes:
+    """Like :func:`stage_sizes`, measured on live modules (their current dtypes)."""
+    ar, dit = components["vision_language_encoder"], components["transformer"]
+    vision_prefixes = ("model.visual.", "model.vqmodel.")
+    act_ar, act_dit, act_vae = activation_allowance(height, width)
+    return StageSizes(
+        ar_weights=_module_bytes(ar, exclude=vision_prefixes),
+        vision_weights=_module_bytes(ar, vision_prefixes),
+        glyph_weights=_module_bytes(components["text_encoder"]),
+        dit_weights=_module_bytes(dit),
+        vae_weights=_module_bytes(components["vae"]),
+        ar_activations=act_ar,
+        dit_activations=act_dit,
+        vae_activations=act_vae,
+        largest_ar_block=max(_module_bytes(b) for b in ar.model.language_model.layers),
+        largest_dit_block=max(_module_bytes(b) for b in dit.transformer_blocks),
+    )
+
+
+def from_modules(components: dict, *, processor, tokenizer, scheduler_config: dict, device: str = "cuda",
+                 vram_budget_gb: float | None = None, dtype: torch.dtype | None = None, mode: str | None = None,
+                 attention: str = "auto", cuda_graph: bool = True, path: Path | None = None) -> GlmqPipeline:
+    """A pipeline over already-built modules (e.g. random full-size weights built on the GPU)."""
+    dev = torch.device(device)
+    dtype = dtype or (torch.bfloat16 if dev.type == "cuda" else torch.float32)
+    sizes = stage_sizes_from_modules(components)
+    budget = int(vram_budget_gb * GiB) if vram_budget_gb is not None and dev.type == "cuda" else None
+    chosen = choose_mode(sizes, budget, requested=mode) if dev.type == "cuda" else "resident"
+    _install_attention(components, dev, attention)
+    return GlmqPipeline(path, device=dev, dtype=dtype, mode=chosen, sizes=sizes, components=components,
+                        processor=processor, tokenizer=tokenizer, scheduler_config=scheduler_config,
+                        attention=attention, cuda_graph=cuda_graph)
+
+
 def load(path: str | Path, device: str = "cuda", vram_budget_gb: float | None = None, *,
          dtype: torch.dtype | None = None, mode: str | None = None, attention: str = "auto",
          cuda_graph: bool = True) -> GlmqPipeline:

@@ -1,0 +1,1 @@
+"""glmq bench: seconds per image and peak VRAM per hardware tier."""

@@ -1,0 +1,123 @@
+"""Benchmark outputs: JSON, a Markdown table, a PNG chart, and README's hardware-tier table."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+README_START = "<!-- glmq-bench:start -->"
+README_END = "<!-- glmq-bench:end -->"
+
+
+def _cell(v, fmt="{:.2f}") -> str:
+    return "-" if v is None else fmt.format(v)
+
+
+def table_rows(result: dict) -> list[list[str]]:
+    rows = []
+    for r in result["rows"]:
+        tier = "-" if r.get("tier_gib") is None else f"{r['tier_gib']:g} GiB"
+        if not r.get("fit"):
+            rows.append([r["provider"], r["recipe"], tier, r["size"], r.get("mode", "-"), "does not fit", "-", "-",
+                         "-", "-", "-", r.get("reason", "")[:80]])
+            continue
+        s = r["seconds_per_image"]
+        st = r.get("stages", {})
+        rows.append([
+            r["provider"], r["recipe"], tier, r["size"], r.get("mode", "-"),
+            f"{s['median']:.2f} ({s['min']:.2f}-{s['max']:.2f})",
+            _cell(st.get("ar_ms_per_token")), _cell(st.get("dit_ms_per_step"), "{:.1f}"),
+            _cell(r.get("peak_allocated_gib")), _cell(r.get("peak_reserved_gib")),
+            _cell(r.get("speedup_vs_stock"), "{:.1f}x"), "",
+        ])
+    return rows
+
+
+HEADER = ["provider", "recipe", "tier", "size", "mode", "s/image median (min-max)", "AR ms/token",
+          "DiT ms/step", "peak alloc GiB", "peak reserved GiB", "vs stock", "note"]
+
+
+def markdown(result: dict) -> str:
+    env = result["environment"]
+    cfg = result["config"]
+    lines = [f"# glmq bench: {env.get('card')}", "",
+             f"{env['date']}; torch {env['torch']}, transformers {env['transformers']}, diffusers {env['diffusers']}, "
+             f"glmq {env['glmq']}" + (f", CUDA {env['cuda']}" if env.get("cuda") else ""), "",
+             f"Model: {cfg['model']}; {cfg['steps']} steps, guidance 1.5, {cfg['images']} image(s) per row after "
+             "one warm-up (stock: no warm-up); prompt: \"" + cfg["prompt"] + "\"", "",
+             "| " + " | ".join(HEADER) + " |", "|" + "---|" * len(HEADER)]
+    for row in table_rows(result):
+        lines.append("| " + " | ".join(row) + " |")
+    profiles = [r for r in result["rows"] if r.get("profile")]
+    for r in profiles:
+        lines += ["", f"## Top kernels: {r['recipe']} at {r.get('tier_gib')} GiB", "", "| kernel | calls | ms |", "|---|---|---|"]
+        lines += [f"| `{p['kernel']}` | {p['calls']} | {p['ms']} |" for p in r["profile"]]
+    return "\n".join(lines) + "\n"
+
+
+def chart(result: dict, path: Path) -> None:
+    """Two horizontal bar charts side by side: seconds per image and peak allocated GiB, per row."""
+    from PIL import Image, ImageDraw
+
+    rows = [r for r in result["rows"]]
+    labels = []
+    secs, mems, fits = [], [], []
+    for r in rows:
+        tier = "" if r.get("tier_gib") is None else f" @{r['tier_gib']:g}G"
+        name = "stock" if r["provider"].startswith("stock") else "glmq"
+        labels.append(f"{name} {r['recipe']}{tier} {r['size']}")
+        fits.append(bool(r.get("fit")))
+        secs.append(r["seconds_per_image"]["median"] if r.get("fit") else None)
+        mems.append(r.get("peak_allocated_gib") if r.get("fit") else None)
+    bar_h, gap, left, width = 22, 8, 300, 330
+    height = 60 + len(rows) * (bar_h + gap)
+    img = Image.new("RGB", (left + 2 * width + 80, height), "white")
+    d = ImageDraw.Draw(img)
+    d.text((10, 8), f"glmq bench on {result['environment'].get('card')}", fill="black")
+    panels = [("seconds per image (median)", secs, (52, 120, 200)), ("peak allocated GiB", mems, (220, 120, 40))]
+    for p, (title, values, color) in enumerate(panels):
+        x0 = left + p * (width + 40)
+        d.text((x0, 30), title, fill="black")
+        top = max([v for v in values if v is not None], default=1) or 1
+        for i, v in enumerate(values):
+            y = 50 + i * (bar_h + gap)
+            if p == 0:
+                d.text((10, y + 5), labels[i][:46], fill="black")
+            if v is None:
+                note, ink = ("does not fit", (180, 0, 0)) if not fits[i] else ("n/a (no GPU)", (90, 90, 90))
+                d.text((x0 + 4, y + 5), note, fill=ink)
+                continue
+            w = max(2, int((width - 60) * v / top))
+            d.rectangle([x0, y, x0 + w, y + bar_h], fill=color)
+            d.text((x0 + w + 4, y + 5), f"{v:.2f}", fill="black")
+    img.save(path)
+
+
+def write_outputs(result: dict, out: Path) -> None:
+    (out / "bench.json").write_text(json.dumps(result, indent=2) + "\n")
+    (out / "bench.md").write_text(markdown(result))
+    chart(result, out / "bench.png")
+
+
+def readme_table(result: dict) -> str:
+    env = result["environment"]
+    lines = [README_START,
+             f"Measured by `glmq bench` on {env.get('card')} ({env['date'][:10]}; torch {env['torch']}, "
+             f"diffusers {env['diffusers']}), {result['config']['model']}, {result['config']['steps']} steps:", "",
+             "| " + " | ".join(HEADER[:-1]) + " |", "|" + "---|" * (len(HEADER) - 1)]
+    for row in table_rows(result):
+        lines.append("| " + " | ".join(row[:-1]) + " |")
+    lines.append(README_END)
+    return "\n".join(lines)
+
+
+def update_readme(result: dict, readme: Path) -> None:
+    """Replace the table between README's bench markers with one generated from ``result``."""
+    from glmq.errors import GlmqError
+
+    text = readme.read_text(encoding="utf-8")
+    if README_START not in text or README_END not in text:
+        raise GlmqError(f"{readme}: no '{README_START}' ... '{README_END}' markers to update")
+    head, rest = text.split(README_START, 1)
+    _, tail = rest.split(README_END, 1)
+    readme.write_text(head + readme_table(result) + tail, encoding="utf-8")

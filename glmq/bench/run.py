@@ -1,0 +1,395 @@
+"""``glmq bench``: seconds per image and peak VRAM per hardware tier, beside stock diffusers.
+
+For each recipe and each tier (a GPU memory budget in GiB) the runtime picks its memory mode as it would on
+such a card, the process's CUDA allocator is capped to that budget (``set_per_process_memory_fraction``),
+and one warm-up plus N images are generated. A tier whose estimated peak exceeds the budget, or that runs
+out of memory under the cap, is reported as "does not fit". ``--baseline`` runs stock
+``diffusers.GlmImagePipeline`` in bf16 on the same card, prompt, size and steps in the same run.
+
+``--model full-random`` builds the released architecture with random weights directly on the GPU (no disk,
+no download); on a machine without a GPU the tiny model runs on the CPU so the command works everywhere.
+Random weights make the AR's logits nearly uniform, so both pipelines get the same guard: ids the DiT
+codebook cannot embed (and EOS) are masked while the grid fills (stock diffusers crashes on them
+otherwise, GLM_IMAGE.md). It costs one masked fill per token.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+import platform
+import statistics
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from glmq.errors import GlmqError
+
+DEFAULT_PROMPT = "A street poster that says 'GLM-Image on every GPU', photographed at dusk, 35mm"
+
+
+@dataclass
+class BenchConfig:
+    path: Path | None = None
+    model: str = "tiny"  # tiny | full-random
+    recipes: tuple[str, ...] = ("default",)
+    # GiB budgets; None: 80,32,24,16,12 on a GPU, one uncapped row on a CPU. Tiers given on a CPU are only
+    # checked against the memory plan's estimates (nothing caps CPU memory), then run uncapped.
+    tiers: tuple[float, ...] | None = None
+    sizes: tuple[tuple[int, int], ...] = ((1024, 1024),)
+    steps: int = 50
+    images: int = 1
+    baseline: bool = False
+    profile: bool = False
+    prompt: str = DEFAULT_PROMPT
+    seed: int = 0
+    device: str | None = None
+    warmup: bool = True
+    extra: dict = field(default_factory=dict)
+
+
+def environment(device) -> dict:
+    import diffusers
+    import torch
+    import transformers
+
+    import glmq
+
+    env = {
+        "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "host": platform.node(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "diffusers": diffusers.__version__,
+        "glmq": glmq.__version__,
+        "device": str(device),
+    }
+    if device.type == "cuda":
+        props = torch.cuda.get_device_properties(device)
+        env.update(card=props.name, card_memory_gib=round(props.total_memory / 1024**3, 1),
+                   cuda=torch.version.cuda)
+        with contextlib.suppress(Exception):
+            import triton
+
+            env["triton"] = triton.__version__
+    else:
+        env.update(card=f"CPU ({platform.processor() or platform.machine()})")
+    return env
+
+
+class _MaskedHead:
+    """Wraps an lm_head so ids >= ``limit`` get -inf logits (the guard described in the module docstring)."""
+
+    def __init__(self, head, limit: int):
+        import torch
+
+        self.head, self.limit = head, limit
+        self.torch = torch
+
+    def install(self, model):
+        from torch import nn
+
+        head, limit = self.head, self.limit
+
+        class Masked(nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.inner = head
+
+            @property
+            def weight(self):
+                return self.inner.weight
+
+            def forward(self, x):
+                out = self.inner(x)
+                out[..., limit:] = float("-inf")
+                return out
+
+        model.lm_head = Masked()
+        return model
+
+    def remove(self, model):
+        model.lm_head = self.head
+
+
+def _random_components(model: str, device, seed: int):
+    """bf16 components of ``model`` size with random weights, built on ``device``."""
+    import torch
+
+    from glmq.io.layout import BY_NAME
+    from glmq.models.build import build_model
+    from glmq.models.configs import component_config
+
+    size = "full" if model == "full-random" else "tiny"
+    torch.manual_seed(seed)
+    comps = {}
+    for name in ("vision_language_encoder", "transformer", "text_encoder", "vae"):
+        dtype = torch.float32 if name == "text_encoder" else torch.bfloat16
+        previous = torch.get_default_dtype()
+        torch.set_default_dtype(dtype)
+        try:
+            comps[name] = build_model(BY_NAME[name], component_config(name, size), device=str(device)).eval()
+        finally:
+            torch.set_default_dtype(previous)
+        comps[name].requires_grad_(False)
+    return comps
+
+
+def _offline_pieces():
+    from glmq.models.build import build_glyph_tokenizer, build_processor, build_scheduler
+
+    return build_processor(), build_glyph_tokenizer(), dict(build_scheduler().config)
+
+
+def _peak(device) -> tuple[float | None, float | None]:
+    import torch
+
+    if device.type != "cuda":
+        return None, None
+    return (round(torch.cuda.max_memory_allocated(device) / 1024**3, 3),
+            round(torch.cuda.max_memory_reserved(device) / 1024**3, 3))
+
+
+def _reset(device, fraction: float | None):
+    import gc
+
+    import torch
+
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.set_per_process_memory_fraction(1.0 if fraction is None else min(1.0, fraction), device)
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def _summary(seconds: list[float]) -> dict:
+    return {"median": round(statistics.median(seconds), 3), "min": round(min(seconds), 3),
+            "max": round(max(seconds), 3)}
+
+
+def _run_baseline(comps, pieces, cfg: BenchConfig, size, device, valid_vocab) -> dict:
+    """Stock diffusers GlmImagePipeline in bf16, all on the GPU, timed per stage."""
+    import torch
+    from diffusers import FlowMatchEulerDiscreteScheduler, GlmImagePipeline
+
+    processor, tokenizer, sched = pieces
+    for m in comps.values():
+        m.to(device)
+    _reset(device, None)
+    ar = comps["vision_language_encoder"]
+    guard = _MaskedHead(ar.lm_head, valid_vocab)
+    guard.install(ar)
+    pipe = GlmImagePipeline(tokenizer=tokenizer, processor=processor, text_encoder=comps["text_encoder"],
+                            vision_language_encoder=ar, vae=comps["vae"], transformer=comps["transformer"],
+                            scheduler=FlowMatchEulerDiscreteScheduler.from_config(sched))
+    pipe.set_progress_bar_config(disable=True)
+    marks = {}
+    original = pipe.generate_prior_tokens
+
+    def timed_prior(*a, **k):
+        t0 = _now(device)
+        out = original(*a, **k)
+        marks["ar"] = _now(device) - t0
+        marks["dit_start"] = _now(device)
+        return out
+
+    pipe.generate_prior_tokens = timed_prior
+
+    def on_step(p, i, t, kw):
+        marks["dit_end"] = _now(device)
+        return kw
+
+    w, h = size
+    times = []
+    try:
+        for i in range(cfg.images):
+            t0 = _now(device)
+            pipe(cfg.prompt, height=h, width=w, num_inference_steps=cfg.steps,
+                 generator=torch.Generator(device="cpu").manual_seed(cfg.seed + i), callback_on_step_end=on_step)
+            times.append(_now(device) - t0)
+    finally:
+        guard.remove(ar)
+    tokens = (h // 32) * (w // 32) + int((h / w) ** 0.5 * 16) * int((w / h) ** 0.5 * 16) + 1
+    alloc, reserved = _peak(device)
+    dit = marks.get("dit_end", 0) - marks.get("dit_start", 0)
+    return {
+        "provider": "stock diffusers bf16", "recipe": "bf16", "tier_gib": None, "mode": "resident",
+        "size": f"{w}x{h}", "steps": cfg.steps, "images": cfg.images, "fit": True,
+        "seconds_per_image": _summary(times),
+        "stages": {"ar_s": round(marks.get("ar", 0), 3), "ar_ms_per_token": round(1000 * marks.get("ar", 0) / tokens, 2),
+                   "dit_s": round(dit, 3), "dit_ms_per_step": round(1000 * dit / cfg.steps, 2),
+                   "glyph_and_vae_s": round(times[-1] - marks.get("ar", 0) - dit, 3)},
+        "peak_allocated_gib": alloc, "peak_reserved_gib": reserved,
+    }
+
+
+def _now(device) -> float:
+    import torch
+
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter()
+
+
+def _run_glmq(pipe, cfg: BenchConfig, size, device) -> tuple[list[float], list]:
+    import torch
+
+    w, h = size
+    if cfg.warmup:
+        pipe(cfg.prompt, height=h, width=w, num_inference_steps=cfg.steps,
+             generator=torch.Generator().manual_seed(cfg.seed))
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+    seconds, stages = [], []
+    for i in range(cfg.images):
+        pipe(cfg.prompt, height=h, width=w, num_inference_steps=cfg.steps,
+             generator=torch.Generator().manual_seed(cfg.seed + i))
+        seconds.append(pipe.last_times.total_s)
+        stages.append(pipe.last_times)
+    return seconds, stages
+
+
+def _stage_dict(t) -> dict:
+    return {"ar_s": round(t.ar_s, 3), "ar_ms_per_token": round(1000 * t.ar_s / max(t.ar_tokens, 1), 3),
+            "glyph_s": round(t.glyph_s, 3), "dit_s": round(t.dit_s, 3),
+            "dit_ms_per_step": round(1000 * t.dit_s / max(t.dit_steps, 1), 2), "vae_s": round(t.vae_s, 3)}
+
+
+def _profile(pipe, cfg, size, device) -> list[dict]:
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    w, h = size
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=acts) as prof:
+        pipe(cfg.prompt, height=h, width=w, num_inference_steps=min(cfg.steps, 4),
+             generator=torch.Generator().manual_seed(cfg.seed))
+    key = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    rows = []
+    for ev in sorted(prof.key_averages(), key=lambda e: getattr(e, key, 0), reverse=True)[:15]:
+        rows.append({"kernel": ev.key[:120], "calls": ev.count, "ms": round(getattr(ev, key, 0) / 1000, 3)})
+    return rows
+
+
+def run_bench(cfg: BenchConfig, out: Path) -> dict:
+    """Run the benchmark described by ``cfg``; write bench.json, bench.md and bench.png into ``out``."""
+    import torch
+
+    from glmq.bench.report import write_outputs
+    from glmq.quant.inplace import quantize_modules
+    from glmq.runtime.memory import GiB
+    from glmq.runtime.pipeline import from_modules
+
+    device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise GlmqError("--device cuda requested but no CUDA GPU is available")
+    if device.type != "cuda" and cfg.model == "full-random":
+        raise GlmqError("--model full-random needs a CUDA GPU (17.7 B random parameters); use --model tiny")
+    if out.exists() and not out.is_dir():
+        raise GlmqError(f"{out}: exists and is not a folder")
+    out.mkdir(parents=True, exist_ok=True)
+    env = environment(device)
+    total_gib = torch.cuda.get_device_properties(device).total_memory / GiB if device.type == "cuda" else None
+    if device.type == "cuda":
+        tiers = [t for t in (cfg.tiers or (80, 32, 24, 16, 12)) if t <= total_gib + 0.5]
+    else:
+        tiers = list(cfg.tiers) if cfg.tiers else [None]
+    rows: list[dict] = []
+    pieces = _offline_pieces()
+    tmp = None
+    try:
+        for size in cfg.sizes:
+            if cfg.baseline:
+                comps = _load_or_build(cfg, device, pieces)
+                valid = _valid_vocab(comps)
+                rows.append(_run_baseline(comps, pieces, cfg, size, device, valid))
+                del comps
+                _reset(device, None)
+            for recipe in cfg.recipes:
+                for tier in tiers:
+                    comps = _load_or_build(cfg, device, pieces)
+                    if recipe != "bf16":
+                        quantize_modules({k: comps[k] for k in ("vision_language_encoder", "transformer")}, recipe)
+                    row = {"provider": "glmq", "recipe": recipe, "tier_gib": tier, "size": f"{size[0]}x{size[1]}",
+                           "steps": cfg.steps, "images": cfg.images}
+                    try:
+                        if device.type == "cuda":
+                            for m in comps.values():
+                                m.to("cpu")
+                            _reset(device, tier * GiB / (total_gib * GiB) if tier else None)
+                        processor, tokenizer, sched = pieces
+                        if device.type != "cuda" and tier is not None:
+                            from glmq.runtime.memory import choose_mode
+                            from glmq.runtime.pipeline import stage_sizes_from_modules
+
+                            w, h = size
+                            row["estimated_mode"] = choose_mode(stage_sizes_from_modules(comps, h, w), int(tier * GiB))
+                        pipe = from_modules(comps, processor=processor, tokenizer=tokenizer, scheduler_config=sched,
+                                            device=str(device), vram_budget_gb=tier)
+                        guard = _MaskedHead(comps["vision_language_encoder"].lm_head, _valid_vocab(comps))
+                        row["mode"] = pipe.mode
+                        seconds, stages = _run_glmq(pipe, cfg, size, device)
+                        alloc, reserved = _peak(device)
+                        row.update(fit=True, seconds_per_image=_summary(seconds), stages=_stage_dict(stages[-1]),
+                                   peak_allocated_gib=alloc, peak_reserved_gib=reserved)
+                        if cfg.profile:
+                            row["profile"] = _profile(pipe, cfg, size, device)
+                        del guard
+                    except GlmqError as e:
+                        row.update(fit=False, reason=str(e))
+                    except torch.OutOfMemoryError as e:
+                        row.update(fit=False, reason=f"out of memory under the {tier} GiB cap: {str(e).splitlines()[0][:160]}")
+                    finally:
+                        pipe = None
+                        del comps
+                        _reset(device, None)
+                    rows.append(row)
+    finally:
+        if tmp is not None:
+            tmp.cleanup()
+    base = next((r for r in rows if r["provider"].startswith("stock")), None)
+    if base is not None:
+        for r in rows:
+            if r is not base and r.get("fit") and r["size"] == base["size"]:
+                r["speedup_vs_stock"] = round(base["seconds_per_image"]["median"] / r["seconds_per_image"]["median"], 2)
+    result = {"environment": env, "config": {"model": cfg.model if cfg.path is None else str(cfg.path),
+                                             "recipes": list(cfg.recipes), "tiers": tiers,
+                                             "sizes": [f"{w}x{h}" for w, h in cfg.sizes], "steps": cfg.steps,
+                                             "images": cfg.images, "prompt": cfg.prompt, "seed": cfg.seed},
+              "rows": rows}
+    write_outputs(result, out)
+    return result
+
+
+def _valid_vocab(comps) -> int:
+    ar = comps["vision_language_encoder"]
+    return min(ar.config.vq_config.num_embeddings, ar.config.text_config.vision_vocab_size)
+
+
+def _load_or_build(cfg: BenchConfig, device, pieces):
+    """Fresh bf16 components (rebuilt per configuration so each recipe starts from the same weights)."""
+    if cfg.path is not None:
+        import torch
+
+        from glmq.io.reader import PipelineReader
+        from glmq.runtime.loader import load_component
+
+        reader = PipelineReader(cfg.path)
+        comps = {}
+        for name in ("vision_language_encoder", "transformer", "text_encoder", "vae"):
+            dtype = torch.float32 if name == "text_encoder" or device.type != "cuda" else torch.bfloat16
+            comps[name] = load_component(reader.component(name), device="cpu", dtype=dtype)
+        return comps
+    comps = _random_components(cfg.model, device, cfg.seed)
+    if device.type != "cuda":
+        import torch
+
+        for name, m in comps.items():
+            m.to(torch.float32)
+    return comps
+
+
+def default_out_dir() -> Path:
+    return Path(tempfile.gettempdir()) / "glmq-bench"

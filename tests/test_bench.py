@@ -1,0 +1,34 @@
+"""glmq bench on the CPU: every field, a valid PNG chart, and 'does not fit' instead of a crash."""
+
+from __future__ import annotations
+
+import json
+
+from PIL import Image
+
+from glmq.testing import run_cli_inprocess
+
+ROW_FIELDS = {"provider", "recipe", "tier_gib", "size", "steps", "images", "mode", "fit", "seconds_per_image",
+              "stages", "peak_allocated_gib", "peak_reserved_gib"}
+STAGE_FIELDS = {"ar_s", "ar_ms_per_token", "glyph_s", "dit_s", "dit_ms_per_step", "vae_s"}
+
+
+def test_bench_on_cpu_writes_json_markdown_and_png(tiny_dir, tmp_path):
+    out = tmp_path / "bench"
+    proc = run_cli_inprocess("bench", str(tiny_dir), "--out", str(out), "--size", "64x64", "--steps", "2",
+                             "--recipe", "default", "--baseline", "--tiers", "0.5,80", "--json")
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads((out / "bench.json").read_text())
+    assert json.loads(proc.stdout) == result
+    env = result["environment"]
+    assert {"date", "card", "torch", "transformers", "diffusers", "glmq"} <= set(env)
+    stock, tiny_tier, big_tier = result["rows"]
+    assert stock["provider"] == "stock diffusers bf16" and stock["fit"]
+    assert not tiny_tier["fit"] and "does not fit" in tiny_tier["reason"]  # 0.5 GiB holds no mode
+    assert big_tier["fit"] and ROW_FIELDS <= set(big_tier) and STAGE_FIELDS == set(big_tier["stages"])
+    assert big_tier["seconds_per_image"]["min"] <= big_tier["seconds_per_image"]["median"] <= big_tier["seconds_per_image"]["max"]
+    assert big_tier["stages"]["ar_ms_per_token"] > 0 and big_tier["speedup_vs_stock"] > 0
+    with Image.open(out / "bench.png") as img:
+        img.verify()
+    md = (out / "bench.md").read_text()
+    assert "does not fit" in md and "stock diffusers bf16" in md
