@@ -1,0 +1,126 @@
+"""Read a glmq GGUF export back as Hugging Face-named tensors.
+
+:class:`GgufTensorSource` opens a ``glm-image-ar-*.gguf`` or ``glm-image-dit-*.gguf`` file written by
+:mod:`glmq.export.gguf_export` (memory-mapped by gguf-py's ``GGUFReader``: opening costs the header only),
+rebuilds the model config stored in its metadata and serves each tensor under its transformers/diffusers
+name, dequantized by :mod:`glmq.export.gguf_quants`. ``glmq.load`` uses it to accept GGUF files:
+
+    src = GgufTensorSource("glm-image-ar-Q4_K_M.gguf")
+    model = build_model(BY_NAME[src.component], src.config, device="cpu")
+    for name in src.names():
+        model.get_parameter(name).data.copy_(src.get(name))
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+from gguf import GGMLQuantizationType, GGUFReader, GGUFValueType
+
+from glmq.errors import CheckpointError, GlmqError
+from glmq.export import gguf_names as gn
+from glmq.export import gguf_quants as gq
+
+if TYPE_CHECKING:
+    import torch
+
+__all__ = ["GgufTensorSource", "read_metadata"]
+
+T = GGMLQuantizationType
+_COMPONENT = {gn.AR_ARCH: "vision_language_encoder", gn.DIT_ARCH: "transformer"}
+
+
+def read_metadata(reader: GGUFReader) -> dict[str, Any]:
+    """Every key/value of a GGUF file as Python values (strings, numbers, lists)."""
+    out: dict[str, Any] = {}
+    for key, field in reader.fields.items():
+        if key.startswith("GGUF."):  # version and counts: file structure, not metadata
+            continue
+        value = field.contents()
+        if field.types and field.types[0] != GGUFValueType.ARRAY and isinstance(value, np.generic):
+            value = value.item()
+        out[key] = value
+    return out
+
+
+class GgufTensorSource:
+    """The tensors and config of one glmq GGUF export file.
+
+    ``config``: the Hugging Face config dict (``GlmImageConfig.to_dict()`` for the AR, the diffusers config
+    for the DiT); ``component``: the pipeline component it replaces (``vision_language_encoder`` or
+    ``transformer``); ``metadata``: all GGUF keys.
+    """
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise CheckpointError(f"{self.path}: no such GGUF file")
+        try:
+            self._reader = GGUFReader(self.path)
+        except Exception as e:  # gguf-py raises ValueError, struct.error, ... on malformed files
+            raise CheckpointError(f"{self.path}: not a readable GGUF file ({e.__class__.__name__}: {e})") from None
+        self.metadata = read_metadata(self._reader)
+        self.architecture = self.metadata.get("general.architecture")
+        try:
+            self.config: dict[str, Any] = gn.hf_config_from_metadata(self.metadata)
+        except GlmqError as e:  # a GGUF file of another model
+            raise CheckpointError(f"{self.path}: {e}") from None
+        self.component = _COMPONENT[self.architecture]
+        to_hf = gn.ar_hf_name if self.architecture == gn.AR_ARCH else gn.dit_hf_name
+        self._tensors = {}
+        for t in self._reader.tensors:
+            try:
+                name = to_hf(t.name)
+            except Exception:
+                raise CheckpointError(f"{self.path}: unexpected tensor {t.name!r} for {self.architecture}") from None
+            self._tensors[name] = t
+
+    def names(self) -> list[str]:
+        """Hugging Face names of the stored tensors, in file order."""
+        return list(self._tensors)
+
+    def _tensor(self, name: str):
+        t = self._tensors.get(name)
+        if t is None:
+            raise CheckpointError(f"{self.path}: tensor {name!r} not found")
+        return t
+
+    def qtype(self, name: str) -> GGMLQuantizationType:
+        """The GGML type ``name`` is stored as."""
+        return self._tensor(name).tensor_type
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        """The tensor's PyTorch shape (GGUF stores dimensions innermost first)."""
+        return tuple(int(d) for d in reversed(self._tensor(name).shape.tolist()))
+
+    def raw(self, name: str) -> np.ndarray:
+        """The stored bytes, uint8 ``(rows, bytes per row)`` for block types (memory-mapped, read-only)."""
+        data = self._tensor(name).data.view(np.uint8)
+        return data.reshape(-1, data.shape[-1])
+
+    def get(self, name: str, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """Tensor ``name`` as a fresh CPU tensor: F32 and BF16 as stored, block types dequantized to float32
+        (then cast to ``dtype`` if given)."""
+        import torch
+
+        t = self._tensor(name)
+        shape = self.shape(name)
+        if t.tensor_type == T.F32:
+            out = torch.from_numpy(np.array(t.data, dtype=np.float32)).reshape(shape)
+        elif t.tensor_type == T.BF16:
+            raw = np.ascontiguousarray(t.data).view(np.uint8).reshape(-1)
+            out = torch.from_numpy(raw.copy()).view(torch.bfloat16).reshape(shape)
+        elif t.tensor_type in gq.QUANT_TYPES:
+            out = torch.from_numpy(gq.dequantize(self.raw(name), t.tensor_type)).reshape(shape)
+        else:
+            valid = ", ".join(["F32", "BF16"] + [q.name for q in gq.QUANT_TYPES])
+            raise CheckpointError(
+                f"{self.path}: tensor {name!r} has GGML type {t.tensor_type.name}; glmq reads {valid}"
+            )
+        return out if dtype is None else out.to(dtype)
+
+    def close(self) -> None:
+        self._tensors.clear()
+        self._reader = None
