@@ -156,6 +156,28 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_export(args: argparse.Namespace) -> int:
+    progress = not args.json
+    if args.format == "hf":
+        from glmq.export.hf import export_hf
+
+        summary = export_hf(args.src, args.out, ar=args.ar, dit=args.dit, force=args.force, progress=progress)
+    elif args.format == "gguf":
+        from glmq.export.gguf_export import export_gguf
+
+        summary = export_gguf(args.src, args.out, ar_type=args.ar_type, dit_type=args.dit_type, force=args.force,
+                              progress=progress)
+    else:
+        from glmq.export.onnx_export import export_onnx
+
+        summary = export_onnx(args.src, args.out, component=args.component, weights=args.weights, force=args.force)
+    if args.json:
+        print(json.dumps(summary, indent=2, default=str))
+    else:
+        print(f"wrote {args.out} ({args.format} export of {args.src})")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from glmq import __version__
     from glmq.models.configs import SIZES
@@ -218,6 +240,33 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="replace OUT if it exists")
     p.add_argument("--json", action="store_true", help="print timings as JSON")
     p.set_defaults(func=_cmd_generate)
+
+    p = sub.add_parser("export", help="write formats other runtimes load: hf (bitsandbytes), gguf, onnx",
+                       description="Export a bf16 GLM-Image folder for other runtimes, streaming, atomically.")
+    ex = p.add_subparsers(dest="format", metavar="FORMAT", parser_class=_Parser)
+    ex.required = True
+    from glmq.export.gguf_export import AR_TYPES, DIT_TYPES
+    from glmq.export.hf import BNB_MODES
+
+    q = ex.add_parser("hf", help="diffusers folder with bitsandbytes weights that stock diffusers loads")
+    q.add_argument("src")
+    q.add_argument("--out", required=True)
+    q.add_argument("--ar", choices=BNB_MODES, default="nf4", help="AR linears (default nf4)")
+    q.add_argument("--dit", choices=BNB_MODES, default="int8", help="DiT linears (default int8)")
+    q = ex.add_parser("gguf", help="GGUF files: AR in llama.cpp conventions, DiT in ComfyUI-GGUF conventions")
+    q.add_argument("src")
+    q.add_argument("--out", required=True)
+    q.add_argument("--ar-type", choices=AR_TYPES, default="Q4_K_M", help="AR quantization (default Q4_K_M)")
+    q.add_argument("--dit-type", choices=DIT_TYPES, default="Q8_0", help="DiT quantization (default Q8_0)")
+    q = ex.add_parser("onnx", help="ONNX graphs (DiT step, VAE decoder, glyph encoder, AR decoder step)")
+    q.add_argument("src")
+    q.add_argument("--out", required=True)
+    q.add_argument("--component", choices=("dit", "vae", "glyph", "ar", "all"), default="all")
+    q.add_argument("--weights", choices=("fp16", "int8", "int4"), default="fp16")
+    for q in ex.choices.values():
+        q.add_argument("--force", action="store_true", help="replace OUT if it exists")
+        q.add_argument("--json", action="store_true", help="print a JSON summary")
+        q.set_defaults(func=_cmd_export)
 
     p = sub.add_parser("bench", help="seconds per image and peak VRAM per hardware tier, beside stock diffusers",
                        description="Benchmark glmq per recipe and GPU-memory tier (the allocator is capped to each "

@@ -10,6 +10,7 @@ output alike.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from glmq.errors import CheckpointError
@@ -71,12 +72,12 @@ def load_component(cr: ComponentReader, *, device: str | torch.device = "cpu", d
             owner_name, _, attr = alias.rpartition(".")
             setattr(model.get_submodule(owner_name), attr, model.get_parameter(first))
     expected = set(model.state_dict().keys())
-    stored = set(cr.tensors)
+    stored = set(cr.names())
     missing = sorted(expected - stored - aliases)
     if missing:
         raise CheckpointError(f"{cr.folder}: missing tensor {missing[0]!r}" + (f" (+{len(missing) - 1} more)" if len(missing) > 1 else ""))
     with torch.no_grad():
-        for name in sorted(stored, key=lambda n: (cr.tensors[n].file.name, cr.tensors[n].begin)):
+        for name in cr.names():
             if name not in expected or name in aliases:
                 raise CheckpointError(f"{cr.folder}: unexpected tensor {name!r}")
             module_name, _, attr = name.rpartition(".")
@@ -113,3 +114,41 @@ def _init_nonpersistent_buffers(model: nn.Module) -> None:
         if init is None:
             raise RuntimeError(f"{type(module).__name__} has unsaved buffers and no initializer")
         init(module)
+
+
+class GgufComponent:
+    """A component exported by ``glmq export gguf``: its config.json points at a GGUF file."""
+
+    def __init__(self, folder: Path, comp):
+        from glmq.export.gguf_reader import GgufTensorSource
+        from glmq.io.layout import read_json
+
+        self.folder = Path(folder)
+        self.component = comp
+        cfg = read_json(self.folder / "config.json", f"{comp.name} config.json")
+        pointer = cfg.get("quantization_config", cfg)
+        if not isinstance(pointer.get("gguf_file"), str) or "/" in pointer["gguf_file"]:
+            raise CheckpointError(f"{self.folder}/config.json: quantization_config names no GGUF file")
+        self.source = GgufTensorSource(self.folder.parent / pointer["gguf_file"])
+        self.config = self.source.config
+        self.quantization_config = None
+
+    def names(self) -> list[str]:
+        return list(self.source.names())
+
+    def get(self, name: str):
+        return self.source.get(name)
+
+
+def open_component(root: Path, name: str):
+    """A tensor source for component ``name`` of the pipeline folder ``root`` (safetensors or GGUF)."""
+    from glmq.io.layout import BY_NAME, read_json
+    from glmq.io.reader import ComponentReader
+
+    comp = BY_NAME[name]
+    folder = Path(root) / name
+    cfg = read_json(folder / "config.json", f"{name} config.json")
+    qcfg = cfg.get("quantization_config") if isinstance(cfg.get("quantization_config"), dict) else cfg
+    if qcfg.get("quant_method") == "gguf":
+        return GgufComponent(folder, comp)
+    return ComponentReader(folder, comp)

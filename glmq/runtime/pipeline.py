@@ -465,28 +465,33 @@ def load(path: str | Path, device: str = "cuda", vram_budget_gb: float | None = 
         raise GlmqError("device cuda requested but no CUDA GPU is available (use device='cpu')")
     dtype = dtype or (torch.bfloat16 if dev.type == "cuda" else torch.float32)
     path = Path(path)
-    reader = PipelineReader(path)
-    sizes = stage_sizes(reader)
-    budget = int(vram_budget_gb * GiB) if vram_budget_gb is not None else None
-    if budget is not None and dev.type != "cuda":
-        budget = None
-    chosen = choose_mode(sizes, budget, requested=mode) if dev.type == "cuda" else "resident"
+    from glmq.io.layout import check_pipeline_folder, read_json
+    from glmq.runtime.loader import GgufComponent, open_component
+
+    check_pipeline_folder(path)
+    sources = {name: open_component(path, name)
+               for name in ("vision_language_encoder", "transformer", "text_encoder", "vae")}
+    has_gguf = any(isinstance(s, GgufComponent) for s in sources.values())
+    budget = int(vram_budget_gb * GiB) if vram_budget_gb is not None and dev.type == "cuda" else None
+    chosen = None
+    if not has_gguf:  # sizes straight from the safetensors headers: the mode is known before loading
+        sizes = stage_sizes(PipelineReader(path))
+        chosen = choose_mode(sizes, budget, requested=mode) if dev.type == "cuda" else "resident"
     components = {}
-    for name in ("vision_language_encoder", "transformer", "text_encoder", "vae"):
-        cr = reader.component(name)
-        # Weights land in CPU memory first; the memory plan moves them to the GPU when needed.
+    for name, src in sources.items():
         target_dtype = torch.float32 if name == "text_encoder" else dtype
         if name == "vae" and dtype == torch.float16:
             target_dtype = torch.bfloat16  # an fp16 VAE overflows to NaN
         load_device = dev if chosen == "resident" else "cpu"
-        components[name] = load_component(cr, device=load_device, dtype=target_dtype)
-    _install_attention(components, dev, attention)
+        components[name] = load_component(src, device=load_device, dtype=target_dtype)
     processor = GlmImageProcessor.from_pretrained(path / "processor")
     tokenizer = ByT5Tokenizer.from_pretrained(path / "tokenizer")
-    from glmq.io.layout import read_json
-
     scheduler_config = read_json(path / "scheduler" / "scheduler_config.json", "scheduler config")
-    reader.close()
+    if chosen is None:  # GGUF: dequantized on load, sized from the modules
+        return from_modules(components, processor=processor, tokenizer=tokenizer, scheduler_config=scheduler_config,
+                            device=device, vram_budget_gb=vram_budget_gb, dtype=dtype, mode=mode,
+                            attention=attention, cuda_graph=cuda_graph, path=path)
+    _install_attention(components, dev, attention)
     return GlmqPipeline(path, device=dev, dtype=dtype, mode=chosen, sizes=sizes, components=components,
                         processor=processor, tokenizer=tokenizer, scheduler_config=scheduler_config,
                         attention=attention, cuda_graph=cuda_graph)

@@ -114,3 +114,17 @@ def test_generate_cli_writes_a_png_and_reports_json(tiny_dir, tmp_path):
                                         "--device", "cpu", "--size", "64x64", "--out", str(tmp_path / "c.png")),
                       "cannot read image")
     assert not (tmp_path / "b.png").exists() and not (tmp_path / "c.png").exists()
+
+
+def test_glmq_load_accepts_a_gguf_export(tiny_dir, tmp_path, pipe):
+    from glmq.export.gguf_export import export_gguf
+    from glmq.quant.metrics import psnr
+
+    export_gguf(tiny_dir, tmp_path / "gguf", progress=False)
+    gpipe = glmq.load(tmp_path / "gguf", device="cpu")
+    prior, latents = _fixed_inputs(pipe, seed=2)
+    kwargs = dict(height=64, width=64, num_inference_steps=4, prior_token_ids=prior, latents=latents,
+                  output_type="pt")
+    value = float(psnr(pipe(PROMPT, **kwargs), gpipe(PROMPT, **kwargs)))
+    print("GGUF (DiT Q8_0) image PSNR vs bf16", value)
+    assert value > 40  # Q8_0 DiT: tiny perturbation of the image
