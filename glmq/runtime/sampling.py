@@ -1,0 +1,98 @@
+"""Token sampling on the device, without host synchronisation, for GLM-Image's autoregressive decode.
+
+Every function here takes and returns device tensors only (no ``.item()``, no data-dependent Python
+branches), so a decode step that calls them can be captured in a CUDA graph.
+
+Semantics follow Hugging Face ``generate(do_sample=True)`` with the warpers it builds from a generation
+config, applied in the same order to float32 logits:
+
+1. ``mask_outside_vocab``: ids ``>= vocab_limit`` get ``-inf`` (GLM-Image's grid constraint: ids the DiT
+   codebook cannot embed, and EOS, can never be drawn while a grid is being filled). Stock ``generate``
+   has no such processor; it is the one deliberate difference.
+2. ``TemperatureLogitsWarper``: ``logits / temperature``.
+3. ``TopKLogitsWarper`` (only if ``top_k`` is given): drop logits ``<`` the k-th largest (ties kept).
+4. ``TopPLogitsWarper``, exactly as transformers computes it: sort the logits ascending, take the softmax
+   cumulative sum ``c``, drop every token whose ``c <= 1 - top_p``, but always keep the most likely one.
+   Equivalently, in descending order a token is kept iff the probability mass strictly before it is
+   ``< top_p``: the smallest set of most likely tokens whose mass reaches ``top_p``.
+5. Draw from the softmax of the surviving logits. HF calls ``torch.multinomial``; here the draw is by
+   inverse CDF from one uniform number per row, supplied by the caller (drawn up front from a
+   ``torch.Generator``), so a whole generation is reproducible and no RNG state lives in a CUDA graph.
+   The distribution is the same; the random stream (and so the exact tokens) differs from HF's.
+
+Greedy decoding is ``argmax`` of the masked logits (HF ``do_sample=False``).
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def mask_outside_vocab(logits: torch.Tensor, vocab_limit: torch.Tensor) -> torch.Tensor:
+    """``logits`` [B, V] with ids ``>= vocab_limit`` (a [1] or 0-d long tensor) set to ``-inf``."""
+    ids = torch.arange(logits.shape[-1], device=logits.device)
+    return logits.masked_fill(ids >= vocab_limit.reshape(()), float("-inf"))
+
+
+def top_k_filter(logits: torch.Tensor, top_k: int) -> torch.Tensor:
+    """HF ``TopKLogitsWarper``: keep logits ``>=`` the ``top_k``-th largest of each row."""
+    k = min(max(int(top_k), 1), logits.shape[-1])
+    kth = torch.topk(logits, k, dim=-1).values[..., -1:]
+    return logits.masked_fill(logits < kth, float("-inf"))
+
+
+def top_p_filter_sorted(logits: torch.Tensor, top_p: torch.Tensor | float) -> tuple[torch.Tensor, torch.Tensor]:
+    """HF ``TopPLogitsWarper`` in sorted space.
+
+    Returns ``(sorted_logits, sorted_ids)``: the row's logits sorted ascending with the dropped ones set to
+    ``-inf``, and the vocabulary id of each sorted slot. ``top_p`` may be a float or a device scalar tensor.
+    """
+    sorted_logits, sorted_ids = torch.sort(logits, dim=-1, descending=False)
+    cumulative = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
+    remove = cumulative <= (1 - top_p)
+    remove[..., -1] = False  # min_tokens_to_keep = 1: the most likely token always survives
+    return sorted_logits.masked_fill(remove, float("-inf")), sorted_ids
+
+
+def top_p_filter(logits: torch.Tensor, top_p: float) -> torch.Tensor:
+    """HF ``TopPLogitsWarper`` in vocabulary order (for tests and callers that want the filtered logits)."""
+    filtered, ids = top_p_filter_sorted(logits, top_p)
+    return torch.empty_like(logits).scatter_(-1, ids, filtered)
+
+
+def sample_tokens(
+    logits: torch.Tensor,
+    *,
+    vocab_limit: torch.Tensor,
+    uniform: torch.Tensor,
+    temperature: torch.Tensor | float = 0.9,
+    top_p: torch.Tensor | float = 0.75,
+    top_k: int | None = None,
+    greedy: bool = False,
+) -> torch.Tensor:
+    """Draw one token per row.
+
+    Args:
+        logits: float32 [B, V] raw lm_head logits.
+        vocab_limit: long [1] (device): only ids ``< vocab_limit`` may be drawn.
+        uniform: float32 [B] in [0, 1): the random number of each row (ignored when ``greedy``).
+        temperature, top_p: floats or device scalar tensors (tensors let a CUDA graph serve any value).
+        top_k: optional HF top-k, applied before top-p.
+        greedy: argmax instead of sampling.
+
+    Returns:
+        long [B] token ids.
+    """
+    logits = mask_outside_vocab(logits.float(), vocab_limit)
+    if greedy:
+        return logits.argmax(dim=-1)
+    logits = logits / temperature
+    if top_k is not None and top_k > 0:
+        logits = top_k_filter(logits, top_k)
+    filtered, sorted_ids = top_p_filter_sorted(logits, top_p)
+    # Inverse CDF over the ascending order: the chosen slot is the first whose cumulative mass exceeds
+    # u * total. Dropped slots carry zero mass, so they can never be the first to exceed it.
+    cdf = filtered.softmax(dim=-1).cumsum(dim=-1)
+    threshold = uniform.reshape(-1, 1) * cdf[..., -1:]
+    slot = (cdf <= threshold).sum(dim=-1, keepdim=True).clamp_(max=logits.shape[-1] - 1)
+    return sorted_ids.gather(-1, slot).squeeze(-1)
