@@ -251,7 +251,7 @@ def _quantize_layer(plan: LayerPlan, w, hessian, device: str, tensors: dict | No
         try:
             tensors = plan.algo.quantize_weight(plan.fmt, wd, hessian=hessian.to(device) if hessian is not None else None)
         except GlmqError as e:
-            raise GlmqError(f"layer {plan.name}: {e}") from None
+            raise GlmqError(f"tensor {plan.name + '.weight'!r}: {e}") from None
     tensors = {k: v.to(device) for k, v in tensors.items()}
     deq = plan.fmt.dequantize(tensors, plan.shape)
     ref = wd.float()
