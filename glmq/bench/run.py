@@ -46,6 +46,8 @@ class BenchConfig:
     seed: int = 0
     device: str | None = None
     warmup: bool = True
+    compile: bool = True  # torch.compile the DiT blocks on CUDA (the warm-up image pays for it)
+    attention: str = "auto"
     extra: dict = field(default_factory=dict)
 
 
@@ -327,7 +329,8 @@ def run_bench(cfg: BenchConfig, out: Path) -> dict:
                             w, h = size
                             row["estimated_mode"] = choose_mode(stage_sizes_from_modules(comps, h, w), int(tier * GiB))
                         pipe = from_modules(comps, processor=processor, tokenizer=tokenizer, scheduler_config=sched,
-                                            device=str(device), vram_budget_gb=tier)
+                                            device=str(device), vram_budget_gb=tier, compile=cfg.compile,
+                                            attention=cfg.attention)
                         guard = _MaskedHead(comps["vision_language_encoder"].lm_head, _valid_vocab(comps))
                         row["mode"] = pipe.mode
                         seconds, stages = _run_glmq(pipe, cfg, size, device)

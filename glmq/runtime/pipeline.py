@@ -90,7 +90,7 @@ class GlmqPipeline:
 
     def __init__(self, path: Path, *, device: torch.device, dtype: torch.dtype, mode: str, sizes: StageSizes,
                  components: dict, processor, tokenizer, scheduler_config: dict, attention: str,
-                 cuda_graph: bool):
+                 cuda_graph: bool, compile: bool = False):
         self.path = path
         self.device = device
         self.dtype = dtype
@@ -105,6 +105,7 @@ class GlmqPipeline:
         self.scheduler_config = scheduler_config
         self.attention = attention
         self.cuda_graph = cuda_graph and device.type == "cuda" and mode != "offload"
+        self.compile = compile and device.type == "cuda"
         self.vae_scale_factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
         self.last_times = StageTimes()
         self._engine = None
@@ -169,7 +170,7 @@ class GlmqPipeline:
             from glmq.runtime.dit_loop import DitRunner
 
             self._runner = DitRunner(self.transformer, self.scheduler_config, device=self.device,
-                                     dtype=self.dtype, cuda_graph=self.cuda_graph)
+                                     dtype=self.dtype, cuda_graph=self.cuda_graph, compile=self.compile)
         return self._runner
 
     def _ar_inputs(self, prompt: str, images: list | None, height: int, width: int):
@@ -425,7 +426,8 @@ def stage_sizes_from_modules(components: dict, height: int = 1024, width: int = 
 
 def from_modules(components: dict, *, processor, tokenizer, scheduler_config: dict, device: str = "cuda",
                  vram_budget_gb: float | None = None, dtype: torch.dtype | None = None, mode: str | None = None,
-                 attention: str = "auto", cuda_graph: bool = True, path: Path | None = None) -> GlmqPipeline:
+                 attention: str = "auto", cuda_graph: bool = True, compile: bool = False,
+                 path: Path | None = None) -> GlmqPipeline:
     """A pipeline over already-built modules (e.g. random full-size weights built on the GPU)."""
     dev = torch.device(device)
     dtype = dtype or (torch.bfloat16 if dev.type == "cuda" else torch.float32)
@@ -435,12 +437,12 @@ def from_modules(components: dict, *, processor, tokenizer, scheduler_config: di
     _install_attention(components, dev, attention)
     return GlmqPipeline(path, device=dev, dtype=dtype, mode=chosen, sizes=sizes, components=components,
                         processor=processor, tokenizer=tokenizer, scheduler_config=scheduler_config,
-                        attention=attention, cuda_graph=cuda_graph)
+                        attention=attention, cuda_graph=cuda_graph, compile=compile)
 
 
 def load(path: str | Path, device: str = "cuda", vram_budget_gb: float | None = None, *,
          dtype: torch.dtype | None = None, mode: str | None = None, attention: str = "auto",
-         cuda_graph: bool = True) -> GlmqPipeline:
+         cuda_graph: bool = True, compile: bool = False) -> GlmqPipeline:
     """Load a GLM-Image folder (the bf16 release, make-tiny output or ``glmq quantize`` output).
 
     Args:
@@ -452,6 +454,7 @@ def load(path: str | Path, device: str = "cuda", vram_budget_gb: float | None = 
         mode: force a memory mode.
         attention: "auto" (glmq's Triton kernels on CUDA, upstream SDPA elsewhere), "glmq", "sdpa".
         cuda_graph: capture the AR step and DiT step in CUDA graphs (CUDA, non-offload modes only).
+        compile: ``torch.compile`` the DiT blocks (CUDA; the first image pays the compilation).
     """
     from transformers import ByT5Tokenizer, GlmImageProcessor
 
@@ -490,11 +493,11 @@ def load(path: str | Path, device: str = "cuda", vram_budget_gb: float | None = 
     if chosen is None:  # GGUF: dequantized on load, sized from the modules
         return from_modules(components, processor=processor, tokenizer=tokenizer, scheduler_config=scheduler_config,
                             device=device, vram_budget_gb=vram_budget_gb, dtype=dtype, mode=mode,
-                            attention=attention, cuda_graph=cuda_graph, path=path)
+                            attention=attention, cuda_graph=cuda_graph, compile=compile, path=path)
     _install_attention(components, dev, attention)
     return GlmqPipeline(path, device=dev, dtype=dtype, mode=chosen, sizes=sizes, components=components,
                         processor=processor, tokenizer=tokenizer, scheduler_config=scheduler_config,
-                        attention=attention, cuda_graph=cuda_graph)
+                        attention=attention, cuda_graph=cuda_graph, compile=compile)
 
 
 def _install_attention(components: dict, device: torch.device, attention: str) -> None:
