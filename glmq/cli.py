@@ -140,7 +140,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     cfg = BenchConfig(path=Path(args.path) if args.path else None, model=args.model,
                       recipes=tuple(args.recipe or ["default"]), tiers=tiers, sizes=sizes, steps=args.steps,
                       images=args.images, baseline=args.baseline, profile=args.profile, seed=args.seed,
-                      device=args.device)
+                      device=args.device, compile=not args.no_compile, attention=args.attention)
     if cfg.path is None and args.model == "tiny":
         import tempfile
 
@@ -284,6 +284,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--profile", action="store_true", help="add the top kernels of one short run per configuration")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
+    p.add_argument("--no-compile", action="store_true", help="do not torch.compile the DiT blocks")
+    p.add_argument("--attention", choices=("auto", "glmq", "sdpa"), default="auto",
+                   help="attention kernels: glmq's Triton kernels (auto on CUDA) or PyTorch SDPA")
     p.add_argument("--out", required=True, help="folder for bench.json, bench.md and bench.png")
     p.add_argument("--update-readme", action="store_true", help="regenerate README.md's hardware-tier table")
     p.add_argument("--json", action="store_true", help="print the results as JSON")

@@ -310,12 +310,14 @@ def run_bench(cfg: BenchConfig, out: Path) -> dict:
                 del comps
                 _reset(device, None)
             for recipe in cfg.recipes:
+                # Built and quantized once per recipe; each tier re-plans placement over the same modules.
+                comps = _load_or_build(cfg, device, pieces)
+                if recipe != "bf16":
+                    quantize_modules({k: comps[k] for k in ("vision_language_encoder", "transformer")}, recipe)
                 for tier in tiers:
-                    comps = _load_or_build(cfg, device, pieces)
-                    if recipe != "bf16":
-                        quantize_modules({k: comps[k] for k in ("vision_language_encoder", "transformer")}, recipe)
                     row = {"provider": "glmq", "recipe": recipe, "tier_gib": tier, "size": f"{size[0]}x{size[1]}",
                            "steps": cfg.steps, "images": cfg.images}
+                    pipe = None
                     try:
                         if device.type == "cuda":
                             for m in comps.values():
@@ -331,7 +333,6 @@ def run_bench(cfg: BenchConfig, out: Path) -> dict:
                         pipe = from_modules(comps, processor=processor, tokenizer=tokenizer, scheduler_config=sched,
                                             device=str(device), vram_budget_gb=tier, compile=cfg.compile,
                                             attention=cfg.attention)
-                        guard = _MaskedHead(comps["vision_language_encoder"].lm_head, _valid_vocab(comps))
                         row["mode"] = pipe.mode
                         seconds, stages = _run_glmq(pipe, cfg, size, device)
                         alloc, reserved = _peak(device)
@@ -339,16 +340,18 @@ def run_bench(cfg: BenchConfig, out: Path) -> dict:
                                    peak_allocated_gib=alloc, peak_reserved_gib=reserved)
                         if cfg.profile:
                             row["profile"] = _profile(pipe, cfg, size, device)
-                        del guard
                     except GlmqError as e:
                         row.update(fit=False, reason=str(e))
                     except torch.OutOfMemoryError as e:
                         row.update(fit=False, reason=f"out of memory under the {tier} GiB cap: {str(e).splitlines()[0][:160]}")
                     finally:
+                        if pipe is not None:
+                            pipe.release()
                         pipe = None
-                        del comps
                         _reset(device, None)
                     rows.append(row)
+                del comps
+                _reset(device, None)
     finally:
         if tmp is not None:
             tmp.cleanup()

@@ -44,26 +44,25 @@ class StageTimes:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
-class _BlockStreamer:
-    """Keeps a stack of blocks in pinned CPU memory and copies each to the GPU just before it runs."""
+class _Parked:
+    """A module whose tensors live in pinned CPU memory (copied once) and visit the GPU on demand.
 
-    def __init__(self, blocks, device: torch.device):
+    ``to_gpu`` copies every parameter and buffer in (asynchronously from pinned memory); ``to_cpu`` just
+    points them back at the pinned copies, freeing the GPU copies: weights never change, so nothing is
+    copied back.
+    """
+
+    def __init__(self, module, device: torch.device, exclude: set | None = None):
         self.device = device
-        self.handles = []
         self.slots = []
-        for block in blocks:
-            tensors = []
-            for mod in block.modules():
-                for kind in ("_parameters", "_buffers"):
-                    for name, t in getattr(mod, kind).items():
-                        if t is not None:
-                            cpu = t.detach().to("cpu")
-                            cpu = cpu.pin_memory() if torch.cuda.is_available() else cpu
-                            tensors.append((mod, kind, name, cpu))
-                            self._set(mod, kind, name, cpu)
-            self.slots.append(tensors)
-            self.handles.append(block.register_forward_pre_hook(self._pre(tensors)))
-            self.handles.append(block.register_forward_hook(self._post(tensors)))
+        pin = torch.cuda.is_available()
+        for mod in module.modules():
+            for kind in ("_parameters", "_buffers"):
+                for name, t in getattr(mod, kind).items():
+                    if t is not None and (id(mod), kind, name) not in (exclude or ()):
+                        cpu = t.detach().to("cpu")
+                        self.slots.append((mod, kind, name, cpu.pin_memory() if pin else cpu))
+        self.to_cpu()
 
     @staticmethod
     def _set(mod, kind, name, value):
@@ -72,17 +71,29 @@ class _BlockStreamer:
         else:
             mod._buffers[name] = value
 
-    def _pre(self, tensors):
-        def hook(module, args):
-            for mod, kind, name, cpu in tensors:
-                self._set(mod, kind, name, cpu.to(self.device, non_blocking=True))
-        return hook
+    def to_gpu(self):
+        for mod, kind, name, cpu in self.slots:
+            self._set(mod, kind, name, cpu.to(self.device, non_blocking=True))
 
-    def _post(self, tensors):
-        def hook(module, args, output):
-            for mod, kind, name, cpu in tensors:
-                self._set(mod, kind, name, cpu)
-        return hook
+    def to_cpu(self):
+        for mod, kind, name, cpu in self.slots:
+            self._set(mod, kind, name, cpu)
+
+
+def _slot_keys(module) -> set:
+    return {(id(m), kind, name) for m in module.modules() for kind in ("_parameters", "_buffers")
+            for name, t in getattr(m, kind).items() if t is not None}
+
+
+class _BlockStreamer:
+    """Keeps a stack of blocks in pinned CPU memory and copies each to the GPU just before it runs."""
+
+    def __init__(self, blocks, device: torch.device):
+        self.handles = []
+        for block in blocks:
+            parked = _Parked(block, device)
+            self.handles.append(block.register_forward_pre_hook(lambda m, a, p=parked: p.to_gpu()))
+            self.handles.append(block.register_forward_hook(lambda m, a, o, p=parked: p.to_cpu()))
 
 
 class GlmqPipeline:
@@ -111,50 +122,61 @@ class GlmqPipeline:
         self._engine = None
         self._runner = None
         self._streamers: dict[str, _BlockStreamer] = {}
+        self._parked: dict[str, _Parked] = {}
         self._place_initial()
+
+    def release(self) -> None:
+        """Undo what this pipeline installed on the modules (DiT wrappers, streaming hooks, AR caches and
+        CUDA graphs), so the same modules can serve another pipeline."""
+        if self._runner is not None:
+            self._runner.remove()
+            self._runner = None
+        self._engine = None
+        for streamer in self._streamers.values():
+            for handle in streamer.handles:
+                handle.remove()
+        self._streamers.clear()
 
     # -- placement ----------------------------------------------------------------------------------------
     def _gpu(self) -> bool:
         return self.device.type == "cuda"
 
-    def _move(self, module, where: str) -> None:
-        if not self._gpu():
-            return
-        if where == "gpu":
-            module.to(self.device)
-        else:
-            module.to("cpu")
-            for p in module.parameters():
-                p.data = p.data.pin_memory()
+    def _park(self, name: str, module, exclude: set) -> _Parked:
+        if name not in self._parked:
+            self._parked[name] = _Parked(module, self.device, exclude)
+        return self._parked[name]
 
     def _place_initial(self) -> None:
-        if not self._gpu():
-            for m in (self.ar, self.transformer, self.text_encoder, self.vae):
+        nets = {"ar": self.ar, "dit": self.transformer, "glyph": self.text_encoder, "vae": self.vae}
+        if not self._gpu() or self.mode == "resident":
+            for m in nets.values():
                 m.to(self.device)
             return
-        if self.mode == "resident":
-            for m in (self.ar, self.transformer, self.text_encoder, self.vae):
-                m.to(self.device)
-        elif self.mode == "offload":
-            # The block stacks stream; everything else of each network is small and moves per stage.
+        streamed = set()
+        if self.mode == "offload":
+            # The block stacks stream through the GPU; the rest of each network is parked per stage.
             self._streamers["ar"] = _BlockStreamer(self.ar.model.language_model.layers, self.device)
             self._streamers["dit"] = _BlockStreamer(self.transformer.transformer_blocks, self.device)
+            streamed = _slot_keys(self.ar.model.language_model.layers) | _slot_keys(self.transformer.transformer_blocks)
+        for name, m in nets.items():
+            self._park(name, m, streamed)
 
     def _stage(self, stage: str, image_to_image: bool) -> None:
-        """Put the networks ``stage`` needs on the GPU and park the others (staged/offload modes)."""
+        """Put the networks ``stage`` needs on the GPU and park the others (staged/offload modes).
+
+        The AR's vision tower and VQ only visit for image-to-image. In offload mode the block stacks are
+        left to their streamers, which move them block by block.
+        """
         if not self._gpu() or self.mode == "resident":
             return
-        if stage == "ar":
-            for m in (self.transformer, self.text_encoder, self.vae):
-                self._move(m, "cpu")
-            self._move(self.ar, "gpu")
-            if not image_to_image:
-                self._move(self.ar.model.visual, "cpu")
-                self._move(self.ar.model.vqmodel, "cpu")
-        else:
-            self._move(self.ar, "cpu")
-            for m in (self.transformer, self.text_encoder, self.vae):
-                self._move(m, "gpu")
+        keep_on_cpu = set()
+        if not image_to_image:
+            keep_on_cpu |= _slot_keys(self.ar.model.visual) | _slot_keys(self.ar.model.vqmodel)
+        wanted = {"ar"} if stage == "ar" else {"dit", "glyph", "vae"}
+        for name, parked in self._parked.items():
+            for mod, kind, pname, cpu in parked.slots:
+                on_gpu = name in wanted and (id(mod), kind, pname) not in keep_on_cpu
+                _Parked._set(mod, kind, pname, cpu.to(self.device, non_blocking=True) if on_gpu else cpu)
         torch.cuda.empty_cache()
 
     # -- stages -------------------------------------------------------------------------------------------
