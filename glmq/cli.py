@@ -245,19 +245,18 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Export a bf16 GLM-Image folder for other runtimes, streaming, atomically.")
     ex = p.add_subparsers(dest="format", metavar="FORMAT", parser_class=_Parser)
     ex.required = True
-    from glmq.export.gguf_export import AR_TYPES, DIT_TYPES
-    from glmq.export.hf import BNB_MODES
-
+    # Valid names come from the exporters' registries, which report them on a bad value (importing them here
+    # would pull gguf and bitsandbytes into every glmq command).
     q = ex.add_parser("hf", help="diffusers folder with bitsandbytes weights that stock diffusers loads")
     q.add_argument("src")
     q.add_argument("--out", required=True)
-    q.add_argument("--ar", choices=BNB_MODES, default="nf4", help="AR linears (default nf4)")
-    q.add_argument("--dit", choices=BNB_MODES, default="int8", help="DiT linears (default int8)")
+    q.add_argument("--ar", default="nf4", help="AR linears: nf4 (default) or int8")
+    q.add_argument("--dit", default="int8", help="DiT linears: int8 (default) or nf4")
     q = ex.add_parser("gguf", help="GGUF files: AR in llama.cpp conventions, DiT in ComfyUI-GGUF conventions")
     q.add_argument("src")
     q.add_argument("--out", required=True)
-    q.add_argument("--ar-type", choices=AR_TYPES, default="Q4_K_M", help="AR quantization (default Q4_K_M)")
-    q.add_argument("--dit-type", choices=DIT_TYPES, default="Q8_0", help="DiT quantization (default Q8_0)")
+    q.add_argument("--ar-type", default="Q4_K_M", help="AR quantization: Q4_K_M (default) or Q8_0")
+    q.add_argument("--dit-type", default="Q8_0", help="DiT quantization: Q8_0 (default), Q6_K, Q5_K_S or Q4_K_S")
     q = ex.add_parser("onnx", help="ONNX graphs (DiT step, VAE decoder, glyph encoder, AR decoder step)")
     q.add_argument("src")
     q.add_argument("--out", required=True)

@@ -161,9 +161,10 @@ def _reset(device, fraction: float | None):
 
     gc.collect()
     if device.type == "cuda":
+        index = device.index if device.index is not None else torch.cuda.current_device()
         torch.cuda.empty_cache()
-        torch.cuda.set_per_process_memory_fraction(1.0 if fraction is None else min(1.0, fraction), device)
-        torch.cuda.reset_peak_memory_stats(device)
+        torch.cuda.set_per_process_memory_fraction(1.0 if fraction is None else min(1.0, fraction), index)
+        torch.cuda.reset_peak_memory_stats(index)
 
 
 def _summary(seconds: list[float]) -> dict:
