@@ -228,6 +228,13 @@ def _run_baseline(comps, pieces, cfg: BenchConfig, size, device, valid_vocab) ->
     }
 
 
+def _log(msg: str) -> None:
+    """Progress of a long benchmark on stderr (the results themselves go to files and stdout)."""
+    import sys
+
+    print(f"[glmq bench {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
 def _now(device) -> float:
     import torch
 
@@ -305,15 +312,19 @@ def run_bench(cfg: BenchConfig, out: Path) -> dict:
     try:
         for size in cfg.sizes:
             if cfg.baseline:
+                _log(f"baseline {size}: building bf16 components")
                 comps = _load_or_build(cfg, device, pieces)
+                _log("baseline: running stock diffusers")
                 valid = _valid_vocab(comps)
                 rows.append(_run_baseline(comps, pieces, cfg, size, device, valid))
                 del comps
                 _reset(device, None)
             for recipe in cfg.recipes:
                 # Built and quantized once per recipe; each tier re-plans placement over the same modules.
+                _log(f"{recipe} {size}: building components")
                 comps = _load_or_build(cfg, device, pieces)
                 if recipe != "bf16":
+                    _log(f"{recipe}: quantizing in place")
                     quantize_modules({k: comps[k] for k in ("vision_language_encoder", "transformer")}, recipe)
                 for tier in tiers:
                     row = {"provider": "glmq", "recipe": recipe, "tier_gib": tier, "size": f"{size[0]}x{size[1]}",
@@ -335,7 +346,9 @@ def run_bench(cfg: BenchConfig, out: Path) -> dict:
                                             device=str(device), vram_budget_gb=tier, compile=cfg.compile,
                                             attention=cfg.attention)
                         row["mode"] = pipe.mode
+                        _log(f"{recipe} tier {tier}: mode {pipe.mode}, generating")
                         seconds, stages = _run_glmq(pipe, cfg, size, device)
+                        _log(f"{recipe} tier {tier}: {seconds} s")
                         alloc, reserved = _peak(device)
                         row.update(fit=True, seconds_per_image=_summary(seconds), stages=_stage_dict(stages[-1]),
                                    peak_allocated_gib=alloc, peak_reserved_gib=reserved)
