@@ -8,10 +8,17 @@ export PYTHONPATH=/tmp/site
 python3 -m pip install -q --no-deps --no-build-isolation -e . >/dev/null 2>&1 || { echo "editable install failed"; exit 1; }
 python3 -c "import glmq.kernels, glmq.runtime.pipeline, diffusers, transformers; print('imports ok', transformers.__version__, diffusers.__version__)" || exit 1
 case "$1" in
-  smoke) python3 -X faulthandler -m glmq bench --model full-random --recipe default --tiers 80,16,12 --size 256x256 --steps 2 \
-           --no-compile --out "$OUT/smoke" 2>&1 | tee "$OUT/smoke.log" | tail -30 ;;
-  main)  python3 -X faulthandler -m glmq bench --model full-random --recipe default --tiers 80 --baseline --size 1024x1024 \
-           --steps 50 --out "$OUT/main" 2>&1 | tee "$OUT/main.log" | tail -30 ;;
+  smoke) for pin in 1 0; do
+           GLMQ_PIN_MEMORY=$pin timeout 200 python3 -X faulthandler -m glmq bench --model full-random --recipe default \
+             --tiers 80,16 --size 256x256 --steps 2 --no-compile --attention sdpa --out "$OUT/smoke_$pin" > "$OUT/smoke_$pin.log" 2>&1
+           echo "== pin=$pin rc=$?"; grep -v "^  File\|^    \|^Extension" "$OUT/smoke_$pin.log" | tail -15
+         done ;;
+  main)  timeout 330 python3 -X faulthandler -m glmq bench --model full-random --recipe default --tiers 80 \
+           --size 1024x1024 --steps 50 --out "$OUT/main" > "$OUT/main.log" 2>&1
+         echo "== glmq rc=$?"; grep -v "^  File\|^    \|^Extension" "$OUT/main.log" | tail -22
+         timeout 240 python3 -X faulthandler -m glmq bench --model full-random --baseline-only --size 1024x1024 \
+           --steps 50 --out "$OUT/stock" > "$OUT/stock.log" 2>&1
+         echo "== stock rc=$?"; grep -v "^  File\|^    \|^Extension" "$OUT/stock.log" | tail -12 ;;
   tiers) python3 -X faulthandler -m glmq bench --model full-random --recipe default --tiers 16,12 --size 1024x1024 \
            --steps 50 --out "$OUT/tiers" 2>&1 | tee "$OUT/tiers.log" | tail -30 ;;
 esac

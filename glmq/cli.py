@@ -140,7 +140,10 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     cfg = BenchConfig(path=Path(args.path) if args.path else None, model=args.model,
                       recipes=tuple(args.recipe or ["default"]), tiers=tiers, sizes=sizes, steps=args.steps,
                       images=args.images, baseline=args.baseline, profile=args.profile, seed=args.seed,
-                      device=args.device, compile=not args.no_compile, attention=args.attention)
+                      device=args.device, compile=not args.no_compile, attention=args.attention,
+                      cuda_graph=not args.no_cuda_graph)
+    if args.baseline_only:
+        cfg.baseline, cfg.recipes = True, ()
     if cfg.path is None and args.model == "tiny":
         import tempfile
 
@@ -284,6 +287,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
     p.add_argument("--no-compile", action="store_true", help="do not torch.compile the DiT blocks")
+    p.add_argument("--no-cuda-graph", action="store_true", help="run the AR and DiT steps without CUDA graphs")
+    p.add_argument("--baseline-only", action="store_true", help="run only stock diffusers (implies --baseline)")
     p.add_argument("--attention", choices=("auto", "glmq", "sdpa"), default="auto",
                    help="attention kernels: glmq's Triton kernels (auto on CUDA) or PyTorch SDPA")
     p.add_argument("--out", required=True, help="folder for bench.json, bench.md and bench.png")

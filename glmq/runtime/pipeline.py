@@ -8,6 +8,7 @@ and the memory stages (:mod:`glmq.runtime.memory`). The call mirrors diffusers' 
 
 from __future__ import annotations
 
+import os
 import re
 import time
 from dataclasses import dataclass, field
@@ -55,7 +56,8 @@ class _Parked:
     def __init__(self, module, device: torch.device, exclude: set | None = None):
         self.device = device
         self.slots = []
-        pin = torch.cuda.is_available()
+        pin = torch.cuda.is_available() and os.environ.get("GLMQ_PIN_MEMORY", "1") != "0"
+        self.non_blocking = pin
         for mod in module.modules():
             for kind in ("_parameters", "_buffers"):
                 for name, t in getattr(mod, kind).items():
@@ -73,7 +75,7 @@ class _Parked:
 
     def to_gpu(self):
         for mod, kind, name, cpu in self.slots:
-            self._set(mod, kind, name, cpu.to(self.device, non_blocking=True))
+            self._set(mod, kind, name, cpu.to(self.device, non_blocking=self.non_blocking))
 
     def to_cpu(self):
         for mod, kind, name, cpu in self.slots:
@@ -176,7 +178,7 @@ class GlmqPipeline:
         for name, parked in self._parked.items():
             for mod, kind, pname, cpu in parked.slots:
                 on_gpu = name in wanted and (id(mod), kind, pname) not in keep_on_cpu
-                _Parked._set(mod, kind, pname, cpu.to(self.device, non_blocking=True) if on_gpu else cpu)
+                _Parked._set(mod, kind, pname, cpu.to(self.device, non_blocking=parked.non_blocking) if on_gpu else cpu)
         torch.cuda.empty_cache()
 
     # -- stages -------------------------------------------------------------------------------------------
