@@ -19,6 +19,12 @@ case "$1" in
          timeout 240 python3 -X faulthandler -m glmq bench --model full-random --baseline-only --size 1024x1024 \
            --steps 50 --out "$OUT/stock" > "$OUT/stock.log" 2>&1
          echo "== stock rc=$?"; grep -v "^  File\|^    \|^Extension" "$OUT/stock.log" | tail -12 ;;
+  stock) timeout 270 python3 -X faulthandler -m glmq bench --model full-random --baseline-only --size 1024x1024 \
+           --steps 50 --out "$OUT/stock" > "$OUT/stock.log" 2>&1
+         echo "== stock rc=$?"; grep -v "^  File\|^    \|^Extension" "$OUT/stock.log" | tail -12
+         GLMQ_DEBUG=1 timeout 150 python3 -X faulthandler -m glmq bench --model full-random --recipe default --tiers 16 \
+           --size 256x256 --steps 2 --no-compile --no-cuda-graph --attention sdpa --out "$OUT/staged" > "$OUT/staged.log" 2>&1
+         echo "== staged rc=$?"; grep -v "^Extension" "$OUT/staged.log" | tail -30 ;;
   tiers) python3 -X faulthandler -m glmq bench --model full-random --recipe default --tiers 16,12 --size 1024x1024 \
            --steps 50 --out "$OUT/tiers" 2>&1 | tee "$OUT/tiers.log" | tail -30 ;;
 esac

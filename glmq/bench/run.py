@@ -181,6 +181,8 @@ def _run_baseline(comps, pieces, cfg: BenchConfig, size, device, valid_vocab) ->
     processor, tokenizer, sched = pieces
     for m in comps.values():
         m.to(device)
+    # Stock diffusers loaded with torch_dtype=bfloat16 runs every component in bf16, the glyph encoder too.
+    comps["text_encoder"].to(torch.bfloat16)
     _reset(device, None)
     ar = comps["vision_language_encoder"]
     guard = _MaskedHead(ar.lm_head, valid_vocab)

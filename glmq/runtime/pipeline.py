@@ -23,6 +23,14 @@ from glmq.runtime.memory import GiB, StageSizes, activation_allowance, choose_mo
 _GLYPH_PATTERNS = (r"'([^']*)'", r"\u201c([^\u201c\u201d]*)\u201d", r'"([^"]*)"', r"「([^「」]*)」")
 
 
+def _debug(msg: str) -> None:
+    """Stage-by-stage trace on stderr when GLMQ_DEBUG=1 (for diagnosing crashes in native code)."""
+    if os.environ.get("GLMQ_DEBUG") == "1":
+        import sys
+
+        print(f"[glmq debug] {msg}", file=sys.stderr, flush=True)
+
+
 def glyph_texts(prompt: str) -> list[str]:
     """The quoted substrings the glyph encoder renders, in the order the stock pipeline collects them."""
     found: list[str] = []
@@ -175,11 +183,13 @@ class GlmqPipeline:
         if not image_to_image:
             keep_on_cpu |= _slot_keys(self.ar.model.visual) | _slot_keys(self.ar.model.vqmodel)
         wanted = {"ar"} if stage == "ar" else {"dit", "glyph", "vae"}
+        _debug(f"stage {stage}: moving {sorted(wanted)} to the GPU")
         for name, parked in self._parked.items():
             for mod, kind, pname, cpu in parked.slots:
                 on_gpu = name in wanted and (id(mod), kind, pname) not in keep_on_cpu
                 _Parked._set(mod, kind, pname, cpu.to(self.device, non_blocking=parked.non_blocking) if on_gpu else cpu)
         torch.cuda.empty_cache()
+        _debug(f"stage {stage}: placed, {torch.cuda.memory_allocated(self.device) / GiB:.2f} GiB allocated")
 
     # -- stages -------------------------------------------------------------------------------------------
     def _engine_for(self):
@@ -293,6 +303,7 @@ class GlmqPipeline:
             bar.stage("AR")
             self._stage("ar", i2i)
             t0 = self._sync_time()
+            _debug("AR: generating")
             prior_token_ids, n_tokens, ref_ids, ref_grids = self.generate_prior_tokens(
                 prompt, height, width, images, generator)
             times.ar_s, times.ar_tokens = self._sync_time() - t0, n_tokens
@@ -309,6 +320,7 @@ class GlmqPipeline:
         negative = self.encode_glyphs("").to(self.dtype) if guidance_scale > 1 else None
         times.glyph_s = self._sync_time() - t0
 
+        _debug("glyph done; DiT")
         runner = self._runner_for()
         kv = None
         if i2i:
@@ -339,6 +351,7 @@ class GlmqPipeline:
             self.last_times = times
             bar.close()
             return latents
+        _debug("DiT done; VAE")
         bar.stage("VAE")
         t0 = self._sync_time()
         image_out = self.decode_latents(latents, tiled=height * width > 1024 * 1024)
