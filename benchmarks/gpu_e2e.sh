@@ -25,6 +25,12 @@ case "$1" in
          GLMQ_DEBUG=1 timeout 150 python3 -X faulthandler -m glmq bench --model full-random --recipe default --tiers 16 \
            --size 256x256 --steps 2 --no-compile --no-cuda-graph --attention sdpa --out "$OUT/staged" > "$OUT/staged.log" 2>&1
          echo "== staged rc=$?"; grep -v "^Extension" "$OUT/staged.log" | tail -30 ;;
-  tiers) python3 -X faulthandler -m glmq bench --model full-random --recipe default --tiers 16,12 --size 1024x1024 \
-           --steps 50 --out "$OUT/tiers" 2>&1 | tee "$OUT/tiers.log" | tail -30 ;;
+  tiers) timeout 300 python3 -X faulthandler -m glmq bench --model full-random --recipe default --tiers 16,12 \
+           --size 1024x1024 --steps 50 --no-compile --out "$OUT/tiers" > "$OUT/tiers.log" 2>&1
+         rc=$?; echo "== tiers rc=$rc"; grep -v "^  File\|^    \|^Extension" "$OUT/tiers.log" | tail -14
+         if [ $rc -ne 0 ]; then
+           timeout 280 python3 -X faulthandler -m glmq bench --model full-random --recipe default --tiers 16,12 \
+             --size 1024x1024 --steps 50 --no-compile --no-cuda-graph --out "$OUT/tiers_nograph" > "$OUT/tiers_nograph.log" 2>&1
+           echo "== tiers no-graph rc=$?"; grep -v "^  File\|^    \|^Extension" "$OUT/tiers_nograph.log" | tail -14
+         fi ;;
 esac

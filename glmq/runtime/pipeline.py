@@ -193,6 +193,10 @@ class GlmqPipeline:
 
     # -- stages -------------------------------------------------------------------------------------------
     def _engine_for(self):
+        # A CUDA graph holds the addresses of the weights it was captured with; in the staged modes the AR's
+        # weights are re-uploaded to new addresses for every image, so the engine (and its graph) is too.
+        if self.mode != "resident":
+            self._engine = None
         if self._engine is None:
             from glmq.runtime.ar_engine import ArEngine
 
