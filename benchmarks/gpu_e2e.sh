@@ -33,4 +33,7 @@ case "$1" in
              --size 1024x1024 --steps 50 --no-compile --no-cuda-graph --out "$OUT/tiers_nograph" > "$OUT/tiers_nograph.log" 2>&1
            echo "== tiers no-graph rc=$?"; grep -v "^  File\|^    \|^Extension" "$OUT/tiers_nograph.log" | tail -14
          fi ;;
+  offload) timeout 400 python3 -X faulthandler -m glmq bench --model full-random --recipe default --tiers 12 \
+           --size 1024x1024 --steps 50 --no-compile --out "$OUT/offload" > "$OUT/offload.log" 2>&1
+         echo "== offload rc=$?"; grep -v "^  File\|^    \|^Extension" "$OUT/offload.log" | tail -14 ;;
 esac

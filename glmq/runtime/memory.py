@@ -4,8 +4,9 @@
 - ``staged``: one network at a time. The AR (text decoder; the vision tower only for image-to-image) is on
   the GPU while it generates, then parked in pinned CPU memory; the glyph encoder, DiT and VAE come in for
   the diffusion stage. Peak is the larger of the two stages.
-- ``offload``: staged, and the two big networks stream their layers through the GPU one block at a time
-  (weights parked in pinned CPU memory, copied in just before each block runs). Slowest; smallest peak.
+- ``offload``: staged, and the DiT streams its blocks through the GPU one at a time (weights parked in
+  pinned CPU memory, copied in just before each block runs). The AR stays staged: streaming its layers
+  would cost a full weight transfer per token. Slowest; smallest peak.
 
 Estimates are the weights' bytes on the GPU plus a per-stage activation allowance, with a safety margin
 for the allocator and the CUDA context; ``choose_mode`` picks the fastest mode that fits the budget.
@@ -43,11 +44,13 @@ def activation_allowance(height: int, width: int, *, dit_hidden: int = 4096, dit
                          vae_channels: int = 128) -> tuple[int, int, int]:
     """Rough peak activation bytes (AR, DiT, VAE) for one image of ``height`` x ``width``.
 
-    DiT: batch 2 (cond + uncond) x tokens x (a few hidden-size buffers + the feed-forward intermediate), bf16.
+    DiT: calibrated on the H100 run in benchmarks/results/e2e_h100/glmq_default_1024_tiers16_12.json: the
+    diffusion stage peaked 5.6 GiB above its weights at 1024x1024 (4096 image + glyph tokens, batch 2, the
+    per-step AdaLN tables for 50 steps, RoPE tables, CUDA-graph pools, the VAE decode); scaled by tokens.
     VAE decoder: a handful of full-resolution feature maps at its widest level, bf16 (tiled above 1024^2).
     """
     tokens = (height // 16) * (width // 16) + 256
-    dit = 2 * tokens * (8 * dit_hidden + 2 * dit_ff) * 2
+    dit = int(5.6 * 1024**3 * tokens / 4352 * max(dit_hidden * dit_ff, 1) / (4096 * 16384))
     pixels = min(height * width, 1024 * 1024)  # tiled decoding caps the working set
     vae = 6 * vae_channels * pixels * 2
     ar = 512 * 1024**2  # logits, KV cache and a prefill's activations at 1024x1024
@@ -63,7 +66,7 @@ def stage_peaks(s: StageSizes, mode: str, *, image_to_image: bool) -> dict[str, 
         ar = s.ar_weights + vision
         dit = s.glyph_weights + s.dit_weights + s.vae_weights
     elif mode == "offload":
-        ar = s.largest_ar_block * 2 + vision + (s.ar_weights // 20)  # embeddings and lm_head stay
+        ar = s.ar_weights + vision
         dit = s.glyph_weights + s.vae_weights + s.largest_dit_block * 2 + (s.dit_weights // 20)
     else:
         raise GlmqError(f"unknown memory mode {mode!r}; valid modes: {', '.join(MODES)}")

@@ -125,7 +125,9 @@ class GlmqPipeline:
         self.tokenizer = tokenizer
         self.scheduler_config = scheduler_config
         self.attention = attention
-        self.cuda_graph = cuda_graph and device.type == "cuda" and mode != "offload"
+        # Offload streams DiT weights through hooks, which a CUDA graph cannot replay; the AR keeps its graph.
+        self.cuda_graph = cuda_graph and device.type == "cuda"
+        self.dit_cuda_graph = self.cuda_graph and mode != "offload"
         self.compile = compile and device.type == "cuda"
         self.vae_scale_factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
         self.last_times = StageTimes()
@@ -164,10 +166,9 @@ class GlmqPipeline:
             return
         streamed = set()
         if self.mode == "offload":
-            # The block stacks stream through the GPU; the rest of each network is parked per stage.
-            self._streamers["ar"] = _BlockStreamer(self.ar.model.language_model.layers, self.device)
+            # The DiT's blocks stream through the GPU; everything else is parked per stage.
             self._streamers["dit"] = _BlockStreamer(self.transformer.transformer_blocks, self.device)
-            streamed = _slot_keys(self.ar.model.language_model.layers) | _slot_keys(self.transformer.transformer_blocks)
+            streamed = _slot_keys(self.transformer.transformer_blocks)
         for name, m in nets.items():
             self._park(name, m, streamed)
 
@@ -180,6 +181,8 @@ class GlmqPipeline:
         if not self._gpu() or self.mode == "resident":
             return
         keep_on_cpu = set()
+        if self.mode == "offload":
+            keep_on_cpu |= _slot_keys(self.transformer.transformer_blocks)
         if not image_to_image:
             keep_on_cpu |= _slot_keys(self.ar.model.visual) | _slot_keys(self.ar.model.vqmodel)
         wanted = {"ar"} if stage == "ar" else {"dit", "glyph", "vae"}
@@ -208,7 +211,8 @@ class GlmqPipeline:
             from glmq.runtime.dit_loop import DitRunner
 
             self._runner = DitRunner(self.transformer, self.scheduler_config, device=self.device,
-                                     dtype=self.dtype, cuda_graph=self.cuda_graph, compile=self.compile)
+                                     dtype=self.dtype, cuda_graph=self.dit_cuda_graph,
+                                     compile=self.compile and self.mode != "offload")
         return self._runner
 
     def _ar_inputs(self, prompt: str, images: list | None, height: int, width: int):
