@@ -96,12 +96,21 @@ def _slot_keys(module) -> set:
 
 
 class _BlockStreamer:
-    """Keeps a stack of blocks in pinned CPU memory and copies each to the GPU just before it runs."""
+    """Keeps a stack of blocks in pinned CPU memory and copies each to the GPU just before it runs.
 
-    def __init__(self, blocks, device: torch.device):
+    ``resident``: submodule names of each block that stay with the rest of the network instead (the DiT's
+    AdaLN ``norm1``, which the loop evaluates for all timesteps up front, outside the blocks' forward).
+    """
+
+    def __init__(self, blocks, device: torch.device, resident: tuple[str, ...] = ()):
         self.handles = []
+        self.keys = set()
         for block in blocks:
-            parked = _Parked(block, device)
+            keep = set()
+            for sub in resident:
+                keep |= _slot_keys(block.get_submodule(sub))
+            parked = _Parked(block, device, exclude=keep)
+            self.keys |= {(id(m), kind, n) for m, kind, n, _ in parked.slots}
             self.handles.append(block.register_forward_pre_hook(lambda m, a, p=parked: p.to_gpu()))
             self.handles.append(block.register_forward_hook(lambda m, a, o, p=parked: p.to_cpu()))
 
@@ -167,8 +176,9 @@ class GlmqPipeline:
         streamed = set()
         if self.mode == "offload":
             # The DiT's blocks stream through the GPU; everything else is parked per stage.
-            self._streamers["dit"] = _BlockStreamer(self.transformer.transformer_blocks, self.device)
-            streamed = _slot_keys(self.transformer.transformer_blocks)
+            self._streamers["dit"] = _BlockStreamer(self.transformer.transformer_blocks, self.device,
+                                                    resident=("norm1",))
+            streamed = self._streamers["dit"].keys
         for name, m in nets.items():
             self._park(name, m, streamed)
 
@@ -182,7 +192,7 @@ class GlmqPipeline:
             return
         keep_on_cpu = set()
         if self.mode == "offload":
-            keep_on_cpu |= _slot_keys(self.transformer.transformer_blocks)
+            keep_on_cpu |= self._streamers["dit"].keys
         if not image_to_image:
             keep_on_cpu |= _slot_keys(self.ar.model.visual) | _slot_keys(self.ar.model.vqmodel)
         wanted = {"ar"} if stage == "ar" else {"dit", "glyph", "vae"}
