@@ -2,8 +2,8 @@
 
 :class:`PipelineReader` opens a folder, checks its layout and returns a :class:`ComponentReader` per
 weight-bearing component. A component reader parses every shard's header up front (so truncated or corrupt
-files fail before any work starts) and then serves tensors one at a time, memory-mapped through
-``safetensors.safe_open``: reading the 33 GB release costs a few MB of RAM beyond the tensor in hand.
+files fail before any work starts) and then serves tensors one at a time with plain file reads (no memory
+map, whose touched pages would stay resident): reading the 33 GB release costs the tensor in hand.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from glmq.io.layout import (
     check_pipeline_folder,
     read_json,
 )
-from glmq.io.safetensors_io import TensorInfo, read_header
+from glmq.io.safetensors_io import TensorInfo, read_header, read_tensor
 
 if TYPE_CHECKING:
     import torch
@@ -50,7 +50,6 @@ class ComponentReader:
                 self.tensors[name] = info
         if self._index is not None:
             self._check_index()
-        self._handles: dict[Path, object] = {}
 
     def _weight_files(self) -> list[Path]:
         comp = self.component
@@ -109,23 +108,14 @@ class ComponentReader:
         return list(self.tensors)
 
     def get(self, name: str) -> torch.Tensor:
-        """Load one tensor (memory-mapped file, copied into a fresh CPU tensor)."""
-        from safetensors import safe_open
-
+        """Load one tensor into a fresh CPU tensor (plain reads: memory stays at the tensor's size)."""
         info = self.tensors.get(name)
         if info is None:
             raise CheckpointError(f"{self.folder}: tensor {name!r} not found")
-        handle = self._handles.get(info.file)
-        if handle is None:
-            try:
-                handle = safe_open(str(info.file), framework="pt", device="cpu")
-            except Exception as e:  # the header was valid; this is an I/O or library failure
-                raise CheckpointError(f"{info.file}: cannot open ({e})") from None
-            self._handles[info.file] = handle
         try:
-            return handle.get_tensor(name)
-        except Exception as e:
-            raise CheckpointError(f"{info.file}: cannot read tensor {name!r} ({e})") from None
+            return read_tensor(info)
+        except OSError as e:
+            raise CheckpointError(f"{info.file}: cannot read tensor {name!r} ({e.strerror or e})") from None
 
     def iter_tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
         """Tensors in file order, one at a time."""
@@ -133,7 +123,7 @@ class ComponentReader:
             yield name, self.get(name)
 
     def close(self) -> None:
-        self._handles.clear()
+        """Nothing is held open between reads; kept for symmetry with file-like objects."""
 
 
 class PipelineReader:

@@ -60,6 +60,7 @@ class TensorInfo:
     shape: tuple[int, ...]
     begin: int
     end: int
+    data_start: int = 0  # offset of the data section in the file (8 + header length)
 
     @property
     def nbytes(self) -> int:
@@ -127,7 +128,7 @@ def read_header(path: str | os.PathLike) -> tuple[dict[str, TensorInfo], dict[st
             raise CheckpointError(
                 f"{path}: tensor {name!r} byte range [{begin}, {end}) does not match shape {list(shape)} {tag}"
             )
-        tensors[name] = TensorInfo(path, name, dtype, shape, begin, end)
+        tensors[name] = TensorInfo(path, name, dtype, shape, begin, end, data_start)
         spans.append((begin, end, name))
     spans.sort()
     cursor = 0
@@ -142,6 +143,32 @@ def read_header(path: str | os.PathLike) -> tuple[dict[str, TensorInfo], dict[st
             )
         raise CheckpointError(f"{path}: corrupt safetensors file ({data_len - cursor} trailing bytes)")
     return tensors, {str(k): str(v) for k, v in metadata.items()}
+
+
+def read_tensor(info: TensorInfo) -> torch.Tensor:
+    """Read one tensor into a fresh CPU tensor with plain reads (no memory map).
+
+    A memory map would keep every page it touched resident for as long as the file stays open, so a
+    converter walking a 33 GB checkpoint would see its resident memory grow to the size of the shards;
+    reading into a buffer keeps it at the size of the tensor in hand.
+    """
+    import torch
+
+    out = torch.empty(info.shape, dtype=getattr(torch, info.dtype))
+    if info.nbytes == 0:
+        return out
+    view = memoryview(out.reshape(-1).view(torch.uint8).numpy())
+    with open(info.file, "rb") as f:
+        f.seek(info.data_start + info.begin)
+        got = 0
+        while got < info.nbytes:
+            n = f.readinto(view[got:])
+            if not n:
+                from glmq.errors import CheckpointError
+
+                raise CheckpointError(f"{info.file}: truncated while reading tensor {info.name!r}")
+            got += n
+    return out
 
 
 def tensor_bytes(tensor: torch.Tensor) -> memoryview:
