@@ -128,9 +128,21 @@ def _cmd_generate(args: argparse.Namespace) -> int:
 
 
 def _cmd_bench(args: argparse.Namespace) -> int:
-    from glmq.bench.report import markdown, update_readme
+    from glmq.bench.report import markdown, merge_results, update_readme, write_outputs
     from glmq.bench.run import BenchConfig, run_bench
     from glmq.errors import GlmqError
+
+    if args.from_json:
+        from glmq.io.layout import read_json
+
+        result = merge_results([read_json(Path(p), "benchmark result") for p in args.from_json])
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        write_outputs(result, out)
+        if args.update_readme:
+            update_readme(result, Path(__file__).resolve().parent.parent / "README.md")
+        print(json.dumps(result, indent=2) if args.json else markdown(result))
+        return 0
 
     try:
         tiers = tuple(float(t) for t in args.tiers.split(",")) if args.tiers else None
@@ -173,7 +185,8 @@ def _cmd_export(args: argparse.Namespace) -> int:
     else:
         from glmq.export.onnx_export import export_onnx
 
-        summary = export_onnx(args.src, args.out, component=args.component, weights=args.weights, force=args.force)
+        summary = export_onnx(args.src, args.out, component=args.component, weights=args.weights, force=args.force,
+                              group_size=args.group_size, opset=args.opset, progress=progress)
     if args.json:
         print(json.dumps(summary, indent=2, default=str))
     else:
@@ -263,8 +276,10 @@ def build_parser() -> argparse.ArgumentParser:
     q = ex.add_parser("onnx", help="ONNX graphs (DiT step, VAE decoder, glyph encoder, AR decoder step)")
     q.add_argument("src")
     q.add_argument("--out", required=True)
-    q.add_argument("--component", choices=("dit", "vae", "glyph", "ar", "all"), default="all")
-    q.add_argument("--weights", choices=("fp16", "int8", "int4"), default="fp16")
+    q.add_argument("--component", default="all", help="all (default), dit, vae, glyph or ar")
+    q.add_argument("--weights", default="fp16", help="fp16 (default), fp32, int8 (QDQ) or int4 (AR as MatMulNBits)")
+    q.add_argument("--group-size", type=int, default=128, help="int4 group size (default 128)")
+    q.add_argument("--opset", type=int, default=18, help="ONNX opset, 18 to 21 (default 18)")
     for q in ex.choices.values():
         q.add_argument("--force", action="store_true", help="replace OUT if it exists")
         q.add_argument("--json", action="store_true", help="print a JSON summary")
@@ -293,6 +308,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="attention kernels: glmq's Triton kernels (auto on CUDA) or PyTorch SDPA")
     p.add_argument("--out", required=True, help="folder for bench.json, bench.md and bench.png")
     p.add_argument("--update-readme", action="store_true", help="regenerate README.md's hardware-tier table")
+    p.add_argument("--from-json", nargs="+", metavar="BENCH_JSON",
+                   help="do not run: merge saved bench.json files (same card) into --out and the README table")
     p.add_argument("--json", action="store_true", help="print the results as JSON")
     p.set_defaults(func=_cmd_bench)
     return parser

@@ -121,3 +121,31 @@ def update_readme(result: dict, readme: Path) -> None:
     head, rest = text.split(README_START, 1)
     _, tail = rest.split(README_END, 1)
     readme.write_text(head + readme_table(result) + tail, encoding="utf-8")
+
+
+def merge_results(results: list[dict]) -> dict:
+    """One result from several saved runs on the same card (e.g. stock and glmq run as separate processes).
+
+    Speedups are recomputed against the stock row of the same size; runs on different cards are refused.
+    """
+    from glmq.errors import GlmqError
+
+    if not results:
+        raise GlmqError("no benchmark results to merge")
+    cards = {r["environment"].get("card") for r in results}
+    if len(cards) != 1:
+        raise GlmqError(f"results come from different cards ({', '.join(map(str, cards))}); compare like with like")
+    rows = [dict(row) for r in results for row in r["rows"]]
+    for row in rows:
+        row.pop("speedup_vs_stock", None)
+    stock = {row["size"]: row for row in rows if row["provider"].startswith("stock")}
+    for row in rows:
+        base = stock.get(row["size"])
+        if base is not None and row is not base and row.get("fit"):
+            row["speedup_vs_stock"] = round(base["seconds_per_image"]["median"] / row["seconds_per_image"]["median"], 2)
+    env = dict(results[0]["environment"])
+    env["date"] = max(r["environment"]["date"] for r in results)
+    env["merged_from"] = [r["environment"]["date"] for r in results]
+    cfg = dict(results[0]["config"])
+    cfg["steps"] = sorted({r["config"]["steps"] for r in results})[0] if len({r["config"]["steps"] for r in results}) == 1 else "mixed"
+    return {"environment": env, "config": cfg, "rows": rows}
