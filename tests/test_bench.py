@@ -32,3 +32,14 @@ def test_bench_on_cpu_writes_json_markdown_and_png(tiny_dir, tmp_path):
         img.verify()
     md = (out / "bench.md").read_text()
     assert "does not fit" in md and "stock diffusers bf16" in md
+
+
+def test_bench_profile_lists_top_kernels_per_stage(tiny_dir, tmp_path):
+    proc = run_cli_inprocess("bench", str(tiny_dir), "--out", str(tmp_path / "b"), "--size", "64x64", "--steps", "2",
+                             "--recipe", "bf16", "--profile")
+    assert proc.returncode == 0, proc.stderr
+    row = json.loads((tmp_path / "b" / "bench.json").read_text())["rows"][0]
+    assert set(row["profile"]) == {"ar", "glyph+dit", "vae"}
+    for stage, top in row["profile"].items():
+        assert 0 < len(top) <= 10 and all(t["ms"] >= 0 and t["calls"] > 0 for t in top), stage
+    assert "Top kernels, ar" in (tmp_path / "b" / "bench.md").read_text()

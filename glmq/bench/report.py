@@ -50,8 +50,10 @@ def markdown(result: dict) -> str:
         lines.append("| " + " | ".join(row) + " |")
     profiles = [r for r in result["rows"] if r.get("profile")]
     for r in profiles:
-        lines += ["", f"## Top kernels: {r['recipe']} at {r.get('tier_gib')} GiB", "", "| kernel | calls | ms |", "|---|---|---|"]
-        lines += [f"| `{p['kernel']}` | {p['calls']} | {p['ms']} |" for p in r["profile"]]
+        for stage, rows in r["profile"].items():
+            lines += ["", f"## Top kernels, {stage}: {r['recipe']} at {r.get('tier_gib')} GiB", "",
+                      "| kernel | calls | ms |", "|---|---|---|"]
+            lines += [f"| `{p['kernel']}` | {p['calls']} | {p['ms']} |" for p in rows]
     return "\n".join(lines) + "\n"
 
 

@@ -181,8 +181,9 @@ def _run_baseline(comps, pieces, cfg: BenchConfig, size, device, valid_vocab) ->
     processor, tokenizer, sched = pieces
     for m in comps.values():
         m.to(device)
-    # Stock diffusers loaded with torch_dtype=bfloat16 runs every component in bf16, the glyph encoder too.
-    comps["text_encoder"].to(torch.bfloat16)
+    # Stock diffusers loaded with torch_dtype=X runs every component in X, the glyph encoder too (bf16 on
+    # the GPU; the CPU run keeps fp32).
+    comps["text_encoder"].to(comps["transformer"].dtype)
     _reset(device, None)
     ar = comps["vision_language_encoder"]
     guard = _MaskedHead(ar.lm_head, valid_vocab)
@@ -270,20 +271,33 @@ def _stage_dict(t) -> dict:
             "dit_ms_per_step": round(1000 * t.dit_s / max(t.dit_steps, 1), 2), "vae_s": round(t.vae_s, 3)}
 
 
-def _profile(pipe, cfg, size, device) -> list[dict]:
+def _profile(pipe, cfg, size, device) -> dict[str, list[dict]]:
+    """Top kernels (or CPU ops, without a GPU) of each stage, from torch.profiler on a short generation."""
     import torch
     from torch.profiler import ProfilerActivity, profile
 
     w, h = size
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    key = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
+
+    def top(prof) -> list[dict]:
+        events = sorted(prof.key_averages(), key=lambda e: getattr(e, key, 0) or 0, reverse=True)
+        return [{"kernel": ev.key[:120], "calls": ev.count, "ms": round((getattr(ev, key, 0) or 0) / 1000, 3)}
+                for ev in events[:10]]
+
+    stages = {}
+    gen = torch.Generator().manual_seed(cfg.seed)
     with profile(activities=acts) as prof:
-        pipe(cfg.prompt, height=h, width=w, num_inference_steps=min(cfg.steps, 4),
-             generator=torch.Generator().manual_seed(cfg.seed))
-    key = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
-    rows = []
-    for ev in sorted(prof.key_averages(), key=lambda e: getattr(e, key, 0), reverse=True)[:15]:
-        rows.append({"kernel": ev.key[:120], "calls": ev.count, "ms": round(getattr(ev, key, 0) / 1000, 3)})
-    return rows
+        prior, *_ = pipe.generate_prior_tokens(cfg.prompt, h, w, generator=gen)
+    stages["ar"] = top(prof)
+    with profile(activities=acts) as prof:
+        latents = pipe(cfg.prompt, height=h, width=w, num_inference_steps=min(cfg.steps, 4), prior_token_ids=prior,
+                       generator=gen, output_type="latent")
+    stages["glyph+dit"] = top(prof)
+    with profile(activities=acts) as prof:
+        pipe.decode_latents(latents, tiled=h * w > 1024 * 1024)
+    stages["vae"] = top(prof)
+    return stages
 
 
 def run_bench(cfg: BenchConfig, out: Path) -> dict:
