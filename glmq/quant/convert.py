@@ -253,45 +253,46 @@ def _quantize_layer(plan: LayerPlan, w, hessian, device: str, tensors: dict | No
         except GlmqError as e:
             raise GlmqError(f"tensor {plan.name + '.weight'!r}: {e}") from None
     tensors = {k: v.to(device) for k, v in tensors.items()}
-    deq = plan.fmt.dequantize(tensors, plan.shape)
     ref = wd.float()
+    err = plan.fmt.dequantize(tensors, plan.shape).sub_(ref)  # the quantization error, in one buffer
     stats = {
         "shape": list(plan.shape),
         "format": plan.fmt.name,
         "bits_per_weight": plan.fmt.nbytes(plan.shape) * 8 / (plan.shape[0] * plan.shape[1]),
-        "weight_sqnr_db": _fast_sqnr(ref, deq),
+        "weight_sqnr_db": _weight_sqnr(ref, err),
         "output_sqnr_db": None,
     }
     if hessian is not None:
         h = hessian.to(device).double()
-        stats["output_sqnr_db"] = _output_sqnr(ref, deq, h)
+        stats["output_sqnr_db"] = _output_sqnr(ref, err, h)
         if plan.algo.name != "rtn":  # what calibration bought: the same layer rounded to nearest
             from glmq.quant.algorithms import get_algorithm
 
             rtn = get_algorithm("rtn").quantize_weight(plan.fmt, wd)
-            stats["rtn_output_sqnr_db"] = _output_sqnr(ref, plan.fmt.dequantize(rtn, plan.shape), h)
+            stats["rtn_output_sqnr_db"] = _output_sqnr(ref, plan.fmt.dequantize(rtn, plan.shape).sub_(ref), h)
     out = {k: v.cpu() for k, v in tensors.items()}
     out["__stats__"] = stats
     return out
 
 
-def _fast_sqnr(ref, deq) -> float | None:
-    """Weight SQNR in dB, fp32 arithmetic (pairwise sums keep it accurate to far below 0.01 dB here)."""
+def _weight_sqnr(ref, err) -> float | None:
+    """Weight SQNR in dB from the weight and its quantization error, fp32 arithmetic (pairwise sums keep
+    it accurate to far below 0.01 dB at these sizes)."""
     import math
 
     signal = float(ref.square().sum())
-    deq.sub_(ref)  # reuse the buffer: deq now holds the error
-    noise = float(deq.square().sum())
+    noise = float(err.square().sum())
     if noise == 0:
         return None
     return _finite_or_none(10 * math.log10(signal / noise)) if signal > 0 else None
 
 
-def _output_sqnr(ref, deq, h) -> float | None:
-    """SQNR of X W^T against X W_q^T given H = X^T X / n: ||X W^T||^2 = n tr(W H W^T), same for the error."""
+def _output_sqnr(ref, err, h) -> float | None:
+    """SQNR of X W^T against X W_q^T given H = X^T X / n and the error E = W_q - W:
+    ||X W^T||^2 = n tr(W H W^T), and the same for E."""
     import math
 
-    err = (ref - deq).double()
+    err = err.double()
     num = float((ref.double() @ h * ref.double()).sum())
     den = float((err @ h * err).sum())
     return _finite_or_none(10 * math.log10(num / den)) if den > 0 and num > 0 else None
