@@ -42,9 +42,8 @@ from glmq.export.hf import (
     check_choice,
     copy_component,
     copy_side_files,
-    open_unquantized_source,
-    source_fingerprint,
 )
+from glmq.io.source import open_unquantized_source, source_fingerprint
 from glmq.io.layout import BY_NAME, COMPONENTS
 from glmq.io.safetensors_io import sha256_file
 from glmq.io.writer import OutputFolder

@@ -17,8 +17,8 @@ from typing import Any
 
 from glmq.errors import GlmqError
 from glmq.io.layout import COMPONENTS, WEIGHT_COMPONENTS, Component
-from glmq.io.reader import ComponentReader, PipelineReader
-from glmq.io.validate import check_component
+from glmq.io.reader import ComponentReader
+from glmq.io.source import open_unquantized_source, source_fingerprint
 from glmq.io.writer import DEFAULT_MAX_SHARD_BYTES, OutputFolder
 from glmq.progress import ByteProgress
 from glmq.quant.checkpoint import make_quantization_config
@@ -77,15 +77,6 @@ def plan_component(comp: Component, cr: ComponentReader, recipe: Recipe) -> tupl
     return plans, kept, model
 
 
-def _source_fingerprint(reader: PipelineReader) -> list:
-    files = []
-    for p in sorted(reader.path.rglob("*")):
-        if p.is_file():
-            st = p.stat()
-            files.append([p.relative_to(reader.path).as_posix(), st.st_size, st.st_mtime_ns])
-    return files
-
-
 def quantize(src: str | Path, out: str | Path, *, recipe: str | Path = "default", device: str = "cpu",
              calib_prompts: str | Path | None = None, force: bool = False, progress: bool = True,
              evaluate: bool = True, max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES) -> dict:
@@ -100,9 +91,7 @@ def quantize(src: str | Path, out: str | Path, *, recipe: str | Path = "default"
     from glmq.models.build import tensor_specs
 
     src, out = Path(src), Path(out)
-    reader = PipelineReader(src)
-    if out.resolve() == src.resolve() or src.resolve() in out.resolve().parents or out.resolve() in src.resolve().parents:
-        raise GlmqError(f"output {out} must not be the input folder or inside it (or contain it)")
+    reader = open_unquantized_source(src, out, action="quantize")
     rec = load_recipe(recipe)
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise GlmqError("--device cuda was given but no CUDA GPU is available")
@@ -110,13 +99,6 @@ def quantize(src: str | Path, out: str | Path, *, recipe: str | Path = "default"
     components = {}
     for comp in WEIGHT_COMPONENTS:
         cr = reader.component(comp.name)
-        if cr.quantization_config is not None:
-            method = cr.quantization_config.get("quant_method", "unknown")
-            raise GlmqError(
-                f"{src}: already quantized ({comp.name} carries a {method} quantization_config); "
-                "quantize the original bf16 checkpoint instead"
-            )
-        check_component(cr)
         plans, kept, model = plan_component(comp, cr, rec)
         components[comp.name] = (comp, cr, plans, kept, model)
 
@@ -133,7 +115,7 @@ def quantize(src: str | Path, out: str | Path, *, recipe: str | Path = "default"
         "command": "quantize",
         "glmq": __version__,
         "recipe": rec.to_dict(),
-        "source": _source_fingerprint(reader),
+        "source": source_fingerprint(src),
         "calib": calib_text,
         "shard": max_shard_bytes,
         # Results depend on the device's arithmetic, so a resume must use the same kind of device.
@@ -306,8 +288,6 @@ def _finite_or_none(x: float) -> float | None:
 
 
 def _build_report(rec: Recipe, components: dict, stats_root: Path, *, calibrated: bool) -> dict:
-    from glmq.quant.formats.base import QuantFormat  # noqa: F401  (formats registered)
-
     layers = {}
     for name, (comp, cr, plans, kept, model) in components.items():
         for p in sorted((stats_root / name).glob("*.json")):

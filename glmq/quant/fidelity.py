@@ -17,7 +17,6 @@ CPU the evaluation runs only for models small enough to fit comfortably.
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 
 CPU_PARAM_LIMIT = 2_000_000_000  # above this, model-level evaluation on the CPU is skipped
@@ -55,9 +54,10 @@ def load_dequantized(cr, *, device="cpu", dtype=None):
 
 
 def sqnr(ref, test) -> float:
-    num = float(ref.double().pow(2).sum())
-    den = float((ref.double() - test.double()).pow(2).sum())
-    return round(10 * math.log10(num / den), 3) if den > 0 else float("inf")
+    """SQNR in dB, rounded for the report (see :func:`glmq.quant.metrics.sqnr_db`)."""
+    from glmq.quant.metrics import sqnr_db
+
+    return round(sqnr_db(ref, test), 3)
 
 
 def evaluate(src: Path, quantized: Path, *, device: str = "cpu", seed: int = 0, steps: int = 20) -> dict:
