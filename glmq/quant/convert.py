@@ -218,33 +218,65 @@ def quantize(src: str | Path, out: str | Path, *, recipe: str | Path = "default"
 
 
 def _check_finite(t, what: str) -> None:
+    """Refuse NaN/Inf, checking row blocks so that no tensor-sized temporary is allocated."""
     import torch
 
-    if t.is_floating_point() and not bool(torch.isfinite(t).all()):
-        bad = int((~torch.isfinite(t)).sum())
+    if not t.is_floating_point() or t.numel() == 0:
+        return
+    rows = t.reshape(t.shape[0], -1) if t.dim() > 1 else t.reshape(1, -1)
+    step = max(1, _CHUNK_ELEMENTS // max(1, rows.shape[1]))
+    bad = sum(int((~torch.isfinite(rows[i:i + step])).sum()) for i in range(0, rows.shape[0], step))
+    if bad:
         raise GlmqError(f"{what} holds {bad} NaN/Inf values; refusing to write a broken checkpoint")
+
+
+# Layers are quantized in blocks of output rows of about this many weights: every format and algorithm
+# here treats rows independently (GPTQ shares only the Hessian across rows), so the result is the same as
+# one call, while the fp32 temporaries stay at ~64 MB whatever the layer's size.
+_CHUNK_ELEMENTS = 16 * 1024 * 1024
 
 
 def _quantize_layer(plan: LayerPlan, w, hessian, device: str, tensors: dict | None = None) -> dict:
     """Quantize one layer (or take ``tensors`` a calibrator computed); returns stored tensors (CPU) plus
     ``__stats__``, with the output SQNR on the calibration activations when a Hessian is known."""
+    import torch
+
     wd = w.to(device)
     if tensors is None:
+        rows = max(1, _CHUNK_ELEMENTS // plan.shape[1])
+        h = hessian.to(device) if hessian is not None else None
+        parts = []
         try:
-            tensors = plan.algo.quantize_weight(plan.fmt, wd, hessian=hessian.to(device) if hessian is not None else None)
+            for start in range(0, plan.shape[0], rows):
+                parts.append({k: v.cpu() for k, v in
+                              plan.algo.quantize_weight(plan.fmt, wd[start:start + rows], hessian=h).items()})
         except GlmqError as e:
             raise GlmqError(f"tensor {plan.name + '.weight'!r}: {e}") from None
-    tensors = {k: v.to(device) for k, v in tensors.items()}
-    ref = wd.float()
-    err = plan.fmt.dequantize(tensors, plan.shape).sub_(ref)  # the quantization error, in one buffer
+        tensors = {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
     stats = {
         "shape": list(plan.shape),
         "format": plan.fmt.name,
         "bits_per_weight": plan.fmt.nbytes(plan.shape) * 8 / (plan.shape[0] * plan.shape[1]),
-        "weight_sqnr_db": _weight_sqnr(ref, err),
+        "weight_sqnr_db": None,
         "output_sqnr_db": None,
     }
-    if hessian is not None:
+    if hessian is None:
+        # Weight SQNR over row blocks: sums of squares of the weight and of its quantization error.
+        signal = noise = 0.0
+        rows = max(1, _CHUNK_ELEMENTS // plan.shape[1])
+        for start in range(0, plan.shape[0], rows):
+            part = {k: v[start:start + rows].to(device) for k, v in tensors.items()}
+            ref = wd[start:start + rows].float()
+            err = plan.fmt.dequantize(part, tuple(ref.shape)).sub_(ref)
+            signal += float(ref.square().sum())
+            noise += float(err.square().sum())
+        stats["weight_sqnr_db"] = _ratio_db(signal, noise)
+    else:
+        # Calibrated layers (the AR decoder's, at most 27392 x 4096) are also scored on the activations.
+        tensors = {k: v.to(device) for k, v in tensors.items()}
+        ref = wd.float()
+        err = plan.fmt.dequantize(tensors, plan.shape).sub_(ref)
+        stats["weight_sqnr_db"] = _ratio_db(float(ref.square().sum()), float(err.square().sum()))
         h = hessian.to(device).double()
         stats["output_sqnr_db"] = _output_sqnr(ref, err, h)
         if plan.algo.name != "rtn":  # what calibration bought: the same layer rounded to nearest
@@ -257,16 +289,13 @@ def _quantize_layer(plan: LayerPlan, w, hessian, device: str, tensors: dict | No
     return out
 
 
-def _weight_sqnr(ref, err) -> float | None:
-    """Weight SQNR in dB from the weight and its quantization error, fp32 arithmetic (pairwise sums keep
-    it accurate to far below 0.01 dB at these sizes)."""
+def _ratio_db(signal: float, noise: float) -> float | None:
+    """10 log10(signal / noise), None when undefined (exact or empty)."""
     import math
 
-    signal = float(ref.square().sum())
-    noise = float(err.square().sum())
-    if noise == 0:
+    if noise <= 0 or signal <= 0:
         return None
-    return _finite_or_none(10 * math.log10(signal / noise)) if signal > 0 else None
+    return _finite_or_none(10 * math.log10(signal / noise))
 
 
 def _output_sqnr(ref, err, h) -> float | None:
