@@ -34,6 +34,7 @@ import torch
 import triton
 
 from . import _attention_kernels as _k
+from ._ops import custom_op_once
 
 __all__ = ["attention", "attention_ref", "PRECISIONS", "QUANT_BLOCK_N"]
 
@@ -401,17 +402,18 @@ def _attention_impl(q, k, v, causal, scale, key_padding_mask, precision, kv_len)
     return _run_fwd(q, k, v, causal, scale, key_padding_mask, kv_len, precision)
 
 
-@torch.library.custom_op("glmq::attention", mutates_args=())
-def _attention_op(
+def _attention_op_impl(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, scale: float,
     key_padding_mask: torch.Tensor | None, precision: str, kv_len: torch.Tensor | None,
 ) -> torch.Tensor:
     return _attention_impl(q, k, v, causal, scale, key_padding_mask, precision, kv_len)
 
 
-@_attention_op.register_fake
-def _(q, k, v, causal, scale, key_padding_mask, precision, kv_len):
+def _attention_fake(q, k, v, causal, scale, key_padding_mask, precision, kv_len):
     return q.new_empty(q.shape)
+
+
+_attention_op = custom_op_once("glmq::attention", _attention_op_impl, _attention_fake)
 
 
 def attention(q, k, v, *, causal=False, scale=None, key_padding_mask=None, precision="bf16", kv_len=None):

@@ -37,6 +37,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ._ops import custom_op_once
+
 __all__ = ["int4_matmul", "int4_matmul_ref", "int4_dequantize", "GEMV_MAX_ROWS", "GROUP_SIZES"]
 
 GROUP_SIZES = (32, 64, 128)
@@ -681,18 +683,7 @@ def _int4_matmul_fake(x, qweight, scale, zero, group_size, bias):
     return x.new_empty((*x.shape[:-1], qweight.shape[0]))
 
 
-def _registered(qualname: str) -> bool:
-    namespace, name = qualname.split("::")
-    return hasattr(getattr(torch.ops, namespace), name)
-
-
-# The op may already exist when this file is imported under a second module name (``kernels`` and
-# ``glmq.kernels`` are the same folder); registering twice would raise.
-if _registered("glmq::int4_matmul"):
-    _int4_matmul_op = torch.ops.glmq.int4_matmul
-else:
-    _int4_matmul_op = torch.library.custom_op("glmq::int4_matmul", mutates_args=())(_int4_matmul_impl)
-    _int4_matmul_op.register_fake(_int4_matmul_fake)
+_int4_matmul_op = custom_op_once("glmq::int4_matmul", _int4_matmul_impl, _int4_matmul_fake)
 
 
 def int4_matmul(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, zero: Optional[torch.Tensor] = None,

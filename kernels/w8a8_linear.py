@@ -30,6 +30,8 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
+from ._ops import custom_op_once
+
 __all__ = [
     "quantize_rows", "quantize_rows_ref", "fp8_linear", "fp8_linear_ref", "int8_linear", "int8_linear_ref",
     "weight_only_linear", "fp8_supported", "int8_supported",
@@ -143,17 +145,7 @@ def _quantize_rows_fake(x, dtype):
     return x.new_empty(x.shape, dtype=dtype), x.new_empty((x.shape[0], 1), dtype=torch.float32)
 
 
-def _registered(qualname: str) -> bool:
-    namespace, name = qualname.split("::")
-    return hasattr(getattr(torch.ops, namespace), name)
-
-
-# This file may be imported twice under two module names (``kernels`` and ``glmq.kernels``).
-if _registered("glmq::quantize_rows"):
-    _quantize_rows_op = torch.ops.glmq.quantize_rows
-else:
-    _quantize_rows_op = torch.library.custom_op("glmq::quantize_rows", mutates_args=())(_quantize_rows_impl)
-    _quantize_rows_op.register_fake(_quantize_rows_fake)
+_quantize_rows_op = custom_op_once("glmq::quantize_rows", _quantize_rows_impl, _quantize_rows_fake)
 
 
 def _int8_rescale_impl(acc: torch.Tensor, x_scale: torch.Tensor, w_scale: torch.Tensor,
@@ -180,11 +172,7 @@ def _int8_rescale_fake(acc, x_scale, w_scale, bias, dtype):
     return acc.new_empty(acc.shape, dtype=dtype)
 
 
-if _registered("glmq::int8_rescale"):
-    _int8_rescale_op = torch.ops.glmq.int8_rescale
-else:
-    _int8_rescale_op = torch.library.custom_op("glmq::int8_rescale", mutates_args=())(_int8_rescale_impl)
-    _int8_rescale_op.register_fake(_int8_rescale_fake)
+_int8_rescale_op = custom_op_once("glmq::int8_rescale", _int8_rescale_impl, _int8_rescale_fake)
 
 
 def quantize_rows(x: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
