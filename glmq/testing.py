@@ -27,6 +27,24 @@ def assert_user_error(proc: subprocess.CompletedProcess, *needles: str) -> None:
         assert needle in lines[0], (needle, lines[0])
 
 
+def assert_one_line_error(err: Exception, *needles: str) -> None:
+    """A raised user error reads as one line holding every needle (what the CLI will print)."""
+    msg = str(err)
+    print(msg)
+    assert "\n" not in msg
+    for needle in needles:
+        assert needle in msg, (needle, msg)
+
+
+def format_variants() -> list:
+    """Every registered quantization format, int4 at each group size and symmetry: the contract suite."""
+    from glmq.quant.formats import FORMATS, Int4Format
+
+    variants = [Int4Format(group_size=g, symmetric=s) for g in (32, 64, 128) for s in (True, False)]
+    covered = {type(f) for f in variants}
+    return variants + [cls() for cls in FORMATS.values() if cls not in covered]
+
+
 def tree_snapshot(root: str | Path) -> dict[str, int]:
     """Relative path -> size of every file and folder under ``root`` (to prove nothing was written)."""
     root = Path(root)

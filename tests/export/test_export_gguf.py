@@ -24,7 +24,7 @@ from glmq.export import gguf_quants as gq
 from glmq.export.gguf_reader import GgufTensorSource, read_metadata
 from glmq.io.layout import BY_NAME
 from glmq.io.reader import PipelineReader
-from glmq.testing import tree_snapshot
+from glmq.testing import assert_one_line_error, tree_snapshot
 
 AR, DIT = "vision_language_encoder", "transformer"
 
@@ -288,33 +288,25 @@ def test_streams_one_source_tensor_at_a_time(tiny_dir, tmp_path, monkeypatch):
     assert peak[0] == 0
 
 
-def _assert_one_line(err: Exception, *needles: str) -> None:
-    msg = str(err)
-    print(msg)
-    assert "\n" not in msg
-    for n in needles:
-        assert n in msg, (n, msg)
-
-
 def test_bad_input(exported, tiny_dir, tmp_path):
     before = tree_snapshot(tmp_path)
     with pytest.raises(GlmqError) as e:
         ge.export_gguf(tiny_dir, tmp_path / "o", ar_type="Q3_K_M")
-    _assert_one_line(e.value, "'Q3_K_M'", "Q4_K_M", "Q8_0")
+    assert_one_line_error(e.value, "'Q3_K_M'", "Q4_K_M", "Q8_0")
     with pytest.raises(GlmqError) as e:
         ge.export_gguf(tiny_dir, tmp_path / "o", dit_type="q8_0")
-    _assert_one_line(e.value, "'q8_0'", "Q8_0, Q6_K, Q5_K_S, Q4_K_S")
+    assert_one_line_error(e.value, "'q8_0'", "Q8_0, Q6_K, Q5_K_S, Q4_K_S")
     out, _ = exported
     with pytest.raises(GlmqError) as e:  # a GGUF export is not a source
         ge.export_gguf(out, tmp_path / "o")
-    _assert_one_line(e.value, "already quantized", "gguf")
+    assert_one_line_error(e.value, "already quantized", "gguf")
     assert tree_snapshot(tmp_path) == before  # nothing written, no .partial left
 
     existing = tmp_path / "exists"
     existing.mkdir()
     with pytest.raises(OutputExistsError) as e:
         ge.export_gguf(tiny_dir, existing, progress=False)
-    _assert_one_line(e.value, "already exists", "--force")
+    assert_one_line_error(e.value, "already exists", "--force")
     assert not list(existing.iterdir()) and not (tmp_path / "exists.partial").exists()
 
 
@@ -328,11 +320,11 @@ def test_reader_refuses_foreign_and_broken_files(tmp_path):
     w.close()
     with pytest.raises(GlmqError) as e:
         GgufTensorSource(path)
-    _assert_one_line(e.value, "not a glmq GLM-Image export", "llama")
+    assert_one_line_error(e.value, "not a glmq GLM-Image export", "llama")
     junk = tmp_path / "junk.gguf"
     junk.write_bytes(b"GGUF" + b"\0" * 10)
     with pytest.raises(CheckpointError) as e:
         GgufTensorSource(junk)
-    _assert_one_line(e.value, "not a readable GGUF file")
+    assert_one_line_error(e.value, "not a readable GGUF file")
     with pytest.raises(CheckpointError):
         GgufTensorSource(tmp_path / "missing.gguf")

@@ -25,7 +25,7 @@ from glmq.export import bnb_layout as bl
 from glmq.export import hf
 from glmq.io.layout import BY_NAME
 from glmq.io.reader import PipelineReader
-from glmq.testing import tree_snapshot
+from glmq.testing import assert_one_line_error, tree_snapshot
 
 pytest.importorskip("bitsandbytes")
 
@@ -342,29 +342,21 @@ def test_streams_one_source_tensor_at_a_time(tiny_dir, tmp_path, monkeypatch):
     assert peak[0] == 0
 
 
-def _assert_one_line(err: Exception, *needles: str) -> None:
-    msg = str(err)
-    print(msg)
-    assert "\n" not in msg
-    for n in needles:
-        assert n in msg, (n, msg)
-
-
 def test_bad_input(exported, tiny_dir, tmp_path):
     before = tree_snapshot(tmp_path)
     with pytest.raises(GlmqError) as e:
         hf.export_hf(tiny_dir, tmp_path / "o", ar="fp4")
-    _assert_one_line(e.value, "'fp4'", "nf4", "int8")
+    assert_one_line_error(e.value, "'fp4'", "nf4", "int8")
     with pytest.raises(GlmqError) as e:
         hf.export_hf(tiny_dir, tmp_path / "o", dit="q8")
-    _assert_one_line(e.value, "'q8'", "nf4, int8")
+    assert_one_line_error(e.value, "'q8'", "nf4, int8")
     folder, _ = exported["nf4-int8"]
     with pytest.raises(GlmqError) as e:  # a bitsandbytes export is not a source
         hf.export_hf(folder, tmp_path / "o")
-    _assert_one_line(e.value, "already quantized", "bitsandbytes")
+    assert_one_line_error(e.value, "already quantized", "bitsandbytes")
     with pytest.raises(GlmqError) as e:
         hf.export_hf(tiny_dir, tiny_dir / "inside")
-    _assert_one_line(e.value, "must not be")
+    assert_one_line_error(e.value, "must not be")
     assert tree_snapshot(tmp_path) == before  # nothing written, no .partial left
 
     existing = tmp_path / "exists"
@@ -372,7 +364,7 @@ def test_bad_input(exported, tiny_dir, tmp_path):
     (existing / "keep.txt").write_text("mine")
     with pytest.raises(OutputExistsError) as e:
         hf.export_hf(tiny_dir, existing, progress=False)
-    _assert_one_line(e.value, "already exists", "--force")
+    assert_one_line_error(e.value, "already exists", "--force")
     assert (existing / "keep.txt").read_text() == "mine" and not (tmp_path / "exists.partial").exists()
 
 
@@ -386,7 +378,7 @@ def test_glmq_quantized_source_is_refused(tiny_dir, tmp_path):
     before = tree_snapshot(tmp_path)
     with pytest.raises(GlmqError) as e:
         hf.export_hf(src, tmp_path / "o", progress=False)
-    _assert_one_line(e.value, "already quantized", "glmq", "transformer")
+    assert_one_line_error(e.value, "already quantized", "glmq", "transformer")
     assert tree_snapshot(tmp_path) == before
 
 

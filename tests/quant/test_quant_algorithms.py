@@ -23,9 +23,10 @@ from glmq.quant.algorithms import (
     get_algorithm,
     quantize_weight,
 )
-from glmq.quant.formats import FORMATS, Int4Format, get_format
+from glmq.quant.formats import Int4Format, get_format
 from glmq.quant.metrics import sqnr_db
 from glmq.quant.outliers import make_outlier_layer
+from glmq.testing import format_variants
 
 MARGIN_DB = 0.25
 N, K = 192, 1152  # 1152 = 9 x 128: every int4 group size fits, a non-power-of-two width
@@ -56,14 +57,7 @@ HQQ_WEIGHT_SQNR_DB = {
 }
 
 
-def _format_cases() -> list:
-    cases = [Int4Format(group_size=g, symmetric=s) for g in (32, 64, 128) for s in (True, False)]
-    covered = {type(f) for f in cases}
-    cases += [cls() for cls in FORMATS.values() if cls not in covered]
-    return [pytest.param(f, id=str(f).replace(" ", "")) for f in cases]
-
-
-FORMAT_CASES = _format_cases()
+FORMAT_CASES = [pytest.param(f, id=str(f).replace(" ", "")) for f in format_variants()]
 
 
 @functools.cache

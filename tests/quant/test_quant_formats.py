@@ -15,7 +15,6 @@ import torch
 
 from glmq.errors import GlmqError
 from glmq.quant.formats import (
-    FORMATS,
     Fp8Format,
     Int4Format,
     format_from_config,
@@ -26,6 +25,7 @@ from glmq.quant.formats import (
 from glmq.quant.formats.fp8 import quantize_activation_per_token
 from glmq.quant.metrics import sqnr_db
 from glmq.quant.outliers import make_outlier_layer
+from glmq.testing import format_variants
 
 MARGIN_DB = 0.25
 
@@ -42,14 +42,7 @@ SQNR_FLOORS_DB = {
 }
 
 
-def _format_cases() -> list:
-    cases = [Int4Format(group_size=g, symmetric=s) for g in (32, 64, 128) for s in (True, False)]
-    covered = {type(f) for f in cases}
-    cases += [cls() for cls in FORMATS.values() if cls not in covered]
-    return [pytest.param(f, id=str(f).replace(" ", "")) for f in cases]
-
-
-FORMAT_CASES = _format_cases()
+FORMAT_CASES = [pytest.param(f, id=str(f).replace(" ", "")) for f in format_variants()]
 
 # Awkward but legal shapes: N not a power of two, K a multiple of 128 but not of 256 (GLM-Image's vision
 # width 1536 = 12 x 128 and the DiT's glyph width 1472 = 23 x 64 appear below).
