@@ -1,6 +1,9 @@
 #!/usr/bin/env bash
 # End-to-end GPU runs through the device tool: carries transformers/diffusers wheels in .whl/.
-#   bash benchmarks/gpu_e2e.sh smoke|main|tiers  (writes under $OUT)
+#   bash benchmarks/gpu_e2e.sh smoke|main|stock|tiers|offload|compare1024|glmq2048|stock2048  (writes under $OUT)
+# compare1024: stock diffusers bf16, glmq bf16 and glmq default in ONE bench run.
+# glmq2048 / stock2048: the 2048x2048 rows; a stock 2048 image alone takes most of one 10-minute device call,
+# so they run as two processes on the same warm machine and are merged with `glmq bench --from-json`.
 set -uo pipefail
 export PYTHONUNBUFFERED=1
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
@@ -36,4 +39,28 @@ case "$1" in
   offload) timeout 400 python3 -X faulthandler -m glmq bench --model full-random --recipe default --tiers 12 \
            --size 1024x1024 --steps 50 --no-compile --out "$OUT/offload" > "$OUT/offload.log" 2>&1
          echo "== offload rc=$?"; grep -v "^  File\|^    \|^Extension" "$OUT/offload.log" | tail -14 ;;
+  compare1024) timeout 580 python3 -X faulthandler -m glmq bench --model full-random --baseline --recipe default \
+           --recipe bf16 --tiers 80 --size 1024x1024 --steps 50 --out "$OUT/compare1024" \
+           > "$OUT/compare1024.log" 2>&1
+         echo "== compare1024 rc=$?"; grep -v "^  File\|^    \|^Extension" "$OUT/compare1024.log" | tail -30 ;;
+  glmq2048) timeout 580 python3 -X faulthandler -m glmq bench --model full-random --recipe default --recipe bf16 \
+           --tiers 80 --size 2048x2048 --steps 50 --warmup-steps 2 --out "$OUT/glmq2048" > "$OUT/glmq2048.log" 2>&1
+         echo "== glmq2048 rc=$?"; grep -v "^  File\|^    \|^Extension" "$OUT/glmq2048.log" | tail -24 ;;
+  checks2048) # hf export through stock diffusers on the GPU, 8-bit attention image PSNR, glmq default at 2048
+         python3 -m glmq make-tiny /tmp/tiny > /dev/null && python3 -m glmq export hf /tmp/tiny --out /tmp/hf > "$OUT/hf_export.log" 2>&1
+         repo=$PWD; (cd /tmp && timeout 150 python3 "$repo/benchmarks/check_hf_export_gpu.py" /tmp/hf "$OUT/hf_stock_gpu.json") \
+           > "$OUT/hf_stock_gpu.log" 2>&1
+         echo "== hf stock rc=$?"; tail -5 "$OUT/hf_stock_gpu.log"
+         timeout 200 python3 benchmarks/bench_attention_e2e.py --model full-random --out "$OUT/attn_e2e" > "$OUT/attn_e2e.log" 2>&1
+         echo "== attn e2e rc=$?"; tail -22 "$OUT/attn_e2e.log"
+         timeout 290 python3 -X faulthandler -m glmq bench --model full-random --recipe default --tiers 80 --size 2048x2048 \
+           --steps 50 --out "$OUT/glmq2048" > "$OUT/glmq2048.log" 2>&1
+         echo "== glmq2048 rc=$?"; grep -v "^  File\|^    \|^Extension" "$OUT/glmq2048.log" | tail -14 ;;
+  quick2048) # what a nearly spent device budget allows: 20 steps, 1-step warm-up, no compile
+         timeout 190 python3 -X faulthandler -m glmq bench --model full-random --recipe default --tiers 80 --size 2048x2048 \
+           --steps 20 --warmup-steps 1 --no-compile --out "$OUT/glmq2048_20steps" > "$OUT/glmq2048_20steps.log" 2>&1
+         echo "== glmq2048 20 steps rc=$?"; grep -v "^  File\|^    \|^Extension" "$OUT/glmq2048_20steps.log" | tail -14 ;;
+  stock2048) timeout 590 python3 -X faulthandler -m glmq bench --model full-random --baseline-only --size 2048x2048 \
+           --steps 50 --out "$OUT/stock2048" > "$OUT/stock2048.log" 2>&1
+         echo "== stock2048 rc=$?"; grep -v "^  File\|^    \|^Extension" "$OUT/stock2048.log" | tail -12 ;;
 esac

@@ -153,7 +153,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
                       recipes=tuple(args.recipe or ["default"]), tiers=tiers, sizes=sizes, steps=args.steps,
                       images=args.images, baseline=args.baseline, profile=args.profile, seed=args.seed,
                       device=args.device, compile=not args.no_compile, attention=args.attention,
-                      cuda_graph=not args.no_cuda_graph)
+                      cuda_graph=not args.no_cuda_graph, warmup_steps=args.warmup_steps)
     if args.baseline_only:
         cfg.baseline, cfg.recipes = True, ()
     if cfg.path is None and args.model == "tiny":
@@ -297,6 +297,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--size", action="append", help="WIDTHxHEIGHT (repeatable; default 1024x1024)")
     p.add_argument("--steps", type=int, default=50, help="denoising steps (default 50)")
     p.add_argument("--images", type=int, default=1, help="timed images per configuration (default 1)")
+    p.add_argument("--warmup-steps", type=int, default=None,
+                   help="denoising steps of the untimed warm-up image (default: --steps)")
     p.add_argument("--baseline", action="store_true", help="also run stock diffusers GlmImagePipeline in bf16")
     p.add_argument("--profile", action="store_true", help="add the top kernels of one short run per configuration")
     p.add_argument("--seed", type=int, default=0)

@@ -46,6 +46,9 @@ class BenchConfig:
     seed: int = 0
     device: str | None = None
     warmup: bool = True
+    # Denoising steps of the warm-up image (None: all). The warm-up pays for compilation and graph capture,
+    # which happen on the first step; the AR always generates its whole grid.
+    warmup_steps: int | None = None
     compile: bool = True  # torch.compile the DiT blocks on CUDA (the warm-up image pays for it)
     cuda_graph: bool = True
     attention: str = "auto"
@@ -252,7 +255,7 @@ def _run_glmq(pipe, cfg: BenchConfig, size, device) -> tuple[list[float], list]:
 
     w, h = size
     if cfg.warmup:
-        pipe(cfg.prompt, height=h, width=w, num_inference_steps=cfg.steps,
+        pipe(cfg.prompt, height=h, width=w, num_inference_steps=min(cfg.steps, cfg.warmup_steps or cfg.steps),
              generator=torch.Generator().manual_seed(cfg.seed))
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
@@ -335,6 +338,7 @@ def run_bench(cfg: BenchConfig, out: Path) -> dict:
                 _log("baseline: running stock diffusers")
                 valid = _valid_vocab(comps)
                 rows.append(_run_baseline(comps, pieces, cfg, size, device, valid))
+                write_outputs(_result(env, cfg, tiers, rows), out)  # a later timeout keeps finished rows
                 del comps
                 _reset(device, None)
             for recipe in cfg.recipes:
@@ -382,23 +386,29 @@ def run_bench(cfg: BenchConfig, out: Path) -> dict:
                         pipe = None
                         _reset(device, None)
                     rows.append(row)
+                    write_outputs(_result(env, cfg, tiers, rows), out)
                 del comps
                 _reset(device, None)
     finally:
         if tmp is not None:
             tmp.cleanup()
+    result = _result(env, cfg, tiers, rows)
+    write_outputs(result, out)
+    return result
+
+
+def _result(env: dict, cfg: BenchConfig, tiers, rows: list[dict]) -> dict:
     base = next((r for r in rows if r["provider"].startswith("stock")), None)
     if base is not None:
         for r in rows:
             if r is not base and r.get("fit") and r["size"] == base["size"]:
                 r["speedup_vs_stock"] = round(base["seconds_per_image"]["median"] / r["seconds_per_image"]["median"], 2)
-    result = {"environment": env, "config": {"model": cfg.model if cfg.path is None else str(cfg.path),
-                                             "recipes": list(cfg.recipes), "tiers": tiers,
-                                             "sizes": [f"{w}x{h}" for w, h in cfg.sizes], "steps": cfg.steps,
-                                             "images": cfg.images, "prompt": cfg.prompt, "seed": cfg.seed},
-              "rows": rows}
-    write_outputs(result, out)
-    return result
+    return {"environment": env, "config": {"model": cfg.model if cfg.path is None else str(cfg.path),
+                                           "recipes": list(cfg.recipes), "tiers": tiers,
+                                           "sizes": [f"{w}x{h}" for w, h in cfg.sizes], "steps": cfg.steps,
+                                           "warmup_steps": cfg.warmup_steps or cfg.steps, "images": cfg.images,
+                                           "prompt": cfg.prompt, "seed": cfg.seed},
+            "rows": rows}
 
 
 def _valid_vocab(comps) -> int:
