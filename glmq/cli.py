@@ -105,7 +105,8 @@ def _cmd_generate(args: argparse.Namespace) -> int:
         except (OSError, UnidentifiedImageError) as e:
             raise GlmqError(f"{ref}: cannot read image ({e.__class__.__name__})") from None
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    pipe = glmq.load(args.path, device=device, vram_budget_gb=args.vram_budget_gb, mode=args.memory_mode)
+    pipe = glmq.load(args.path, device=device, vram_budget_gb=args.vram_budget_gb, mode=args.memory_mode,
+                     attention=args.attention, attention_precision=args.attention_precision)
     generator = torch.Generator(device="cpu").manual_seed(args.seed)
     result = pipe(args.prompt, image=images or None, height=height, width=width,
                   num_inference_steps=args.steps, guidance_scale=args.guidance, generator=generator,
@@ -115,7 +116,8 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     partial.replace(out)
     t = pipe.last_times
     summary = {"out": str(out), "size": [width, height], "steps": args.steps, "seed": args.seed,
-               "device": device, "memory_mode": pipe.mode, "seconds": round(t.total_s, 3),
+               "device": device, "memory_mode": pipe.mode, "dit_attention": pipe.attention_precision,
+               "seconds": round(t.total_s, 3),
                "ar_s": round(t.ar_s, 3), "ar_tokens": t.ar_tokens, "glyph_s": round(t.glyph_s, 3),
                "dit_s": round(t.dit_s, 3), "vae_s": round(t.vae_s, 3)}
     if args.json:
@@ -153,7 +155,8 @@ def _cmd_bench(args: argparse.Namespace) -> int:
                       recipes=tuple(args.recipe or ["default"]), tiers=tiers, sizes=sizes, steps=args.steps,
                       images=args.images, baseline=args.baseline, profile=args.profile, seed=args.seed,
                       device=args.device, compile=not args.no_compile, attention=args.attention,
-                      cuda_graph=not args.no_cuda_graph, warmup_steps=args.warmup_steps)
+                      cuda_graph=not args.no_cuda_graph, warmup_steps=args.warmup_steps,
+                      attention_precision=args.attention_precision)
     if args.baseline_only:
         cfg.baseline, cfg.recipes = True, ()
     if cfg.path is None and args.model == "tiny":
@@ -252,6 +255,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--vram-budget-gb", type=float, default=None, help="plan memory for this many GiB")
     p.add_argument("--memory-mode", choices=("resident", "staged", "offload"), default=None,
                    help="force a memory mode (default: chosen from the budget)")
+    p.add_argument("--attention", choices=("auto", "glmq", "sdpa"), default="auto",
+                   help="attention kernels: glmq's Triton kernels (auto on CUDA) or PyTorch SDPA")
+    p.add_argument("--attention-precision", choices=("bf16", "fp8", "int8"), default=None,
+                   help="DiT attention precision of glmq's kernels (default: what the checkpoint's recipe chose)")
     p.add_argument("--out", required=True, help="output PNG path")
     p.add_argument("--force", action="store_true", help="replace OUT if it exists")
     p.add_argument("--json", action="store_true", help="print timings as JSON")
@@ -308,6 +315,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--baseline-only", action="store_true", help="run only stock diffusers (implies --baseline)")
     p.add_argument("--attention", choices=("auto", "glmq", "sdpa"), default="auto",
                    help="attention kernels: glmq's Triton kernels (auto on CUDA) or PyTorch SDPA")
+    p.add_argument("--attention-precision", choices=("bf16", "fp8", "int8"), default=None,
+                   help="DiT attention precision of glmq's kernels (default: each recipe's choice)")
     p.add_argument("--out", required=True, help="folder for bench.json, bench.md and bench.png")
     p.add_argument("--update-readme", action="store_true", help="regenerate README.md's hardware-tier table")
     p.add_argument("--from-json", nargs="+", metavar="BENCH_JSON",

@@ -52,6 +52,7 @@ class BenchConfig:
     compile: bool = True  # torch.compile the DiT blocks on CUDA (the warm-up image pays for it)
     cuda_graph: bool = True
     attention: str = "auto"
+    attention_precision: str | None = None  # DiT attention precision; None: each recipe's choice
     extra: dict = field(default_factory=dict)
 
 
@@ -366,8 +367,10 @@ def run_bench(cfg: BenchConfig, out: Path) -> dict:
                             row["estimated_mode"] = choose_mode(stage_sizes_from_modules(comps, h, w), int(tier * GiB))
                         pipe = from_modules(comps, processor=processor, tokenizer=tokenizer, scheduler_config=sched,
                                             device=str(device), vram_budget_gb=tier, compile=cfg.compile,
-                                            attention=cfg.attention, cuda_graph=cfg.cuda_graph)
+                                            attention=cfg.attention, cuda_graph=cfg.cuda_graph,
+                                            attention_precision=cfg.attention_precision)
                         row["mode"] = pipe.mode
+                        row["dit_attention"] = pipe.attention_precision
                         _log(f"{recipe} tier {tier}: mode {pipe.mode}, generating")
                         seconds, stages = _run_glmq(pipe, cfg, size, device)
                         _log(f"{recipe} tier {tier}: {seconds} s")

@@ -49,4 +49,5 @@ def quantize_modules(components: dict, recipe: str = "default") -> dict[str, int
             swapped += 1
             del mod
         counts[comp_name] = swapped
+        model.glmq_recipe = rec.summary()  # what glmq.runtime reads, as from a quantized folder's config
     return counts

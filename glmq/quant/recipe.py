@@ -15,6 +15,10 @@ A recipe is a TOML file (``recipes/NAME.toml`` ships with glmq; any path works t
     algorithm_params = {}
     activations = "weight_only"                     # runtime hint for 8-bit: "dynamic_per_token" = W8A8
 
+    [attention]                 # optional, before the rules; a runtime choice recorded with the DiT's config
+    dit = "fp8"                 # DiT attention kernel precision: "bf16" (default), "fp8" or "int8"
+    min_tokens = 8192           # use the 8-bit kernel only for joint sequences at least this long
+
 Rules are tried in order and the first whose component and pattern match a linear layer decides it;
 linear layers no rule matches keep their original dtype. Only ``nn.Linear`` weights are quantized; a
 pattern that matches no linear layer at all is an error (it is almost certainly a typo).
@@ -32,6 +36,7 @@ from glmq.errors import GlmqError
 
 RECIPE_VERSION = 1
 ACTIVATION_MODES = ("weight_only", "dynamic_per_token")
+ATTENTION_PRECISIONS = ("bf16", "fp8", "int8")  # glmq.kernels.attention's precisions
 
 
 def recipes_dir() -> Path:
@@ -62,12 +67,24 @@ class Rule:
 
 
 @dataclass(frozen=True)
+class AttentionPolicy:
+    """Which DiT attention kernel the runtime uses for a checkpoint made by this recipe."""
+
+    dit: str = "bf16"
+    min_tokens: int = 0  # below this joint sequence length the bf16 kernel runs even when ``dit`` is 8-bit
+
+    def config(self) -> dict[str, Any]:
+        return {"dit": self.dit, "min_tokens": self.min_tokens}
+
+
+@dataclass(frozen=True)
 class Recipe:
     name: str
     version: int
     description: str
     rules: tuple[Rule, ...]
     source: str  # file it was read from
+    attention: AttentionPolicy = AttentionPolicy()
 
     def rule_for(self, component: str, module: str) -> Rule | None:
         for rule in self.rules:
@@ -76,13 +93,15 @@ class Recipe:
         return None
 
     def summary(self) -> dict[str, Any]:
-        return {"name": self.name, "version": self.version, "description": self.description}
+        return {"name": self.name, "version": self.version, "description": self.description,
+                "attention": self.attention.config()}
 
     def to_dict(self) -> dict[str, Any]:
         return {
             "name": self.name,
             "version": self.version,
             "description": self.description,
+            "attention": self.attention.config(),
             "rules": [
                 {
                     "component": r.component,
@@ -152,4 +171,20 @@ def load_recipe(name_or_path: str | Path) -> Recipe:
                           dict(raw.get("algorithm_params", {})), acts))
     if not rules:
         raise GlmqError(f"{where}: recipe has no rules")
-    return Recipe(str(data.get("name", path.stem)), version, str(data.get("description", "")), tuple(rules), where)
+    return Recipe(str(data.get("name", path.stem)), version, str(data.get("description", "")), tuple(rules), where,
+                  _attention_policy(data.get("attention", {}), where))
+
+
+def _attention_policy(raw, where: str) -> AttentionPolicy:
+    if not isinstance(raw, dict):
+        raise GlmqError(f"{where}: [attention] must be a table")
+    unknown = set(raw) - {"dit", "min_tokens"}
+    if unknown:
+        raise GlmqError(f"{where}: [attention]: unknown key {sorted(unknown)[0]!r}; valid: dit, min_tokens")
+    dit = raw.get("dit", "bf16")
+    if dit not in ATTENTION_PRECISIONS:
+        raise GlmqError(f"{where}: [attention]: unknown dit precision {dit!r}; valid: {', '.join(ATTENTION_PRECISIONS)}")
+    min_tokens = raw.get("min_tokens", 0)
+    if not isinstance(min_tokens, int) or isinstance(min_tokens, bool) or min_tokens < 0:
+        raise GlmqError(f"{where}: [attention]: min_tokens must be a non-negative integer, got {min_tokens!r}")
+    return AttentionPolicy(dit, min_tokens)

@@ -128,6 +128,8 @@ class GlmqDiTAttnProcessor:
             pipeline never passes a mask); that path runs through SDPA. ``"padding"`` applies the evidently
             intended semantics in the kernel: padded text tokens are never attended to (cached keys are real).
         backend: ``"auto"`` (Triton where usable, else ``attention_ref``), ``"triton"`` or ``"ref"``.
+        min_tokens: an 8-bit ``precision`` applies only to joint sequences (glyph + image tokens) at least
+            this long; shorter ones run in bf16 (the 8-bit kernel pays only at long sequences).
 
     The RoPE tables arrive on the CPU from upstream; they are moved to the device once per forward (the
     tuple is shared by all blocks), not once per block.
@@ -136,7 +138,8 @@ class GlmqDiTAttnProcessor:
     _attention_backend = None
     _parallel_config = None
 
-    def __init__(self, precision: str = "bf16", mask_mode: str = "stock", backend: str = "auto"):
+    def __init__(self, precision: str = "bf16", mask_mode: str = "stock", backend: str = "auto",
+                 min_tokens: int = 0):
         from glmq.kernels._attention import PRECISIONS
 
         if precision not in PRECISIONS:
@@ -146,6 +149,7 @@ class GlmqDiTAttnProcessor:
         if backend not in ("auto", "triton", "ref"):
             raise ValueError(f"unknown backend {backend!r}; valid: auto, triton, ref")
         self.precision = precision
+        self.min_tokens = int(min_tokens)
         self.mask_mode = mask_mode
         self.backend = backend
         self._rope_src = None
@@ -166,7 +170,11 @@ class GlmqDiTAttnProcessor:
 
         use_triton = self.backend == "triton" or (self.backend == "auto" and _triton_usable(q))
         fn = attention if use_triton else attention_ref
-        return fn(q, k, v, key_padding_mask=key_padding_mask, precision=self.precision)
+        return fn(q, k, v, key_padding_mask=key_padding_mask, precision=self.precision_for(q.shape[2]))
+
+    def precision_for(self, seq_len: int) -> str:
+        """The precision used for a joint sequence of ``seq_len`` query tokens."""
+        return self.precision if seq_len >= self.min_tokens else "bf16"
 
     def __call__(self, attn, hidden_states, encoder_hidden_states, attention_mask=None, image_rotary_emb=None,
                  kv_cache=None):
@@ -234,9 +242,37 @@ class GlmqDiTAttnProcessor:
 
 
 def install_dit_attention(transformer, precision: str = "bf16", mask_mode: str = "stock",
-                          backend: str = "auto") -> GlmqDiTAttnProcessor:
+                          backend: str = "auto", min_tokens: int = 0) -> GlmqDiTAttnProcessor:
     """Set one :class:`GlmqDiTAttnProcessor` on every block of a ``GlmImageTransformer2DModel``; returns it."""
-    proc = GlmqDiTAttnProcessor(precision=precision, mask_mode=mask_mode, backend=backend)
+    proc = GlmqDiTAttnProcessor(precision=precision, mask_mode=mask_mode, backend=backend, min_tokens=min_tokens)
     for block in transformer.transformer_blocks:
         block.attn1.set_processor(proc)
     return proc
+
+
+def attention_policy(requested: str | None, transformer_config: dict, device: torch.device) -> tuple[str, int]:
+    """The DiT attention ``(precision, min_tokens)`` to run: ``requested`` ("bf16", "fp8", "int8"), or with
+    None the choice the quantizing recipe recorded in the transformer's ``quantization_config`` (bf16 for
+    unquantized folders). fp8 needs fp8 tensor cores (compute capability 8.9+); elsewhere it becomes int8,
+    with a warning."""
+    from glmq.errors import GlmqError
+    from glmq.kernels._attention import PRECISIONS
+
+    if requested is not None:
+        if requested not in PRECISIONS:
+            raise GlmqError(f"unknown attention precision {requested!r}; valid: {', '.join(PRECISIONS)}")
+        precision, min_tokens = requested, 0
+    else:
+        qcfg = transformer_config.get("quantization_config")
+        recorded = qcfg.get("recipe", {}).get("attention", {}) if isinstance(qcfg, dict) else {}
+        precision = recorded.get("dit", "bf16")
+        min_tokens = int(recorded.get("min_tokens", 0))
+        if precision not in PRECISIONS:
+            raise GlmqError(f"the checkpoint asks for DiT attention precision {precision!r}, which this glmq "
+                            f"does not know (valid: {', '.join(PRECISIONS)})")
+    if precision == "fp8" and device.type == "cuda" and torch.cuda.get_device_capability(device) < (8, 9):
+        import warnings
+
+        warnings.warn("fp8 attention needs compute capability 8.9+; using int8 attention instead", stacklevel=2)
+        precision = "int8"
+    return precision, min_tokens

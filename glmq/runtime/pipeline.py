@@ -120,7 +120,7 @@ class GlmqPipeline:
 
     def __init__(self, path: Path, *, device: torch.device, dtype: torch.dtype, mode: str, sizes: StageSizes,
                  components: dict, processor, tokenizer, scheduler_config: dict, attention: str,
-                 cuda_graph: bool, compile: bool = False):
+                 cuda_graph: bool, compile: bool = False, attention_precision: str = "bf16"):
         self.path = path
         self.device = device
         self.dtype = dtype
@@ -134,6 +134,7 @@ class GlmqPipeline:
         self.tokenizer = tokenizer
         self.scheduler_config = scheduler_config
         self.attention = attention
+        self.attention_precision = attention_precision  # of the DiT's glmq kernels; "sdpa" when they are off
         # Offload streams DiT weights through hooks, which a CUDA graph cannot replay; the AR keeps its graph.
         self.cuda_graph = cuda_graph and device.type == "cuda"
         self.dit_cuda_graph = self.cuda_graph and mode != "offload"
@@ -482,22 +483,30 @@ def stage_sizes_from_modules(components: dict, height: int = 1024, width: int = 
 def from_modules(components: dict, *, processor, tokenizer, scheduler_config: dict, device: str = "cuda",
                  vram_budget_gb: float | None = None, dtype: torch.dtype | None = None, mode: str | None = None,
                  attention: str = "auto", cuda_graph: bool = True, compile: bool = False,
-                 path: Path | None = None) -> GlmqPipeline:
-    """A pipeline over already-built modules (e.g. random full-size weights built on the GPU)."""
+                 path: Path | None = None, attention_precision: str | None = None) -> GlmqPipeline:
+    """A pipeline over already-built modules (e.g. random full-size weights built on the GPU).
+    ``attention_precision``: see :func:`load`; None reads the recipe's choice from the transformer's config."""
     dev = torch.device(device)
     dtype = dtype or (torch.bfloat16 if dev.type == "cuda" else torch.float32)
     sizes = stage_sizes_from_modules(components)
     budget = int(vram_budget_gb * GiB) if vram_budget_gb is not None and dev.type == "cuda" else None
     chosen = choose_mode(sizes, budget, requested=mode) if dev.type == "cuda" else "resident"
-    _install_attention(components, dev, attention)
+    if attention_precision is None and path is not None:
+        from glmq.io.layout import read_json
+
+        tcfg = read_json(path / "transformer" / "config.json", "transformer config.json")
+    else:  # modules quantized in place carry their recipe (glmq.quant.inplace)
+        recipe = getattr(components["transformer"], "glmq_recipe", None)
+        tcfg = {"quantization_config": {"recipe": recipe}} if recipe else {}
+    precision = _install_attention(components, dev, attention, attention_precision, tcfg)
     return GlmqPipeline(path, device=dev, dtype=dtype, mode=chosen, sizes=sizes, components=components,
                         processor=processor, tokenizer=tokenizer, scheduler_config=scheduler_config,
-                        attention=attention, cuda_graph=cuda_graph, compile=compile)
+                        attention=attention, cuda_graph=cuda_graph, compile=compile, attention_precision=precision)
 
 
 def load(path: str | Path, device: str = "cuda", vram_budget_gb: float | None = None, *,
          dtype: torch.dtype | None = None, mode: str | None = None, attention: str = "auto",
-         cuda_graph: bool = True, compile: bool = False) -> GlmqPipeline:
+         cuda_graph: bool = True, compile: bool = False, attention_precision: str | None = None) -> GlmqPipeline:
     """Load a GLM-Image folder (the bf16 release, make-tiny output or ``glmq quantize`` output).
 
     Args:
@@ -510,6 +519,9 @@ def load(path: str | Path, device: str = "cuda", vram_budget_gb: float | None = 
         attention: "auto" (glmq's Triton kernels on CUDA, upstream SDPA elsewhere), "glmq", "sdpa".
         cuda_graph: capture the AR step and DiT step in CUDA graphs (CUDA, non-offload modes only).
         compile: ``torch.compile`` the DiT blocks (CUDA; the first image pays the compilation).
+        attention_precision: DiT attention kernel precision, "bf16", "fp8" or "int8"; None (default) uses what
+            the quantizing recipe recorded (its ``[attention]`` table), bf16 for unquantized folders. Applies
+            to glmq's kernels only (``attention`` "auto" on CUDA, or "glmq").
     """
     from transformers import ByT5Tokenizer, GlmImageProcessor
 
@@ -548,21 +560,29 @@ def load(path: str | Path, device: str = "cuda", vram_budget_gb: float | None = 
     if chosen is None:  # GGUF: dequantized on load, sized from the modules
         return from_modules(components, processor=processor, tokenizer=tokenizer, scheduler_config=scheduler_config,
                             device=device, vram_budget_gb=vram_budget_gb, dtype=dtype, mode=mode,
-                            attention=attention, cuda_graph=cuda_graph, compile=compile, path=path)
-    _install_attention(components, dev, attention)
+                            attention=attention, cuda_graph=cuda_graph, compile=compile, path=path,
+                            attention_precision=attention_precision)
+    precision = _install_attention(components, dev, attention, attention_precision, sources["transformer"].config)
     return GlmqPipeline(path, device=dev, dtype=dtype, mode=chosen, sizes=sizes, components=components,
                         processor=processor, tokenizer=tokenizer, scheduler_config=scheduler_config,
-                        attention=attention, cuda_graph=cuda_graph, compile=compile)
+                        attention=attention, cuda_graph=cuda_graph, compile=compile, attention_precision=precision)
 
 
-def _install_attention(components: dict, device: torch.device, attention: str) -> None:
+def _install_attention(components: dict, device: torch.device, attention: str, precision: str | None,
+                       transformer_config: dict) -> str:
+    """Plug glmq's kernels in as ``attention`` says; returns the DiT attention precision ("sdpa" when off)."""
     if attention not in ("auto", "glmq", "sdpa"):
         raise GlmqError(f"unknown attention {attention!r}; valid: auto, glmq, sdpa")
     use_glmq = attention == "glmq" or (attention == "auto" and device.type == "cuda")
     if not use_glmq:
-        return
-    from glmq.runtime.attention import install_dit_attention, register_ar_attention
+        if precision not in (None, "bf16"):
+            raise GlmqError(f"attention precision {precision!r} needs glmq's attention kernels "
+                            f"(attention='glmq', or 'auto' on CUDA), not {attention!r} on {device.type}")
+        return "sdpa"
+    from glmq.runtime.attention import attention_policy, install_dit_attention, register_ar_attention
 
+    dit_precision, min_tokens = attention_policy(precision, transformer_config, device)
     register_ar_attention()
     components["vision_language_encoder"].model.language_model.set_attn_implementation("glmq")
-    install_dit_attention(components["transformer"])
+    install_dit_attention(components["transformer"], precision=dit_precision, min_tokens=min_tokens)
+    return dit_precision if not min_tokens else f"{dit_precision} (>= {min_tokens} tokens, else bf16)"
