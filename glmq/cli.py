@@ -305,7 +305,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=50, help="denoising steps (default 50)")
     p.add_argument("--images", type=int, default=1, help="timed images per configuration (default 1)")
     p.add_argument("--warmup-steps", type=int, default=None,
-                   help="denoising steps of the untimed warm-up image (default: --steps)")
+                   help="denoising steps of the untimed warm-up image (default: --steps; fewer can leave "
+                        "compilation for the full schedule to the timed image)")
     p.add_argument("--baseline", action="store_true", help="also run stock diffusers GlmImagePipeline in bf16")
     p.add_argument("--profile", action="store_true", help="add the top kernels of one short run per configuration")
     p.add_argument("--seed", type=int, default=0)
