@@ -412,72 +412,67 @@ class GlmqPipeline:
         return time.perf_counter()
 
 
-def _component_gpu_bytes(cr, dtype_bytes: int) -> int:
-    total = 0
-    for info in cr.tensors.values():
+_VISION_PREFIXES = ("model.visual.", "model.vqmodel.")
+
+
+def _gpu_tensor_bytes(cr, dtype_bytes: int) -> list[tuple[str, int]]:
+    """(name, bytes on the GPU) of a checkpoint component's tensors: floats become ``dtype_bytes`` wide."""
+    out = []
+    for name, info in cr.tensors.items():
         floating = info.dtype in ("float32", "bfloat16", "float16")
-        total += info.numel * dtype_bytes if floating and info.dtype != "float8_e4m3fn" else info.nbytes
-    return total
+        out.append((name, info.numel * dtype_bytes if floating else info.nbytes))
+    return out
 
 
-def stage_sizes(reader, height: int = 1024, width: int = 1024) -> StageSizes:
-    ar = reader.component("vision_language_encoder")
-    vision = sum(i.nbytes for n, i in ar.tensors.items() if n.startswith(("model.visual.", "model.vqmodel.")))
-    ar_total = _component_gpu_bytes(ar, 2)
-    dit = reader.component("transformer")
+def _module_tensor_bytes(module) -> list[tuple[str, int]]:
+    """(name, bytes) of a live module's parameters and buffers, each shared tensor once."""
+    out, seen = [], set()
+    for name, t in list(module.named_parameters()) + list(module.named_buffers()):
+        if t is not None and id(t) not in seen:
+            seen.add(id(t))
+            out.append((name, t.numel() * t.element_size()))
+    return out
+
+
+def _largest_group(named: list[tuple[str, int]], prefix: str) -> int:
+    """The largest total over tensors ``prefix<i>.*`` grouped by ``i`` (one decoder layer or DiT block)."""
+    groups: dict[str, int] = {}
+    for name, nbytes in named:
+        if name.startswith(prefix):
+            key = name[len(prefix):].split(".", 1)[0]
+            groups[key] = groups.get(key, 0) + nbytes
+    return max(groups.values(), default=0)
+
+
+def _stage_sizes(named: dict[str, list[tuple[str, int]]], height: int, width: int) -> StageSizes:
+    ar, dit = named["vision_language_encoder"], named["transformer"]
+    vision = sum(b for n, b in ar if n.startswith(_VISION_PREFIXES))
     act_ar, act_dit, act_vae = activation_allowance(height, width)
-    ar_layers: dict[str, int] = {}
-    for n, i in ar.tensors.items():
-        if n.startswith("model.language_model.layers."):
-            key = n.split(".")[3]
-            ar_layers[key] = ar_layers.get(key, 0) + i.nbytes
-    dit_blocks: dict[str, int] = {}
-    for n, i in dit.tensors.items():
-        if n.startswith("transformer_blocks."):
-            key = n.split(".")[1]
-            dit_blocks[key] = dit_blocks.get(key, 0) + i.nbytes
     return StageSizes(
-        ar_weights=ar_total - vision,
+        ar_weights=sum(b for _, b in ar) - vision,
         vision_weights=vision,
-        glyph_weights=_component_gpu_bytes(reader.component("text_encoder"), 4),
-        dit_weights=_component_gpu_bytes(dit, 2),
-        vae_weights=_component_gpu_bytes(reader.component("vae"), 2),
+        glyph_weights=sum(b for _, b in named["text_encoder"]),
+        dit_weights=sum(b for _, b in dit),
+        vae_weights=sum(b for _, b in named["vae"]),
         ar_activations=act_ar,
         dit_activations=act_dit,
         vae_activations=act_vae,
-        largest_ar_block=max(ar_layers.values(), default=0),
-        largest_dit_block=max(dit_blocks.values(), default=0),
+        largest_ar_block=_largest_group(ar, "model.language_model.layers."),
+        largest_dit_block=_largest_group(dit, "transformer_blocks."),
     )
 
 
-def _module_bytes(module, prefixes: tuple[str, ...] = ("",), exclude: tuple[str, ...] = ()) -> int:
-    total = 0
-    seen = set()
-    for name, t in list(module.named_parameters()) + list(module.named_buffers()):
-        if t is None or id(t) in seen or not name.startswith(prefixes) or (exclude and name.startswith(exclude)):
-            continue
-        seen.add(id(t))
-        total += t.numel() * t.element_size()
-    return total
+def stage_sizes(reader, height: int = 1024, width: int = 1024) -> StageSizes:
+    """Per-stage GPU bytes from a checkpoint's headers (bf16 compute; the glyph encoder stays fp32)."""
+    widths = {"vision_language_encoder": 2, "transformer": 2, "text_encoder": 4, "vae": 2}
+    return _stage_sizes({name: _gpu_tensor_bytes(reader.component(name), w) for name, w in widths.items()},
+                        height, width)
 
 
 def stage_sizes_from_modules(components: dict, height: int = 1024, width: int = 1024) -> StageSizes:
     """Like :func:`stage_sizes`, measured on live modules (their current dtypes)."""
-    ar, dit = components["vision_language_encoder"], components["transformer"]
-    vision_prefixes = ("model.visual.", "model.vqmodel.")
-    act_ar, act_dit, act_vae = activation_allowance(height, width)
-    return StageSizes(
-        ar_weights=_module_bytes(ar, exclude=vision_prefixes),
-        vision_weights=_module_bytes(ar, vision_prefixes),
-        glyph_weights=_module_bytes(components["text_encoder"]),
-        dit_weights=_module_bytes(dit),
-        vae_weights=_module_bytes(components["vae"]),
-        ar_activations=act_ar,
-        dit_activations=act_dit,
-        vae_activations=act_vae,
-        largest_ar_block=max(_module_bytes(b) for b in ar.model.language_model.layers),
-        largest_dit_block=max(_module_bytes(b) for b in dit.transformer_blocks),
-    )
+    names = ("vision_language_encoder", "transformer", "text_encoder", "vae")
+    return _stage_sizes({name: _module_tensor_bytes(components[name]) for name in names}, height, width)
 
 
 def from_modules(components: dict, *, processor, tokenizer, scheduler_config: dict, device: str = "cuda",
