@@ -50,10 +50,11 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
 
 def _cmd_quantize(args: argparse.Namespace) -> int:
     from glmq.quant.convert import quantize
-    from glmq.quant.report import layer_summary
+    from glmq.quant.report import layer_summary, outlier_summary
 
     report = quantize(args.src, args.out, recipe=args.recipe, device=args.device, calib_prompts=args.calib_prompts,
-                      force=args.force, progress=not args.json, evaluate=not args.no_eval)
+                      force=args.force, progress=not args.json, evaluate=not args.no_eval,
+                      layer_outputs=not args.no_layer_outputs)
     if args.json:
         print(json.dumps(report, indent=2))
         return 0
@@ -70,6 +71,9 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
               f"image PSNR {ml['image']['psnr_db']} dB vs bf16")
     elif ml:
         print(f"  model level: skipped ({ml['skipped']})")
+    worst = outlier_summary(report.get("outlier_eval"))
+    if worst:
+        print(f"  outlier layers (synthetic, full-size shapes): worst {worst}")
     print(f"report: {args.out}/quantization_report.md")
     return 0
 
@@ -235,9 +239,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="recipe name (default, ampere, quality, tier16) or a path to a .toml recipe")
     p.add_argument("--device", default="cpu", help="where quantization math runs: cpu (default) or cuda")
     p.add_argument("--calib-prompts", default=None, metavar="FILE",
-                   help="text file, one prompt per line, for calibrated algorithms (GPTQ)")
+                   help="text file, one prompt per line, for calibrated algorithms (GPTQ) and the per-layer "
+                        "output SQNR")
     p.add_argument("--no-eval", action="store_true",
                    help="skip the model-level fidelity evaluation (AR logits, DiT velocity, image PSNR)")
+    p.add_argument("--no-layer-outputs", action="store_true",
+                   help="skip the per-layer output SQNR on calibration activations (one layer-by-layer pass over "
+                        "the AR and the DiT; about doubles a CPU conversion)")
     p.add_argument("--force", action="store_true", help="replace OUT if it exists")
     p.add_argument("--json", action="store_true", help="print the fidelity report as JSON")
     p.set_defaults(func=_cmd_quantize)

@@ -9,6 +9,10 @@ import os
 if os.environ.get("CUDA_VISIBLE_DEVICES", None) == "" or not os.path.exists("/dev/nvidia0"):
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+# quantize()'s outlier evaluation draws layers at the released shapes (about a minute per recipe on 2 cores);
+# tests use the tiny shapes, and tests/quant/test_outlier_eval.py checks the released shapes themselves.
+os.environ.setdefault("GLMQ_OUTLIER_EVAL_SIZE", "tiny")
+
 from pathlib import Path
 
 import pytest

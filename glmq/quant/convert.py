@@ -79,11 +79,14 @@ def plan_component(comp: Component, cr: ComponentReader, recipe: Recipe) -> tupl
 
 def quantize(src: str | Path, out: str | Path, *, recipe: str | Path = "default", device: str = "cpu",
              calib_prompts: str | Path | None = None, force: bool = False, progress: bool = True,
-             evaluate: bool = True, max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES) -> dict:
+             evaluate: bool = True, max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
+             layer_outputs: bool = True) -> dict:
     """Quantize the GLM-Image folder ``src`` into ``out`` by ``recipe``; returns the fidelity report dict.
 
     With ``evaluate`` the report includes model-level fidelity (``glmq.quant.fidelity``), computed on
-    ``device``; it is skipped, and says so, for full-size models on the CPU.
+    ``device``; it is skipped, and says so, for full-size models on the CPU. With ``layer_outputs`` every
+    quantized layer also gets its output SQNR on calibration activations (``glmq.quant.calibrate`` for the
+    AR, ``glmq.quant.dit_calibrate`` for the DiT): one extra layer-by-layer pass over each network.
     """
     import torch
 
@@ -102,13 +105,8 @@ def quantize(src: str | Path, out: str | Path, *, recipe: str | Path = "default"
         plans, kept, model = plan_component(comp, cr, rec)
         components[comp.name] = (comp, cr, plans, kept, model)
 
-    calibrator = None
-    needs_hessian = [p.name for (_, _, plans, _, _) in components.values() for p in plans.values() if p.algo.needs_hessian]
-    if needs_hessian:
-        from glmq.quant.calibrate import ArCalibrator
-
-        calibrator = ArCalibrator(reader, components["vision_language_encoder"][2], prompts_file=calib_prompts,
-                                  device=device)
+    calibrators = _calibrators(reader, components, calib_prompts, device, layer_outputs)
+    gptq = any(p.algo.needs_hessian for (_, _, plans, _, _) in components.values() for p in plans.values())
 
     calib_text = Path(calib_prompts).read_text(encoding="utf-8") if calib_prompts else None
     job = {
@@ -118,6 +116,7 @@ def quantize(src: str | Path, out: str | Path, *, recipe: str | Path = "default"
         "source": source_fingerprint(src),
         "calib": calib_text,
         "shard": max_shard_bytes,
+        "layer_outputs": layer_outputs,
         # Results depend on the device's arithmetic, so a resume must use the same kind of device.
         "device": device.split(":")[0],
     }
@@ -173,13 +172,11 @@ def quantize(src: str | Path, out: str | Path, *, recipe: str | Path = "default"
                     return t
                 if plan.name not in cache:
                     cache.clear()
+                    cal = calibrators.get(comp.name)
+                    calib = cal.result(plan.name) if cal is not None else None  # before the weight: lower peak
                     w = cr.get(f"{plan.name}.weight")  # the format rejects NaN/Inf while quantizing
                     bar.update(w.numel() * w.element_size())
-                    if plan.algo.needs_hessian:
-                        tensors, hessian = calibrator.result(plan.name)
-                    else:
-                        tensors, hessian = None, None
-                    cache[plan.name] = _quantize_layer(plan, w, hessian, device, tensors)
+                    cache[plan.name] = _quantize_layer(plan, w, calib, device)
                     shard_stats[plan.name] = cache[plan.name].pop("__stats__")
                     shard_stats[plan.name].update(component=comp.name, rule=plan.rule)
                 return cache[plan.name][name.removeprefix(plan.name + ".")]
@@ -194,6 +191,10 @@ def quantize(src: str | Path, out: str | Path, *, recipe: str | Path = "default"
                     shard_stats.pop(k, None)
 
             pending = set(writer.pending())
+            if comp.name in calibrators:  # after a resume, layers of finished shards need no activations
+                todo = {n for i in pending for n, _, _ in writer.shards[i]}
+                calibrators[comp.name].wanted = {p.name for p in plans.values()
+                                                 if any(q in todo for q in p.fmt.expected_tensors(p.name, p.shape))}
             for i, shard in enumerate(writer.shards):
                 if i not in pending:
                     bar.update(sum(cr.tensors[n].nbytes for n, _, _ in shard if n in cr.tensors)
@@ -201,7 +202,12 @@ def quantize(src: str | Path, out: str | Path, *, recipe: str | Path = "default"
                                      if any(n == f"{p.name}.weight" for n, _, _ in shard)))
             writer.write(produce, on_shard=on_shard)
 
-    report = _build_report(rec, components, stats_root, calibrated=calibrator is not None)
+    report = _build_report(rec, components, stats_root, calibrated=gptq,
+                           layer_outputs={k: c.describe() for k, c in calibrators.items()} if layer_outputs else None)
+    if evaluate:  # synthetic outlier layers at the released shapes (glmq.quant.outlier_eval)
+        from glmq.quant.outlier_eval import evaluate_outliers
+
+        report["outlier_eval"] = evaluate_outliers(rec)
     shutil.rmtree(stats_root, ignore_errors=True)
     if evaluate:
         from glmq.quant.fidelity import evaluate as evaluate_model
@@ -236,11 +242,41 @@ def _check_finite(t, what: str) -> None:
 _CHUNK_ELEMENTS = 16 * 1024 * 1024
 
 
-def _quantize_layer(plan: LayerPlan, w, hessian, device: str, tensors: dict | None = None) -> dict:
-    """Quantize one layer (or take ``tensors`` a calibrator computed); returns stored tensors (CPU) plus
-    ``__stats__``, with the output SQNR on the calibration activations when a Hessian is known."""
+def _calibrators(reader, components: dict, calib_prompts, device: str, layer_outputs: bool) -> dict:
+    """Calibrators by component: GPTQ Hessians (AR text decoder) and, with ``layer_outputs``, sampled
+    layer inputs for the output SQNR of every other quantized layer (AR and DiT)."""
+    from glmq.quant.calibrate import ArCalibrator, read_prompts
+
+    for name, (_, _, plans, _, _) in components.items():
+        for plan in plans.values():
+            if plan.algo.needs_hessian and name != "vision_language_encoder":
+                raise GlmqError(f"{plan.algo.name} calibration is implemented for the AR text decoder only, "
+                                f"not for {name} layer {plan.name}")
+    read_prompts(calib_prompts)  # a bad prompts file fails before any work starts
+    out = {}
+    ar_plans = components["vision_language_encoder"][2]
+    if ar_plans and (layer_outputs or any(p.algo.needs_hessian for p in ar_plans.values())):
+        out["vision_language_encoder"] = ArCalibrator(reader, ar_plans, prompts_file=calib_prompts, device=device,
+                                                      capture=layer_outputs)
+    if layer_outputs and components["transformer"][2]:
+        from glmq.quant.dit_calibrate import DitCalibrator
+
+        out["transformer"] = DitCalibrator(reader, components["transformer"][2], device=device)
+    return out
+
+
+def _quantize_layer(plan: LayerPlan, w, calib, device: str) -> dict:
+    """Quantize one layer (or take the tensors a calibrator computed); returns stored tensors (CPU) plus
+    ``__stats__``: weight SQNR, and output SQNR on the calibration activations when ``calib`` (a
+    :class:`~glmq.quant.calibrate.LayerCalibration` or None) has a Hessian or sampled inputs. Layers not
+    rounded to nearest also get the output SQNR RTN would reach (``rtn_output_sqnr_db``)."""
     import torch
 
+    from glmq.quant.algorithms import get_algorithm
+
+    tensors = calib.tensors if calib is not None else None
+    hessian = calib.hessian if calib is not None else None
+    x = calib.inputs.to(device) if calib is not None and calib.inputs is not None else None
     wd = w.to(device)
     if tensors is None:
         rows = max(1, _CHUNK_ELEMENTS // plan.shape[1])
@@ -256,13 +292,16 @@ def _quantize_layer(plan: LayerPlan, w, hessian, device: str, tensors: dict | No
     stats = {
         "shape": list(plan.shape),
         "format": plan.fmt.name,
+        "algorithm": plan.algo.name,
         "bits_per_weight": plan.fmt.nbytes(plan.shape) * 8 / (plan.shape[0] * plan.shape[1]),
         "weight_sqnr_db": None,
         "output_sqnr_db": None,
     }
+    rtn = get_algorithm("rtn") if plan.algo.name != "rtn" else None
     if hessian is None:
-        # Weight SQNR over row blocks: sums of squares of the weight and of its quantization error.
-        signal = noise = 0.0
+        # Over row blocks: sums of squares of the weight and its quantization error, and (with sampled
+        # inputs X) of X W^T, X E^T and, for other algorithms, of RTN's X E^T.
+        signal = noise = out_signal = out_noise = rtn_noise = 0.0
         rows = max(1, _CHUNK_ELEMENTS // plan.shape[1])
         for start in range(0, plan.shape[0], rows):
             part = {k: v[start:start + rows].to(device) for k, v in tensors.items()}
@@ -270,20 +309,28 @@ def _quantize_layer(plan: LayerPlan, w, hessian, device: str, tensors: dict | No
             err = plan.fmt.dequantize(part, tuple(ref.shape)).sub_(ref)
             signal += float(ref.square().sum())
             noise += float(err.square().sum())
+            if x is not None:
+                out_signal += float((x @ ref.T).double().square().sum())
+                out_noise += float((x @ err.T).double().square().sum())
+                if rtn is not None:
+                    r = plan.fmt.dequantize(rtn.quantize_weight(plan.fmt, wd[start:start + rows]), tuple(ref.shape))
+                    rtn_noise += float((x @ r.sub_(ref).T).double().square().sum())
         stats["weight_sqnr_db"] = _ratio_db(signal, noise)
+        if x is not None:
+            stats["output_sqnr_db"] = _ratio_db(out_signal, out_noise)
+            if rtn is not None:
+                stats["rtn_output_sqnr_db"] = _ratio_db(out_signal, rtn_noise)
     else:
-        # Calibrated layers (the AR decoder's, at most 27392 x 4096) are also scored on the activations.
+        # Calibrated layers (the AR decoder's, at most 27392 x 4096) are scored on all calibration rows.
         tensors = {k: v.to(device) for k, v in tensors.items()}
         ref = wd.float()
         err = plan.fmt.dequantize(tensors, plan.shape).sub_(ref)
         stats["weight_sqnr_db"] = _ratio_db(float(ref.square().sum()), float(err.square().sum()))
         h = hessian.to(device).double()
         stats["output_sqnr_db"] = _output_sqnr(ref, err, h)
-        if plan.algo.name != "rtn":  # what calibration bought: the same layer rounded to nearest
-            from glmq.quant.algorithms import get_algorithm
-
-            rtn = get_algorithm("rtn").quantize_weight(plan.fmt, wd)
-            stats["rtn_output_sqnr_db"] = _output_sqnr(ref, plan.fmt.dequantize(rtn, plan.shape).sub_(ref), h)
+        if rtn is not None:  # what calibration bought: the same layer rounded to nearest
+            q = rtn.quantize_weight(plan.fmt, wd)
+            stats["rtn_output_sqnr_db"] = _output_sqnr(ref, plan.fmt.dequantize(q, plan.shape).sub_(ref), h)
     out = {k: v.cpu() for k, v in tensors.items()}
     out["__stats__"] = stats
     return out
@@ -316,7 +363,8 @@ def _finite_or_none(x: float) -> float | None:
     return round(x, 3) if math.isfinite(x) else None
 
 
-def _build_report(rec: Recipe, components: dict, stats_root: Path, *, calibrated: bool) -> dict:
+def _build_report(rec: Recipe, components: dict, stats_root: Path, *, calibrated: bool,
+                  layer_outputs: dict | None = None) -> dict:
     layers = {}
     for name, (comp, cr, plans, kept, model) in components.items():
         for p in sorted((stats_root / name).glob("*.json")):
@@ -344,6 +392,7 @@ def _build_report(rec: Recipe, components: dict, stats_root: Path, *, calibrated
     return {
         "recipe": rec.to_dict(),
         "calibrated": calibrated,
+        "layer_outputs": layer_outputs,
         "components": comps,
         "layers": dict(sorted(layers.items())),
         "model_level": None,

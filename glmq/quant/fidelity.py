@@ -78,42 +78,56 @@ def evaluate(src: Path, quantized: Path, *, device: str = "cpu", seed: int = 0, 
 
 
 def _eval_ar(src_r, q_r, device, seed) -> dict:
-    import torch
     from transformers import GlmImageProcessor
 
     ref = load_dequantized(src_r.component("vision_language_encoder"), device=device)
     processor = GlmImageProcessor.from_pretrained(src_r.path / "processor")
-    inputs = processor.apply_chat_template(
-        [[{"role": "user", "content": [{"type": "text", "text": "A lighthouse on a cliff, 'GLM' painted on it"}]}]],
-        tokenize=True, target_h=1024, target_w=1024, return_dict=True, return_tensors="pt")
-    n_grid = int(sum(int(t * h * w) for t, h, w in inputs["image_grid_thw"].tolist()))
-    valid = min(ref.config.vq_config.num_embeddings, ref.config.text_config.vision_vocab_size)
-    gen = torch.Generator().manual_seed(seed)
-    seq = torch.cat([inputs["input_ids"], torch.randint(0, valid, (1, n_grid), generator=gen)], dim=1).to(device)
-    prompt_len = inputs["input_ids"].shape[1]
-
-    def logits(model):
-        ids = torch.arange(seq.shape[1], device=device).view(1, 1, -1).expand(3, 1, -1)
-        hidden = model.model.language_model(input_ids=seq, position_ids=ids).last_hidden_state
-        # the logits that predict each grid token
-        return model.lm_head(hidden[:, prompt_len - 1:-1]).float()
-
-    ref_logits = logits(ref)
+    seq, prompt_len = ar_grid_sequence(processor, ref.config, seed, device=device)
+    ref_logits = ar_grid_logits(ref, seq, prompt_len)
     del ref
     q = load_dequantized(q_r.component("vision_language_encoder"), device=device)
-    q_logits = logits(q)
+    q_logits = ar_grid_logits(q, seq, prompt_len)
     del q
+    return {"tokens": seq.shape[1] - prompt_len, **compare_logits(ref_logits, q_logits)}
+
+
+def ar_grid_sequence(processor, config, seed: int, *, px: int = 1024, device="cpu"):
+    """A teacher-forcing sequence: the text-to-image prompt for a ``px`` x ``px`` image followed by its
+    preview and target grids filled with seeded random valid codebook ids. Returns ``(ids [1, L],
+    prompt_len)``."""
+    import torch
+
+    inputs = processor.apply_chat_template(
+        [[{"role": "user", "content": [{"type": "text", "text": "A lighthouse on a cliff, 'GLM' painted on it"}]}]],
+        tokenize=True, target_h=px, target_w=px, return_dict=True, return_tensors="pt")
+    n_grid = int(sum(int(t * h * w) for t, h, w in inputs["image_grid_thw"].tolist()))
+    valid = min(config.vq_config.num_embeddings, config.text_config.vision_vocab_size)
+    gen = torch.Generator().manual_seed(seed)
+    seq = torch.cat([inputs["input_ids"], torch.randint(0, valid, (1, n_grid), generator=gen)], dim=1).to(device)
+    return seq, inputs["input_ids"].shape[1]
+
+
+def ar_grid_logits(model, seq, prompt_len: int):
+    """fp32 logits ``[1, L - prompt_len, V]`` that predict each grid token of ``seq`` (teacher forcing)."""
+    import torch
+
+    ids = torch.arange(seq.shape[1], device=seq.device).view(1, 1, -1).expand(3, 1, -1)
+    hidden = model.model.language_model(input_ids=seq, position_ids=ids).last_hidden_state
+    return model.lm_head(hidden[:, prompt_len - 1:-1]).float()
+
+
+def compare_logits(ref_logits, q_logits) -> dict:
+    """Logits SQNR (dB), mean KL(ref || q) in nats and top-1 agreement."""
+    import torch
+
     logp_ref = torch.log_softmax(ref_logits, -1)
     logp_q = torch.log_softmax(q_logits, -1)
     kl = float((logp_ref.exp() * (logp_ref - logp_q)).sum(-1).mean())
     agree = float((ref_logits.argmax(-1) == q_logits.argmax(-1)).float().mean())
-    return {"tokens": n_grid, "logits_sqnr_db": sqnr(ref_logits, q_logits), "kl_mean": round(kl, 6),
-            "top1_agreement": round(agree, 4)}
+    return {"logits_sqnr_db": sqnr(ref_logits, q_logits), "kl_mean": round(kl, 6), "top1_agreement": round(agree, 4)}
 
 
 def _eval_dit_and_image(src, src_r, q_r, device, seed, steps):
-    import torch
-
     def components(reader):
         return {name: load_dequantized(reader.component(name), device=device)
                 for name in ("transformer", "text_encoder", "vae")}
@@ -122,23 +136,37 @@ def _eval_dit_and_image(src, src_r, q_r, device, seed, steps):
     q = components(q_r)
     dit_ref, dit_q = ref["transformer"], q["transformer"]
     cfg = dit_ref.config
-    gen = torch.Generator().manual_seed(seed)
     side = 1024 // 8 if cfg.num_layers >= 30 else 64 // 8  # latent side: 1024x1024 full, 64x64 tiny
+    inputs = dit_inputs(cfg, side, seed, device=device)
+    dit = {}
+    for t in (999, 750, 500, 250, 0):
+        dit[str(t)] = sqnr(dit_velocity(dit_ref, inputs, t), dit_velocity(dit_q, inputs, t))
+    image = _image_psnr(src, ref, q, inputs["prior_token_id"], inputs["hidden_states"], side * 8, steps, device)
+    return {"velocity_sqnr_db": dit}, image
+
+
+def dit_inputs(cfg, side: int, seed: int, *, device="cpu") -> dict:
+    """Seeded conditional-pass inputs of the DiT for a ``side`` x ``side`` latent: latents, 8 glyph
+    embeddings, random prior ids, target size and crop (the keyword arguments of its forward)."""
+    import torch
+
+    gen = torch.Generator().manual_seed(seed)
     latents = torch.randn(1, cfg.in_channels, side, side, generator=gen).to(device)
     tokens = (side // cfg.patch_size) ** 2
     prior = torch.randint(0, cfg.prior_vq_quantizer_codebook_size, (1, tokens), generator=gen).to(device)
     glyph = torch.randn(1, 8, cfg.text_embed_dim, generator=gen).to(device)
-    size = torch.tensor([[side * 8, side * 8]], dtype=torch.float32, device=device)
-    crop = torch.zeros(1, 2, device=device)
-    dit = {}
-    for t in (999, 750, 500, 250, 0):
-        kwargs = dict(hidden_states=latents, encoder_hidden_states=glyph, prior_token_id=prior,
-                      prior_token_drop=torch.zeros_like(prior, dtype=torch.bool),
-                      timestep=torch.tensor([float(t)], device=device), target_size=size, crop_coords=crop,
-                      return_dict=False)
-        dit[str(t)] = sqnr(dit_ref(**kwargs)[0], dit_q(**kwargs)[0])
-    image = _image_psnr(src, ref, q, prior, latents, side * 8, steps, device)
-    return {"velocity_sqnr_db": dit}, image
+    return dict(hidden_states=latents, encoder_hidden_states=glyph, prior_token_id=prior,
+                prior_token_drop=torch.zeros_like(prior, dtype=torch.bool),
+                target_size=torch.tensor([[side * 8, side * 8]], dtype=torch.float32, device=device),
+                crop_coords=torch.zeros(1, 2, device=device))
+
+
+def dit_velocity(model, inputs: dict, t: float):
+    """The DiT's velocity for ``inputs`` (:func:`dit_inputs`) at timestep ``t``."""
+    import torch
+
+    device = inputs["hidden_states"].device
+    return model(**inputs, timestep=torch.tensor([float(t)], device=device), return_dict=False)[0]
 
 
 def _image_psnr(src, ref, q, prior, latents, px, steps, device):

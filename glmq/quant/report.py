@@ -55,9 +55,7 @@ def report_markdown(report: dict) -> str:
                      f"{_fmt(r['output_sqnr_min'])} | {_fmt(r['output_sqnr_median'])} | "
                      f"{_fmt(r['rtn_output_sqnr_median'])} |")
     lines.append("")
-    if not report["calibrated"]:
-        lines.append("Output SQNR needs calibration activations; this recipe is data-free, so only weight SQNR "
-                     "is reported per layer.")
+    lines += layer_outputs_note(report)
     ml = report.get("model_level")
     lines += ["", "## Model level (quantized vs bf16 source)", ""]
     if ml is None:
@@ -74,8 +72,86 @@ def report_markdown(report: dict) -> str:
         lines.append(f"- Image PSNR vs the bf16 pipeline, same AR tokens and noise ({im['size']}x{im['size']}, "
                      f"{im['steps']} steps): {im['psnr_db']} dB")
         lines.append(f"- evaluated on {ml['device']}, seed {ml['seed']}")
+    lines += outlier_markdown(report.get("outlier_eval"))
+    lines += per_layer_markdown(report)
     lines += ["", "Per-layer numbers: `quantization_report.json`.", ""]
     return "\n".join(lines)
+
+
+def layer_outputs_note(report: dict) -> list[str]:
+    """Where the output SQNR's calibration activations came from (``glmq.quant.calibrate``)."""
+    lo = report.get("layer_outputs")
+    if not lo:
+        return ["Output SQNR was not computed (`--no-layer-outputs`)" + (
+            "; GPTQ layers are scored on their calibration Hessian." if report["calibrated"] else ".")]
+    lines = ["Output SQNR is 10 log10(||X W^T||^2 / ||X (W_q - W)^T||^2) on calibration activations X:"]
+    ar, dit = lo.get("vision_language_encoder"), lo.get("transformer")
+    if ar:
+        lines.append(f"- AR: {ar['sequences']} sequence(s) of {ar['sequence']} (random, teacher-forced), inputs "
+                     f"from the {ar['inputs']}; data-free layers on <= {ar['max_rows']} sampled rows, GPTQ layers "
+                     "on all rows" + (f"; vision tower on {ar['vision_tower']}." if ar.get("vision_tower") else "."))
+    if dit:
+        lines.append(f"- DiT: {dit['samples']} samples of {dit['size_px']}x{dit['size_px']} px (random latents, "
+                     f"prior tokens and {dit['glyph']}; half without prior), timesteps "
+                     f"{', '.join(map(str, dit['timesteps']))}, inputs from the {dit['inputs']}, "
+                     f"<= {dit['max_rows']} sampled rows per layer.")
+    lines.append("RTN output SQNR is the same layer rounded to nearest, on the same activations.")
+    return lines
+
+
+def per_layer_markdown(report: dict) -> list[str]:
+    """Every quantized layer's SQNR, folded (hundreds of rows at full size)."""
+    if not report["layers"]:
+        return []
+    lines = ["", "<details><summary>Per-layer SQNR (dB)</summary>", "",
+             "| layer | format | algorithm | bits/weight | weight SQNR | output SQNR | RTN output SQNR |",
+             "|---|---|---|---|---|---|---|"]
+    for name, st in report["layers"].items():
+        lines.append(f"| {name} | {st['format']} | {st.get('algorithm', '-')} | {st['bits_per_weight']:.3f} | "
+                     f"{_fmt(st['weight_sqnr_db'])} | {_fmt(st['output_sqnr_db'])} | "
+                     f"{_fmt(st.get('rtn_output_sqnr_db'))} |")
+    lines += ["", "</details>"]
+    return lines
+
+
+def outlier_markdown(oe: dict | None) -> list[str]:
+    """The "Outlier layers" section (``glmq.quant.outlier_eval``); nothing when it was not evaluated."""
+    if not oe:
+        return []
+    p = oe["generator_params"]
+    lines = ["", f"## Outlier layers at {oe['architecture']}-size shapes (synthetic; SQNR in dB)", "",
+             f"Each layer shape this recipe quantizes in the released architecture, drawn by `{oe['generator']}` "
+             f"(seed {oe['seed']}, {p['n_outlier_channels']} outlier input channels x{p['outlier_scale']:g}, "
+             f"activation rank {p['rank']}, weight tail {p['tail']}). Output SQNR is on {oe['eval_tokens']} "
+             f"held-out tokens; GPTQ's Hessian comes from {oe['calib_tokens']} other tokens. HQQ/GPTQ are "
+             "scored on the rows (and, for GPTQ, the leading columns) listed, RTN on the same slice; "
+             "\"RTN whole layer\" is the full shape.", "",
+             "| component | shape | layers | format | algorithm | scored on | weight SQNR | RTN | output SQNR "
+             "| RTN | RTN whole layer (weight / output) |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in oe["rows"]:
+        a = r["algorithm"]
+        params = ", ".join(f"{k}={v}" for k, v in r["format_params"].items())
+        fmt = f"{r['format']} ({params})" if params else r["format"]
+        full = r["rtn_full"]
+        lines.append(f"| {r['component']} | {r['shape'][0]}x{r['shape'][1]} | {r['layers']} | {fmt} | {a} | "
+                     f"{r['evaluated']['selection']} | {_fmt(r['weight_sqnr_db'][a])} | "
+                     f"{_fmt(r['weight_sqnr_db']['rtn'])} | {_fmt(r['output_sqnr_db'][a])} | "
+                     f"{_fmt(r['output_sqnr_db']['rtn'])} | {_fmt(full['weight_sqnr_db'])} / "
+                     f"{_fmt(full['output_sqnr_db'])} |")
+    w = oe.get("worst")
+    if w:
+        lines += ["", f"Worst: {outlier_summary(oe)}. Evaluated in {oe['seconds']} s."]
+    return lines
+
+
+def outlier_summary(oe: dict | None) -> str | None:
+    """One line on the lowest outlier-layer output SQNR, for the CLI summary; None when not evaluated."""
+    w = (oe or {}).get("worst")
+    if not w:
+        return None
+    return (f"output SQNR {w['output_sqnr_db']:.2f} dB ({w['component']} {w['shape'][0]}x{w['shape'][1]}, "
+            f"{w['format']} {w['algorithm']}; RTN {_fmt(w['rtn_output_sqnr_db'])} dB)")
 
 
 def model_card(report: dict) -> str:
