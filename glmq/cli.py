@@ -193,7 +193,8 @@ def _cmd_export(args: argparse.Namespace) -> int:
         from glmq.export.onnx_export import export_onnx
 
         summary = export_onnx(args.src, args.out, component=args.component, weights=args.weights, force=args.force,
-                              group_size=args.group_size, opset=args.opset, progress=progress)
+                              group_size=args.group_size, opset=args.opset, int8_layout=args.int8_layout,
+                              progress=progress)
     if args.json:
         print(json.dumps(summary, indent=2, default=str))
     else:
@@ -292,7 +293,10 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("src")
     q.add_argument("--out", required=True)
     q.add_argument("--component", default="all", help="all (default), dit, vae, glyph or ar")
-    q.add_argument("--weights", default="fp16", help="fp16 (default), fp32, int8 (QDQ) or int4 (AR as MatMulNBits)")
+    q.add_argument("--weights", default="fp16", help="fp16 (default), fp32, int8 or int4 (AR as MatMulNBits)")
+    q.add_argument("--int8-layout", choices=("matmulnbits", "qdq"), default="matmulnbits",
+                   help="8-bit weights as ONNX Runtime MatMulNBits bits=8 (default: loads in bounded memory) or "
+                        "standard QDQ DequantizeLinear (other runtimes)")
     q.add_argument("--group-size", type=int, default=128, help="int4 group size (default 128)")
     q.add_argument("--opset", type=int, default=18, help="ONNX opset, 18 to 21 (default 18)")
     for q in ex.choices.values():

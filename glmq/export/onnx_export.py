@@ -14,7 +14,10 @@ Output folder::
 
 Each graph is traced once with storage-less (fake) weights, so tracing needs no weight memory; the weights
 are then streamed from the checkpoint into the file one tensor at a time, cast to the graph's float dtype
-or quantized (``glmq.export.onnx_quant``). Peak memory is a few copies of the largest single tensor.
+or quantized (``glmq.export.onnx_quant``). Peak memory is the largest single tensor in its checkpoint dtype
+plus its cast (the AR's 168064 x 4096 embedding: 1.4 GB bf16 + 2.75 GB fp32 in the int8/int4 graphs) on top
+of a ~1 GB trace, except that a graph kept inline (under 2 GB) peaks at ~3.6x its size while protobuf
+serializes it; benchmarks/results/onnx_full_cpu2.md has the full-size numbers.
 ``examples/onnx_generate.py`` runs the folder with onnxruntime, numpy and the tokenizers only.
 """
 
@@ -53,22 +56,32 @@ COPIED_FOLDERS = ("processor", "tokenizer", "scheduler")
 
 def export_onnx(src: str | Path, out: str | Path, *, component: str = "all", weights: str = "fp16",
                 force: bool = False, opset: int = DEFAULT_OPSET, group_size: int = 128, symmetric: bool = False,
-                float_dtype: str | None = None, external_data: bool | None = None, progress: bool = True) -> dict:
+                float_dtype: str | None = None, external_data: bool | None = None, int8_layout: str = "matmulnbits",
+                progress: bool = True) -> dict:
     """Export GLM-Image folder ``src`` to ONNX graphs in ``out``; returns a summary (also in ``glmq_onnx.json``).
 
     ``component``: ``"all"`` or one of ``ar``, ``glyph``, ``dit``, ``vae``. ``weights``: ``fp16`` (DiT and AR
-    in fp16), ``fp32``, ``int8`` (DiT and AR decoder-layer linears as int8 QDQ) or ``int4`` (AR decoder-layer
-    linears as ``MatMulNBits`` 4-bit with ``group_size`` and ``symmetric``; DiT int8). Quantization is
-    round-to-nearest with glmq's formats. ``float_dtype`` is the dtype of activations and unquantized weights
-    of the int8/int4 graphs (``float32`` by default: ONNX Runtime's CPU kernels; ``float16`` for GPUs).
+    in fp16), ``fp32``, ``int8`` (DiT and AR decoder-layer linears in 8 bits, laid out by ``int8_layout``) or
+    ``int4`` (AR decoder-layer linears as ``MatMulNBits`` 4-bit with ``group_size`` and ``symmetric``; DiT
+    int8). Quantization is round-to-nearest with glmq's formats. ``float_dtype`` is the dtype of activations
+    and unquantized weights of the int8/int4 graphs (``float32`` by default: ONNX Runtime's CPU kernels;
+    ``float16`` for GPUs).
     ``external_data``: None writes ``model.onnx.data`` only for graphs near the 2 GB protobuf limit, True
-    always, False never (a graph over the limit is then an error).
+    always, False never (a graph over the limit is then an error). ``int8_layout``: ``matmulnbits`` (default;
+    ONNX Runtime's ``MatMulNBits`` bits=8: a session loads the weights as written) or ``qdq`` (standard ONNX
+    ``DequantizeLinear`` for other runtimes; ONNX Runtime rewrites those weights while creating the session
+    and holds both copies: the full-size DiT passed 11 GB before its session opened,
+    ``benchmarks/results/onnx_full_cpu2.md``).
     """
     from glmq.io.reader import PipelineReader
     from glmq.io.validate import check_component
     from glmq.io.writer import OutputFolder
 
+    from glmq.export.onnx_quant import INT8_LAYOUTS
+
     graphs = _check_args(component, weights, opset, group_size, float_dtype)
+    if int8_layout not in INT8_LAYOUTS:
+        raise GlmqError(f"unknown int8 layout {int8_layout!r}; valid layouts: {', '.join(INT8_LAYOUTS)}")
     src, out = Path(src), Path(out)
     reader = PipelineReader(src)
     rs, ro = src.resolve(), out.resolve()
@@ -83,7 +96,7 @@ def export_onnx(src: str | Path, out: str | Path, *, component: str = "all", wei
 
     job = {"command": "export-onnx", "glmq": __version__, "graphs": graphs, "weights": weights, "opset": opset,
            "group_size": group_size, "symmetric": symmetric, "float_dtype": float_dtype,
-           "external_data": external_data}
+           "external_data": external_data, "int8_layout": int8_layout}
     folder = OutputFolder(out, job=job, force=force)
     results = {}
     for g in graphs:
@@ -91,7 +104,7 @@ def export_onnx(src: str | Path, out: str | Path, *, component: str = "all", wei
         fmt = quant.get(g)
         t0 = time.perf_counter()
         info = export_graph(reader, g, folder.path(f"{g}/model.onnx"), dtype=dtype, fmt=fmt, opset=opset,
-                            external_data=external_data, progress=progress)
+                            external_data=external_data, int8_layout=int8_layout, progress=progress)
         info["seconds"] = round(time.perf_counter() - t0, 2)
         results[g] = info
         gc.collect()
@@ -102,6 +115,7 @@ def export_onnx(src: str | Path, out: str | Path, *, component: str = "all", wei
         "version": FORMAT_VERSION,
         "created_by": f"glmq {__version__}",
         "weights": weights,
+        "int8_layout": int8_layout,
         "opset": opset,
         "graphs": results,
         "pipeline": pipeline_config(reader),
@@ -110,9 +124,10 @@ def export_onnx(src: str | Path, out: str | Path, *, component: str = "all", wei
             "vae_decoder and glyph_encoder are fp32 in every weights mode: an fp16 VAE overflows (NaN) and "
             "T5 encoders overflow in fp16",
             "ar_decoder takes position_ids [3, batch, sequence] (M-RoPE); see pipeline.grid.positions",
-            "ONNX Runtime fuses the int8 DequantizeLinear->MatMul pattern into MatMulNBits(bits=8) with int8 "
-            "activations (accuracy level 4) by default; session config "
-            "session.qdq_matmulnbits_accuracy_level=1 keeps fp32 activations",
+            "int8 layout qdq: ONNX Runtime fuses the int8 DequantizeLinear->MatMul pattern into MatMulNBits(bits=8) "
+            "with int8 activations (accuracy level 4) by default; session config "
+            "session.qdq_matmulnbits_accuracy_level=1 keeps fp32 activations. int8 layout matmulnbits: the linears "
+            "are MatMulNBits(bits=8) as written, with fp32 activations (accuracy level 0)",
             "the additive attention mask of ar_decoder uses the float dtype's minimum: left-padded fp16 batches "
             "can overflow to -inf on fully padded rows; batch 1 (no padding) is always safe",
         ],
@@ -222,7 +237,8 @@ def trace_graph(spec, opset: int):
     return proto, pending
 
 
-def trace(reader, graph: str, dtype, opset: int = DEFAULT_OPSET, *, fmt=None, external_data: bool | None = None):
+def trace(reader, graph: str, dtype, opset: int = DEFAULT_OPSET, *, fmt=None, external_data: bool | None = None,
+          int8_layout: str = "matmulnbits"):
     """Trace graph ``graph`` with fake weights: ``(spec, proto, pending)`` for :func:`export_graph`. One trace
     serves every weights mode of the same float dtype (quantization is a rewrite of the traced graph)."""
     import numpy as np
@@ -233,8 +249,8 @@ def trace(reader, graph: str, dtype, opset: int = DEFAULT_OPSET, *, fmt=None, ex
     np_dtype = np.dtype(str(dtype).removeprefix("torch."))
     targets = spec.quant_targets if fmt is not None else set()
     # The weights' size is known before tracing (the graph structure adds ~1 MB): fail before the slow part.
-    weight_bytes = sum(_nbytes(p.dtype, tuple(p.shape), fmt if spec.checkpoint_name(n) in targets else None, np_dtype)
-                       for n, p in spec.module.named_parameters())
+    weight_bytes = sum(_nbytes(p.dtype, tuple(p.shape), fmt if spec.checkpoint_name(n) in targets else None, np_dtype,
+                               int8_layout) for n, p in spec.module.named_parameters())
     if external_data is False and weight_bytes >= PROTOBUF_LIMIT:
         raise _too_big(graph, weight_bytes)
     proto, pending = trace_graph(spec, opset)
@@ -243,9 +259,11 @@ def trace(reader, graph: str, dtype, opset: int = DEFAULT_OPSET, *, fmt=None, ex
 
 
 def export_graph(reader, graph: str, path: Path, *, dtype, fmt=None, opset: int = DEFAULT_OPSET,
-                 external_data: bool | None = None, progress: bool = True, traced=None) -> dict:
+                 external_data: bool | None = None, int8_layout: str = "matmulnbits", progress: bool = True,
+                 traced=None) -> dict:
     """Write graph ``graph`` with ``reader``'s weights (cast to ``dtype``, or quantized by ``fmt`` where the graph
-    has quantization targets) to ``path``; returns its description. ``traced`` reuses a :func:`trace` result."""
+    has quantization targets; int8 in ``int8_layout``) to ``path``; returns its description. ``traced`` reuses
+    a :func:`trace` result."""
     import numpy as np
     import onnx
 
@@ -254,7 +272,7 @@ def export_graph(reader, graph: str, path: Path, *, dtype, fmt=None, opset: int 
     from glmq.progress import ByteProgress
 
     if traced is None:
-        traced = trace(reader, graph, dtype, opset, fmt=fmt, external_data=external_data)
+        traced = trace(reader, graph, dtype, opset, fmt=fmt, external_data=external_data, int8_layout=int8_layout)
     spec, traced_proto, pending = traced
     proto = onnx.ModelProto()
     proto.CopyFrom(traced_proto)  # the rewrite edits the graph in place; a trace stays reusable
@@ -269,7 +287,7 @@ def export_graph(reader, graph: str, path: Path, *, dtype, fmt=None, opset: int 
             raise GlmqError(f"{graph}: graph weight {name!r} has no tensor in {cr.folder.name}/ to read from")
         names[name] = ckpt
     quantize = {n for n, c in names.items() if c in targets}
-    total = proto.ByteSize() + sum(_nbytes(dt, shape, fmt if n in quantize else None, np_dtype)
+    total = proto.ByteSize() + sum(_nbytes(dt, shape, fmt if n in quantize else None, np_dtype, int8_layout)
                                    for n, (dt, shape) in pending.items())
     if external_data is None:
         external = total >= PROTOBUF_LIMIT * 0.95
@@ -278,7 +296,7 @@ def export_graph(reader, graph: str, path: Path, *, dtype, fmt=None, opset: int 
     else:
         external = bool(external_data)
 
-    sink = _TensorSink(path, external)
+    sink = _TensorSink(path, external, proto)
     rewriter = LinearRewriter(proto, sink.add, np_dtype)
     result = QuantResult(fmt.config()) if fmt is not None else None
     with ByteProgress(total, f"onnx {graph}", enabled=progress) as bar:
@@ -295,17 +313,20 @@ def export_graph(reader, graph: str, path: Path, *, dtype, fmt=None, opset: int 
                     tensors = fmt.quantize(w)
                     if fmt.name == "int4":
                         rewriter.int4(name, tensors, uses, fmt.group_size)
-                    else:
+                    elif int8_layout != "matmulnbits" or not rewriter.int8_matmulnbits(name, tensors, uses):
+                        if int8_layout == "matmulnbits":
+                            result.qdq_fallback.append(names[name])
                         rewriter.int8(name, tensors, uses)
                     result.layers.append(names[name])
-                    bar.update(_nbytes(tdtype, shape, fmt, np_dtype))
+                    del tensors
+                    bar.update(_nbytes(tdtype, shape, fmt, np_dtype, int8_layout))
                     continue
             sink.add(name, _to_numpy(w, tdtype, f"{graph} weight {names[name]}"))
             bar.update(_nbytes(tdtype, shape, None, np_dtype))
             del w
     rewriter.finish()
-    sink.finish(proto)
-    del proto
+    sink.finish()
+    del proto, sink, rewriter
     gc.collect()
     _check_file(path)
     info = describe(path)
@@ -321,8 +342,9 @@ def _too_big(graph: str, nbytes: int) -> GlmqError:
                      "export it with external data (drop --no-external-data)")
 
 
-def _nbytes(tdtype, shape: tuple[int, ...], fmt, np_dtype) -> int:
-    """Bytes a weight takes in the file: as a float of its graph, or quantized by ``fmt``."""
+def _nbytes(tdtype, shape: tuple[int, ...], fmt, np_dtype, int8_layout: str = "matmulnbits") -> int:
+    """Bytes a weight takes in the file: as a float of its graph, or quantized by ``fmt`` (an estimate within
+    a block's scales of the MatMulNBits int8 layout)."""
     import torch
 
     numel = math.prod(shape)
@@ -331,19 +353,31 @@ def _nbytes(tdtype, shape: tuple[int, ...], fmt, np_dtype) -> int:
     n, k = shape
     item = np_dtype.itemsize
     if fmt.name == "int8":
+        if int8_layout == "matmulnbits":
+            return n * k + n * -(-k // 128) * item
         return n * k + n * (item + 1)
     blocks = k // fmt.group_size
     zeros = 0 if fmt.symmetric else n * -(-blocks // 2)
     return n * k // 2 + n * blocks * item + zeros
 
 
-def _to_numpy(t, tdtype, what: str):
+# Elements per chunk of the finiteness check: torch.isfinite makes an |x| copy and two masks of its input,
+# which for the AR's 2.75 GB fp32 embedding would double the export's peak memory.
+FINITE_CHUNK = 1 << 22
+
+
+def _all_finite(t) -> bool:
     import torch
 
+    flat = t.reshape(-1)
+    return all(bool(torch.isfinite(c).all()) for c in flat.split(FINITE_CHUNK))
+
+
+def _to_numpy(t, tdtype, what: str):
     if t.is_floating_point():
         if tdtype.is_floating_point and t.dtype != tdtype:
             t = t.to(tdtype)
-            if not bool(torch.isfinite(t).all()):
+            if not _all_finite(t):
                 raise GlmqError(f"{what} does not fit {str(tdtype).removeprefix('torch.')} (values overflow); "
                                 "export with --weights fp32")
     elif t.dtype != tdtype:
@@ -352,13 +386,17 @@ def _to_numpy(t, tdtype, what: str):
 
 
 class _TensorSink:
-    """Collects a graph's initializers, inline or streamed to ``model.onnx.data`` (aligned offsets)."""
+    """Adds initializers to ``proto``, inline or streamed to ``model.onnx.data`` (aligned offsets), and saves it.
 
-    def __init__(self, path: Path, external: bool):
+    Inline tensors go into the graph as they come (collecting them first and extending the graph at the end
+    held two copies). An inline graph still peaks at about 3.6x its size while it is saved: protobuf
+    serializes it into an arena and then into bytes (full-size VAE decoder, 0.93 GB: 3.6 GB)."""
+
+    def __init__(self, path: Path, external: bool, proto):
         self.path = path
         self.external = external
+        self.proto = proto
         self.location = f"{path.name}.data"
-        self.tensors = []
         self._file = open(path.with_name(self.location), "wb") if external else None
         self._offset = 0
 
@@ -368,33 +406,33 @@ class _TensorSink:
 
         arr = np.ascontiguousarray(arr)
         if self._file is None or arr.nbytes < EXTERNAL_MIN_BYTES:
-            self.tensors.append(numpy_helper.from_array(arr, name))
+            self.proto.graph.initializer.append(numpy_helper.from_array(arr, name))
             return
         pad = -self._offset % EXTERNAL_ALIGN
         if pad:
             self._file.write(b"\0" * pad)
             self._offset += pad
-        data = arr.astype(arr.dtype.newbyteorder("<"), copy=False).tobytes()
-        self._file.write(data)
+        # Write the array's own buffer: ``tobytes()`` would hold a second copy of the largest tensor (the
+        # AR's fp32 embedding is 2.75 GB).
+        data = np.ascontiguousarray(arr.astype(arr.dtype.newbyteorder("<"), copy=False))
+        self._file.write(memoryview(data).cast("B"))
         t = TensorProto(name=name, data_type=helper.np_dtype_to_tensor_dtype(arr.dtype), dims=list(arr.shape))
-        for key, value in (("location", self.location), ("offset", str(self._offset)), ("length", str(len(data)))):
+        for key, value in (("location", self.location), ("offset", str(self._offset)), ("length", str(data.nbytes))):
             entry = t.external_data.add()
             entry.key, entry.value = key, value
         t.data_location = TensorProto.EXTERNAL
-        self.tensors.append(t)
-        self._offset += len(data)
+        self.proto.graph.initializer.append(t)
+        self._offset += data.nbytes
 
-    def finish(self, proto) -> None:
+    def finish(self) -> None:
         import onnx
 
         if self._file is not None:
             self._file.close()
-        proto.graph.initializer.extend(self.tensors)
-        self.tensors = []
-        if proto.ByteSize() >= PROTOBUF_LIMIT:
+        if self.proto.ByteSize() >= PROTOBUF_LIMIT:
             raise GlmqError(f"{self.path.parent.name} is over protobuf's 2 GiB limit without external data; "
                             "export it with external data")
-        onnx.save_model(proto, str(self.path))
+        onnx.save_model(self.proto, str(self.path))
 
 
 def _check_file(path: Path) -> None:

@@ -18,6 +18,12 @@ that pattern:
   ``z = 8`` when symmetric) is therefore ``B = weight.reshape(N, K/G, G/2)``; integer zero points (RTN)
   are packed, fractional ones (HQQ) stay unpacked floats. :func:`matmulnbits_dequantize_ref` decodes the
   documented layout in numpy; the tests check it against glmq's own dequantization, bit for bit.
+- ``int8`` as ``MatMulNBits`` bits=8 (``int8_layout="matmulnbits"``): the same per-channel codes in ONNX
+  Runtime's own layout, so that a session loads them as they are. ``B`` uint8 [N, K / block, block] holds
+  ``q + 128`` (the default 8-bit zero point is 128), ``scales`` [N, K / block] repeats each row's scale;
+  ``w = (B - 128) * scale = q * scale`` exactly. With QDQ, ONNX Runtime rewrites every
+  ``DequantizeLinear -> MatMul`` into this form itself while it creates the session, holding the int8
+  weights and the rewritten ones at once (see benchmarks/results/onnx_full_cpu2.md).
 """
 
 from __future__ import annotations
@@ -31,6 +37,12 @@ import onnx
 from onnx import helper
 
 MS_DOMAIN = "com.microsoft"
+
+# How int8 weights are written: standard ONNX QDQ (any runtime) or ONNX Runtime's MatMulNBits bits=8.
+INT8_LAYOUTS = ("qdq", "matmulnbits")
+# MatMulNBits block along K for int8 codes (every block of a row shares the row's scale, so any block is
+# exact; ONNX Runtime's CPU kernels take powers of two from 16). Largest that divides K, down to 16.
+NBITS8_BLOCKS = (128, 64, 32, 16)
 
 # Which glmq format quantizes which graph under each --weights mode. The DiT stays at int8 under int4: it
 # is compute-bound, so 4-bit weights would cost quality for no speed (glmq's recipes keep it at 8 bits too).
@@ -47,10 +59,14 @@ class QuantResult:
     format: dict[str, Any]
     layers: list[str] = field(default_factory=list)  # checkpoint names of the quantized weights
     kept_float: dict[str, str] = field(default_factory=dict)  # checkpoint name -> why it stayed float
+    qdq_fallback: list[str] = field(default_factory=list)  # int8 layers left QDQ: K fits no MatMulNBits block
 
     def to_json(self) -> dict:
-        return {"format": self.format, "num_layers": len(self.layers), "layers": self.layers,
-                "kept_float": self.kept_float}
+        out = {"format": self.format, "num_layers": len(self.layers), "layers": self.layers,
+               "kept_float": self.kept_float}
+        if self.qdq_fallback:
+            out["qdq_fallback"] = self.qdq_fallback
+        return out
 
 
 # ---- layouts ---------------------------------------------------------------------------------------------
@@ -92,20 +108,34 @@ def int4_to_matmulnbits(tensors: dict, group_size: int, np_dtype: np.dtype) -> d
     return out
 
 
+def int8_to_matmulnbits(tensors: dict, np_dtype: np.dtype) -> tuple[dict[str, np.ndarray], int] | None:
+    """glmq int8 tensors (codes [N, K], scale [N, 1]) -> (MatMulNBits bits=8 ``B`` and ``scales``, block size),
+    or None when K has no block size in :data:`NBITS8_BLOCKS` (the layer then stays QDQ)."""
+    q = tensors["weight"].numpy()
+    n, k = q.shape
+    block = next((b for b in NBITS8_BLOCKS if k % b == 0), None)
+    if block is None:
+        return None
+    b = (q.view(np.uint8) ^ np.uint8(0x80)).reshape(n, k // block, block)  # two's complement: q + 128
+    scale = tensors["weight_scale"].float().numpy().reshape(n, 1).astype(np_dtype)
+    return {"B": b, "scales": np.ascontiguousarray(np.broadcast_to(scale, (n, k // block)))}, block
+
+
 def matmulnbits_dequantize_ref(b: np.ndarray, scales: np.ndarray, zero_points: np.ndarray | None, *, k: int,
                                n: int, bits: int, block_size: int) -> np.ndarray:
     """The fp32 weight [N, K] that MatMulNBits inputs represent, decoded from ONNX Runtime's documented
-    layout (see the module docstring); 4-bit only."""
-    if bits != 4:
-        raise ValueError("this reference decodes bits=4 only")
+    layout (see the module docstring); bits 4 or 8."""
+    if bits not in (4, 8):
+        raise ValueError("this reference decodes bits=4 and bits=8 only")
     k_blocks = -(-k // block_size)
     if b.shape != (n, k_blocks, block_size * bits // 8) or scales.shape != (n, k_blocks):
         raise ValueError(f"bad MatMulNBits shapes B {b.shape}, scales {scales.shape} for N={n}, K={k}")
-    q = unpack_nibbles(b, block_size).astype(np.float32)  # [N, k_blocks, block_size]
+    # [N, k_blocks, block_size] codes
+    q = (unpack_nibbles(b, block_size) if bits == 4 else b).astype(np.float32)
     if zero_points is None:
         z = np.full((n, k_blocks), float(2 ** (bits - 1)), dtype=np.float32)
     elif zero_points.dtype == np.uint8:
-        z = unpack_nibbles(zero_points, k_blocks).astype(np.float32)
+        z = (unpack_nibbles(zero_points, k_blocks) if bits == 4 else zero_points[:, :k_blocks]).astype(np.float32)
     else:
         z = zero_points.astype(np.float32)
     w = (q - z[..., None]) * scales.astype(np.float32)[..., None]
@@ -199,8 +229,21 @@ class LinearRewriter:
 
     def int4(self, weight: str, tensors: dict, uses: list[_Use], group_size: int) -> None:
         n, half_k = tensors["weight"].shape
-        k = 2 * half_k
-        packed = int4_to_matmulnbits(tensors, group_size, self.np_dtype)
+        self._matmulnbits(weight, int4_to_matmulnbits(tensors, group_size, self.np_dtype), uses, n=n,
+                          k=2 * half_k, bits=4, block_size=group_size)
+
+    def int8_matmulnbits(self, weight: str, tensors: dict, uses: list[_Use]) -> bool:
+        """int8 codes as MatMulNBits bits=8; False (nothing done) when K fits no block size."""
+        converted = int8_to_matmulnbits(tensors, self.np_dtype)
+        if converted is None:
+            return False
+        packed, block = converted
+        n, k = tensors["weight"].shape
+        self._matmulnbits(weight, packed, uses, n=n, k=k, bits=8, block_size=block)
+        return True
+
+    def _matmulnbits(self, weight: str, packed: dict[str, np.ndarray], uses: list[_Use], *, n: int, k: int,
+                     bits: int, block_size: int) -> None:
         names = {key: f"{weight}.{key}" for key in packed}
         for key, arr in packed.items():
             self.emit(names[key], arr)
@@ -214,7 +257,7 @@ class LinearRewriter:
             while inputs and inputs[-1] == "":
                 inputs.pop()
             new = helper.make_node("MatMulNBits", inputs, list(u.node.output), name=f"{weight}/MatMulNBits_{i}",
-                                   domain=MS_DOMAIN, K=k, N=n, bits=4, block_size=group_size)
+                                   domain=MS_DOMAIN, K=k, N=n, bits=bits, block_size=block_size)
             u.node.CopyFrom(new)
         self._drop_transposes(uses)
         self.added_ms = True

@@ -193,17 +193,20 @@ def test_fp32_graph_matches_torch(graph, fp32_export, reader, tiny_dir):
 # ---- quantized graphs -------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("weights,graphs", [("int8", ["dit"]), ("int4", ["ar_decoder"])])
-def test_quantized_graphs(weights, graphs, tiny_dir, reader, tmp_path):
-    """int8 on the DiT (its linears come as MatMul(x, Transpose(W)) and, for the 2-D AdaLN input, Gemm) and
-    int4 on the AR through the public API. The AR's int8 path is the DiT's MatMul one."""
+@pytest.mark.parametrize("weights,graphs,layout", [("int8", ["dit"], "qdq"), ("int8", ["dit"], "matmulnbits"),
+                                                   ("int4", ["ar_decoder"], "qdq")])
+def test_quantized_graphs(weights, graphs, layout, tiny_dir, reader, tmp_path):
+    """int8 on the DiT (its linears come as MatMul(x, Transpose(W)) and, for the 2-D AdaLN input, Gemm) as QDQ
+    and as MatMulNBits bits=8, and int4 on the AR through the public API. The AR's int8 path is the DiT's
+    MatMul one."""
     if weights == "int8":  # the graph alone, without the folder around it
         index = {"graphs": {}}
         fmt = oe._quant_formats(weights, 128, False)
         for g in graphs:
             path = tmp_path / g / "model.onnx"
             path.parent.mkdir()
-            index["graphs"][g] = oe.export_graph(reader, g, path, dtype=torch.float32, fmt=fmt[g], progress=False)
+            index["graphs"][g] = oe.export_graph(reader, g, path, dtype=torch.float32, fmt=fmt[g], progress=False,
+                                                 int8_layout=layout)
         out = tmp_path
     else:
         out = tmp_path / "int4"
@@ -214,9 +217,14 @@ def test_quantized_graphs(weights, graphs, tiny_dir, reader, tmp_path):
         print(g, weights, q["num_layers"], "layers quantized; kept float:", q["kept_float"])
         assert q["num_layers"] == {"ar_decoder": 12, "dit": 14}[g] and not q["kept_float"]
         ops = set(index["graphs"][g]["ops"])
-        expect_op = "com.microsoft::MatMulNBits" if (weights, g) == ("int4", "ar_decoder") else "DequantizeLinear"
-        assert expect_op in ops
-        if g == "dit":  # both patterns: DequantizeLinear on [K, N] (axis 1) for MatMul, on [N, K] (axis 0) for Gemm
+        nbits = weights == "int4" or layout == "matmulnbits"
+        assert ("com.microsoft::MatMulNBits" if nbits else "DequantizeLinear") in ops
+        if nbits:  # every quantized linear, MatMul and Gemm alike, is one MatMulNBits of the expected width
+            nodes = onnx.load(str(out / g / "model.onnx"), load_external_data=False).graph.node
+            bits = {a.i for nd in nodes if nd.op_type == "MatMulNBits" for a in nd.attribute if a.name == "bits"}
+            assert bits == {4 if weights == "int4" else 8} and "DequantizeLinear" not in ops
+            assert sum(nd.op_type == "MatMulNBits" for nd in nodes) >= q["num_layers"]
+        elif g == "dit":  # both patterns: DequantizeLinear on [K, N] (axis 1) for MatMul, on [N, K] (axis 0) for Gemm
             nodes = onnx.load(str(out / g / "model.onnx"), load_external_data=False).graph.node
             axes = {a.i for nd in nodes if nd.op_type == "DequantizeLinear" for a in nd.attribute if a.name == "axis"}
             assert axes == {0, 1}
@@ -231,7 +239,10 @@ def test_quantized_graphs(weights, graphs, tiny_dir, reader, tmp_path):
             ref = _run_torch(fp32.module, args)[0]
             sqnr = _sqnr(got[0], ref)
             sqnr_default = _sqnr(default.run(None, np_feed)[0], ref)
-            print(f"{weights} {g}[{case}] SQNR vs fp32: {sqnr:.1f} dB (ORT default session: {sqnr_default:.1f} dB)")
+            print(f"{weights} {layout} {g}[{case}] SQNR vs fp32: {sqnr:.1f} dB (ORT default session: "
+                  f"{sqnr_default:.1f} dB)")
+            if layout == "matmulnbits":  # no fusion to opt out of: the default session is already exact
+                _check_close(default.run(None, np_feed), spec, args, f"{weights} {layout} {g}[{case}] default")
             assert sqnr >= SQNR_FLOOR[(weights, g)]
 
 
@@ -260,6 +271,37 @@ def test_matmulnbits_layout_bit_exact(group_size, symmetric):
     ref = x.astype(np.float64) @ glmq.T.astype(np.float64)
     bound = 4 * k * np.finfo(np.float32).eps * float((np.abs(x) @ np.abs(glmq).T).max())
     print(f"MatMulNBits g{group_size} sym={symmetric}: max err {np.abs(y - ref).max():.3g}, bound {bound:.3g}")
+    assert np.abs(y - ref).max() <= bound
+
+
+@pytest.mark.parametrize("k,block", [(4096, 128), (1472, 64), (13696, 128), (208, 16), (200, None)])
+def test_int8_matmulnbits_layout_bit_exact(k, block):
+    """int8 codes as MatMulNBits bits=8 decode to glmq's dequantized weight bit for bit, and ONNX Runtime's
+    kernel computes x @ W^T with it to fp32 matmul accuracy. K: GLM-Image's real widths (DiT/AR hidden, glyph
+    d_model, AR MLP), a small block, and one that fits no block (the layer then stays QDQ)."""
+    from glmq.export.onnx_quant import int8_to_matmulnbits
+
+    n = 37
+    w = (torch.randn(n, k, generator=torch.Generator().manual_seed(k)) * 0.02).to(torch.bfloat16)
+    w[5] = 0  # an all-zero row
+    w[6, 7] = 1.0  # a row whose extreme code is +127 and one ...
+    w[7, 3] = -1.0  # ... -127: both ends of the code range
+    fmt = get_format("int8")
+    tensors = fmt.quantize(w)
+    converted = int8_to_matmulnbits(tensors, np.float32)
+    if block is None:
+        assert converted is None
+        return
+    packed, got_block = converted
+    assert got_block == block and packed["B"].shape == (n, k // block, block) and packed["B"].dtype == np.uint8
+    ours = matmulnbits_dequantize_ref(packed["B"], packed["scales"], None, k=k, n=n, bits=8, block_size=block)
+    glmq = fmt.dequantize(tensors, (n, k)).numpy()
+    assert np.array_equal(ours, glmq)
+    x = np.random.default_rng(0).standard_normal((3, k)).astype(np.float32)
+    y = _run_matmulnbits(x, packed, n, k, block, bits=8)
+    ref = x.astype(np.float64) @ glmq.T.astype(np.float64)
+    bound = 4 * k * np.finfo(np.float32).eps * float((np.abs(x) @ np.abs(glmq).T).max())
+    print(f"MatMulNBits bits=8 K={k} block {block}: max err {np.abs(y - ref).max():.3g}, bound {bound:.3g}")
     assert np.abs(y - ref).max() <= bound
 
 
@@ -344,7 +386,7 @@ def test_linear_rewrite_patterns(fmt_name):
     assert np.allclose(m3, x3 @ w["W3"].T, rtol=1e-5, atol=1e-6) and np.allclose(y3, w["W3"].sum(), rtol=1e-4)
 
 
-def _run_matmulnbits(x, packed, n, k, group_size) -> np.ndarray:
+def _run_matmulnbits(x, packed, n, k, group_size, bits: int = 4) -> np.ndarray:
     from onnx import TensorProto, helper, numpy_helper
 
     inits = [numpy_helper.from_array(packed["B"], "B"), numpy_helper.from_array(packed["scales"], "scales")]
@@ -352,7 +394,7 @@ def _run_matmulnbits(x, packed, n, k, group_size) -> np.ndarray:
     if "zero_points" in packed:
         inits.append(numpy_helper.from_array(packed["zero_points"], "zp"))
         inputs.append("zp")
-    node = helper.make_node("MatMulNBits", inputs, ["y"], domain="com.microsoft", K=k, N=n, bits=4,
+    node = helper.make_node("MatMulNBits", inputs, ["y"], domain="com.microsoft", K=k, N=n, bits=bits,
                             block_size=group_size)
     graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, list(x.shape))],
                               [helper.make_tensor_value_info("y", TensorProto.FLOAT, [x.shape[0], n])], inits)
