@@ -23,34 +23,13 @@ CPU_PARAM_LIMIT = 2_000_000_000  # above this, model-level evaluation on the CPU
 
 
 def load_dequantized(cr, *, device="cpu", dtype=None):
-    """Build a component's upstream module on ``device`` with every tensor loaded, one tensor at a time;
-    quantized layers are dequantized. ``dtype`` defaults to fp32 (evaluation precision)."""
+    """A component's upstream module on ``device`` with quantized layers dequantized into plain linears,
+    loaded one tensor at a time; ``dtype`` defaults to fp32 (evaluation precision)."""
     import torch
 
-    from glmq.models.build import build_model, tensor_specs
-    from glmq.quant.checkpoint import layer_formats
+    from glmq.runtime.loader import load_component
 
-    dtype = dtype or torch.float32
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
-    try:  # built for real (not on meta) so non-persistent buffers such as rotary tables exist
-        model = build_model(cr.component, cr.config, device=device)
-    finally:
-        torch.set_default_dtype(previous)
-    layers = layer_formats(cr.quantization_config) if cr.quantization_config else {}
-    with torch.no_grad():
-        for name, _, shape in tensor_specs(model, "float32"):
-            prefix = name.removesuffix(".weight")
-            if name.endswith(".weight") and prefix in layers:
-                fmt, _ = layers[prefix]
-                stored = {k.removeprefix(prefix + "."): cr.get(k) for k in fmt.expected_tensors(prefix, shape)}
-                value = fmt.dequantize(stored, shape)
-            else:
-                value = cr.get(name)
-            target = model.get_parameter(name) if name in dict(model.named_parameters()) else model.get_buffer(name)
-            target.copy_(value.to(target.dtype))
-    model.eval()
-    return model
+    return load_component(cr, device=device, dtype=dtype or torch.float32, dequantize=True)
 
 
 def sqnr(ref, test) -> float:

@@ -47,8 +47,14 @@ def quant_plan(cr: ComponentReader) -> dict[str, dict]:
     return plan
 
 
-def load_component(cr: ComponentReader, *, device: str | torch.device = "cpu", dtype=None) -> nn.Module:
-    """The component's upstream module on ``device``; float tensors in ``dtype`` (default: as stored)."""
+def load_component(cr: ComponentReader, *, device: str | torch.device = "cpu", dtype=None,
+                   dequantize: bool = False) -> nn.Module:
+    """The component's upstream module on ``device``; float tensors in ``dtype`` (default: as stored).
+
+    Quantized layers become :class:`QuantLinear` modules, or with ``dequantize`` plain ``nn.Linear`` layers
+    holding the dequantized weights (the reference math every quantized kernel is tested against; what the
+    fidelity evaluation runs).
+    """
     import torch
 
     from glmq.models.build import build_model
@@ -56,6 +62,12 @@ def load_component(cr: ComponentReader, *, device: str | torch.device = "cpu", d
 
     model = build_model(cr.component, cr.config)
     plan = quant_plan(cr)
+    dequantized: dict = {}
+    if plan and dequantize:
+        from glmq.quant.checkpoint import layer_formats
+
+        dequantized = {name: fmt for name, (fmt, _) in layer_formats(cr.quantization_config).items()}
+        plan = {}
     if plan:
         swap_linears(model, plan)
     # Tied parameters (T5's shared / encoder.embed_tokens) are stored once; to_empty unties them.
@@ -73,11 +85,23 @@ def load_component(cr: ComponentReader, *, device: str | torch.device = "cpu", d
             setattr(model.get_submodule(owner_name), attr, model.get_parameter(first))
     expected = set(model.state_dict().keys())
     stored = set(cr.names())
-    missing = sorted(expected - stored - aliases)
+    # A dequantized layer's weight is computed from its stored quantized tensors.
+    from_quantized: dict[str, str] = {}
+    for prefix, fmt in dequantized.items():
+        for qname in fmt.expected_tensors(prefix, tuple(model.get_submodule(prefix).weight.shape)):
+            from_quantized[qname] = prefix
+    missing = sorted(expected - stored - aliases - {f"{prefix}.weight" for prefix in dequantized})
     if missing:
         raise CheckpointError(f"{cr.folder}: missing tensor {missing[0]!r}" + (f" (+{len(missing) - 1} more)" if len(missing) > 1 else ""))
     with torch.no_grad():
+        for prefix, fmt in dequantized.items():
+            weight = model.get_submodule(prefix).weight
+            shape = tuple(weight.shape)
+            stored_q = {q.removeprefix(prefix + "."): cr.get(q) for q in fmt.expected_tensors(prefix, shape)}
+            weight.copy_(fmt.dequantize(stored_q, shape).to(weight.dtype))
         for name in cr.names():
+            if name in from_quantized:
+                continue
             if name not in expected or name in aliases:
                 raise CheckpointError(f"{cr.folder}: unexpected tensor {name!r}")
             module_name, _, attr = name.rpartition(".")
