@@ -237,7 +237,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("src", help="GLM-Image pipeline folder (the release or make-tiny output)")
     p.add_argument("--out", required=True, help="output folder (must not exist unless --force)")
     p.add_argument("--recipe", default="default",
-                   help="recipe name (default, ampere, quality, tier16) or a path to a .toml recipe")
+                   help="recipe name (default, fast, ampere, quality, tier16) or a path to a .toml recipe")
     p.add_argument("--device", default="cpu", help="where quantization math runs: cpu (default) or cuda")
     p.add_argument("--calib-prompts", default=None, metavar="FILE",
                    help="text file, one prompt per line, for calibrated algorithms (GPTQ) and the per-layer "

@@ -239,3 +239,15 @@ def test_model_level_fidelity_is_reported(quantized):
     assert 0 < ml["ar"]["logits_sqnr_db"] < 200 and ml["ar"]["kl_mean"] >= 0
     assert set(ml["dit"]["velocity_sqnr_db"]) == {"999", "750", "500", "250", "0"}
     assert ml["image"]["psnr_db"] > 20
+
+
+def test_quantize_help_names_every_shipped_recipe():
+    import re
+
+    from glmq.cli import build_parser
+    from glmq.quant.recipe import available_recipes
+
+    sub = next(a for a in build_parser()._subparsers._group_actions if a.choices).choices["quantize"]
+    helptext = next(a.help for a in sub._actions if "--recipe" in a.option_strings)
+    listed = re.search(r"recipe name \(([^)]*)\)", helptext).group(1).split(", ")
+    assert sorted(listed) == available_recipes()
