@@ -204,14 +204,12 @@ def quantize(src: str | Path, out: str | Path, *, recipe: str | Path = "default"
 
     report = _build_report(rec, components, stats_root, calibrated=gptq,
                            layer_outputs={k: c.describe() for k, c in calibrators.items()} if layer_outputs else None)
-    if evaluate:  # synthetic outlier layers at the released shapes (glmq.quant.outlier_eval)
-        from glmq.quant.outlier_eval import evaluate_outliers
-
-        report["outlier_eval"] = evaluate_outliers(rec)
     shutil.rmtree(stats_root, ignore_errors=True)
     if evaluate:
         from glmq.quant.fidelity import evaluate as evaluate_model
+        from glmq.quant.outlier_eval import evaluate_outliers
 
+        report["outlier_eval"] = evaluate_outliers(rec)  # synthetic outlier layers at the released shapes
         report["model_level"] = evaluate_model(src, folder.partial, device=device)
     from glmq.quant.report import model_card, report_markdown
 
