@@ -3,12 +3,10 @@
 from __future__ import annotations
 
 import errno
-import json
 import math
 import shutil
 
 import pytest
-import torch
 from safetensors.torch import load_file, save_file
 
 from glmq.errors import GlmqError
