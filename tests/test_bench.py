@@ -28,10 +28,15 @@ def test_bench_on_cpu_writes_json_markdown_and_png(tiny_dir, tmp_path):
     assert big_tier["fit"] and ROW_FIELDS <= set(big_tier) and STAGE_FIELDS == set(big_tier["stages"])
     assert big_tier["seconds_per_image"]["min"] <= big_tier["seconds_per_image"]["median"] <= big_tier["seconds_per_image"]["max"]
     assert big_tier["stages"]["ar_ms_per_token"] > 0 and big_tier["speedup_vs_stock"] > 0
+    # The warm-up image used the same seed and step count; on the CPU the pipeline is deterministic.
+    checks = big_tier["checks"]
+    assert checks["warmup_s"] > 0
+    assert checks["same_seed_prior_tokens_equal"] == 1.0 and checks["same_seed_image_max_abs_diff"] == 0.0
     with Image.open(out / "bench.png") as img:
         img.verify()
     md = (out / "bench.md").read_text()
     assert "does not fit" in md and "stock diffusers bf16" in md
+    assert "same seed: 100.0% of AR tokens equal, max pixel diff 0" in md
 
 
 def test_bench_profile_lists_top_kernels_per_stage(tiny_dir, tmp_path):

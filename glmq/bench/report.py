@@ -28,9 +28,22 @@ def table_rows(result: dict) -> list[list[str]]:
             f"{s['median']:.2f} ({s['min']:.2f}-{s['max']:.2f})",
             _cell(st.get("ar_ms_per_token")), _cell(st.get("dit_ms_per_step"), "{:.1f}"),
             _cell(r.get("peak_allocated_gib")), _cell(r.get("peak_reserved_gib")),
-            _cell(r.get("speedup_vs_stock"), "{:.1f}x"), "",
+            _cell(r.get("speedup_vs_stock"), "{:.1f}x"), _checks_note(r.get("checks") or {}),
         ])
     return rows
+
+
+def _checks_note(checks: dict) -> str:
+    """The warm-up time and the same-seed comparison of a glmq row, in a few words."""
+    parts = []
+    if "warmup_s" in checks:
+        parts.append(f"warm-up image {checks['warmup_s']:.0f} s")
+    if "same_seed_prior_tokens_equal" in checks:
+        same = f"same seed: {100 * checks['same_seed_prior_tokens_equal']:.1f}% of AR tokens equal"
+        if "same_seed_image_max_abs_diff" in checks:
+            same += f", max pixel diff {checks['same_seed_image_max_abs_diff']:.3g}"
+        parts.append(same)
+    return "; ".join(parts)
 
 
 HEADER = ["provider", "recipe", "tier", "size", "mode", "s/image median (min-max)", "AR ms/token",

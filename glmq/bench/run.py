@@ -255,18 +255,32 @@ def _run_glmq(pipe, cfg: BenchConfig, size, device) -> tuple[list[float], list]:
     import torch
 
     w, h = size
+    checks: dict = {}
+    warm = None
     if cfg.warmup:
-        pipe(cfg.prompt, height=h, width=w, num_inference_steps=min(cfg.steps, cfg.warmup_steps or cfg.steps),
-             generator=torch.Generator().manual_seed(cfg.seed))
+        warm_steps = min(cfg.steps, cfg.warmup_steps or cfg.steps)
+        t0 = time.perf_counter()
+        warm = pipe(cfg.prompt, height=h, width=w, num_inference_steps=warm_steps,
+                    generator=torch.Generator().manual_seed(cfg.seed), output_type="pt")
+        checks["warmup_s"] = round(time.perf_counter() - t0, 3)  # compilation, graph capture, autotuning
+        warm_prior = pipe.last_prior_token_ids
+        if warm_steps != cfg.steps:
+            warm = None  # a shorter warm-up makes a different image: nothing to compare
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
     seconds, stages = [], []
     for i in range(cfg.images):
-        pipe(cfg.prompt, height=h, width=w, num_inference_steps=cfg.steps,
-             generator=torch.Generator().manual_seed(cfg.seed + i))
+        out = pipe(cfg.prompt, height=h, width=w, num_inference_steps=cfg.steps,
+                   generator=torch.Generator().manual_seed(cfg.seed + i), output_type="pt")
         seconds.append(pipe.last_times.total_s)
         stages.append(pipe.last_times)
-    return seconds, stages
+        if i == 0 and cfg.warmup:
+            # The warm-up used the same seed: a deterministic pipeline reproduces its tokens and pixels.
+            prior = pipe.last_prior_token_ids
+            checks["same_seed_prior_tokens_equal"] = round(float((prior == warm_prior).float().mean()), 4)
+            if warm is not None:
+                checks["same_seed_image_max_abs_diff"] = round(float((out.float() - warm.float()).abs().max()), 5)
+    return seconds, stages, checks
 
 
 def _stage_dict(t) -> dict:
@@ -372,7 +386,8 @@ def run_bench(cfg: BenchConfig, out: Path) -> dict:
                         row["mode"] = pipe.mode
                         row["dit_attention"] = pipe.attention_precision
                         _log(f"{recipe} tier {tier}: mode {pipe.mode}, generating")
-                        seconds, stages = _run_glmq(pipe, cfg, size, device)
+                        seconds, stages, checks = _run_glmq(pipe, cfg, size, device)
+                        row["checks"] = checks
                         _log(f"{recipe} tier {tier}: {seconds} s")
                         alloc, reserved = _peak(device)
                         row.update(fit=True, seconds_per_image=_summary(seconds), stages=_stage_dict(stages[-1]),

@@ -141,6 +141,7 @@ class GlmqPipeline:
         self.compile = compile and device.type == "cuda"
         self.vae_scale_factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
         self.last_times = StageTimes()
+        self.last_prior_token_ids: torch.Tensor | None = None  # what the AR generated for the last image
         self._engine = None
         self._runner = None
         self._streamers: dict[str, _BlockStreamer] = {}
@@ -214,7 +215,10 @@ class GlmqPipeline:
         if self._engine is None:
             from glmq.runtime.ar_engine import ArEngine
 
-            self._engine = ArEngine(self.ar, device=self.device, cuda_graph=self.cuda_graph)
+            # Compiling the decode step pays off only where the engine lives on: a staged pipeline rebuilds it
+            # for every image, and would pay the compilation (about a minute at full size) every time.
+            self._engine = ArEngine(self.ar, device=self.device, cuda_graph=self.cuda_graph,
+                                    compile=self.compile and self.mode == "resident")
         return self._engine
 
     def _runner_for(self):
@@ -326,6 +330,7 @@ class GlmqPipeline:
             prior_token_ids, n_tokens, ref_ids, ref_grids = self.generate_prior_tokens(
                 prompt, height, width, images, generator)
             times.ar_s, times.ar_tokens = self._sync_time() - t0, n_tokens
+            self.last_prior_token_ids = prior_token_ids
             if prior_token_image_ids is None:
                 prior_token_image_ids, source_image_grid_thw = ref_ids, ref_grids
         elif i2i and prior_token_image_ids is None:
@@ -513,7 +518,8 @@ def load(path: str | Path, device: str = "cuda", vram_budget_gb: float | None = 
         mode: force a memory mode.
         attention: "auto" (glmq's Triton kernels on CUDA, upstream SDPA elsewhere), "glmq", "sdpa".
         cuda_graph: capture the AR step and DiT step in CUDA graphs (CUDA, non-offload modes only).
-        compile: ``torch.compile`` the DiT blocks (CUDA; the first image pays the compilation).
+        compile: ``torch.compile`` the DiT blocks and, in the resident mode, the AR decode step (CUDA; the first
+            image pays the compilation).
         attention_precision: DiT attention kernel precision, "bf16", "fp8" or "int8"; None (default) uses what
             the quantizing recipe recorded (its ``[attention]`` table), bf16 for unquantized folders. Applies
             to glmq's kernels only (``attention`` "auto" on CUDA, or "glmq").

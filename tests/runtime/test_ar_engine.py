@@ -256,6 +256,18 @@ def test_sampled_decoding_is_reproducible_and_stays_in_vocab(model, inputs):
     assert torch.equal(d, engine.generate(**inputs))  # no generator: torch's global CPU RNG
 
 
+def test_compiled_step_matches_the_eager_step(model, inputs):
+    """compile=True really compiles (no silent fallback) and changes nothing: same sampled tokens, logits
+    within fp32 rounding of the eager step's (Inductor reorders float sums), and a seed still reproduces."""
+    eager, compiled = ArEngine(model), ArEngine(model, compile=True)
+    run = lambda eng: eng.generate(**inputs, generator=torch.Generator().manual_seed(3), output_logits=True)  # noqa: E731
+    (ref, ref_logits), (got, got_logits), (again, _) = run(eager), run(compiled), run(compiled)
+    assert compiled._compiled, "the decode step fell back to eager"
+    assert torch.equal(got, ref) and torch.equal(again, got)
+    # fp32 rounding of reordered sums: ~100 ulps (eps 1.2e-7) of the largest logit, far below any real change.
+    assert (got_logits - ref_logits).abs().max() <= 1e-5 * ref_logits.abs().max()
+
+
 def test_rigged_head_cannot_escape_the_grid():
     """lm_head rigged so the invalid ids and EOS win every argmax: grids still fill with valid ids."""
     model = _build(vision_vocab_size=16512, seed=1)
