@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # End-to-end GPU runs through the device tool: carries transformers/diffusers wheels in .whl/.
-#   bash benchmarks/gpu_e2e.sh smoke|main|stock|tiers|offload|compare1024|checks2048|glmq2048|glmq2048bf16|quick2048|stock2048
+#   bash benchmarks/gpu_e2e.sh smoke|main|stock|tiers|offload|compare1024|checks2048|glmq2048|glmq2048bf16|quick2048|stock2048|vae2048
 # compare1024: stock diffusers bf16, glmq bf16 and glmq default in ONE bench run.
 # glmq2048 / stock2048: the 2048x2048 rows; a stock 2048 image alone takes most of one 10-minute device call,
 # so they run as separate calls (glmq2048 default, glmq2048bf16, stock2048) and are merged with
@@ -66,6 +66,12 @@ case "$1" in
          timeout 190 python3 -X faulthandler -m glmq bench --model full-random --recipe default --tiers 80 --size 2048x2048 \
            --steps 20 --warmup-steps 1 --no-compile --out "$OUT/glmq2048_20steps" > "$OUT/glmq2048_20steps.log" 2>&1
          echo "== glmq2048 20 steps rc=$?"; grep -v "^  File\|^    \|^Extension" "$OUT/glmq2048_20steps.log" | tail -14 ;;
+  vae2048) # VAE decode in one piece vs glmq's tiles, then the glmq default 2048 row again with the new decode
+         timeout 150 python3 benchmarks/bench_vae_tiles.py "$OUT/vae_tiles" > "$OUT/vae_tiles.log" 2>&1
+         echo "== vae tiles rc=$?"; tail -12 "$OUT/vae_tiles.log"
+         timeout 440 python3 -X faulthandler -m glmq bench --model full-random --recipe default \
+           --tiers 80 --size 2048x2048 --steps 50 --out "$OUT/glmq2048" > "$OUT/glmq2048.log" 2>&1
+         echo "== glmq2048 rc=$?"; grep -v "^  File\|^    \|^Extension" "$OUT/glmq2048.log" | tail -14 ;;
   stock2048) timeout 590 python3 -X faulthandler -m glmq bench --model full-random --baseline-only --size 2048x2048 \
            --steps 50 --out "$OUT/stock2048" > "$OUT/stock2048.log" 2>&1
          echo "== stock2048 rc=$?"; grep -v "^  File\|^    \|^Extension" "$OUT/stock2048.log" | tail -12 ;;

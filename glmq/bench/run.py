@@ -313,7 +313,7 @@ def _profile(pipe, cfg, size, device) -> dict[str, list[dict]]:
                        generator=gen, output_type="latent")
     stages["glyph+dit"] = top(prof)
     with profile(activities=acts) as prof:
-        pipe.decode_latents(latents, tiled=h * w > 1024 * 1024)
+        pipe.decode_latents(latents)
     stages["vae"] = top(prof)
     return stages
 

@@ -40,6 +40,15 @@ class StageSizes:
     largest_dit_block: int
 
 
+VAE_TILE_PIXELS = 1024  # side of a tile when the VAE decodes in tiles (glmq.runtime.pipeline.decode_tiled)
+
+
+def vae_decode_bytes(height: int, width: int, *, batch: int = 1, channels: int = 128, bytes_per_value: int = 2) -> int:
+    """Rough peak working set of decoding a ``height`` x ``width`` image in one piece: a handful of feature maps
+    at the decoder's last level (full resolution, ``channels`` wide)."""
+    return 6 * channels * height * width * batch * bytes_per_value
+
+
 def activation_allowance(height: int, width: int, *, dit_hidden: int = 4096, dit_ff: int = 16384,
                          vae_channels: int = 128) -> tuple[int, int, int]:
     """Rough peak activation bytes (AR, DiT, VAE) for one image of ``height`` x ``width``.
@@ -47,12 +56,13 @@ def activation_allowance(height: int, width: int, *, dit_hidden: int = 4096, dit
     DiT: calibrated on the H100 run in benchmarks/results/e2e_h100/glmq_default_1024_tiers16_12.json: the
     diffusion stage peaked 5.6 GiB above its weights at 1024x1024 (4096 image + glyph tokens, batch 2, the
     per-step AdaLN tables for 50 steps, RoPE tables, CUDA-graph pools, the VAE decode); scaled by tokens.
-    VAE decoder: a handful of full-resolution feature maps at its widest level, bf16 (tiled above 1024^2).
+    VAE decoder: :func:`vae_decode_bytes`, at most one tile's worth (larger images decode in tiles when short).
     """
     tokens = (height // 16) * (width // 16) + 256
     dit = int(5.6 * 1024**3 * tokens / 4352 * max(dit_hidden * dit_ff, 1) / (4096 * 16384))
-    pixels = min(height * width, 1024 * 1024)  # tiled decoding caps the working set
-    vae = 6 * vae_channels * pixels * 2
+    if height * width > VAE_TILE_PIXELS**2:  # decoded in tiles when the whole image would not fit
+        height = width = VAE_TILE_PIXELS
+    vae = vae_decode_bytes(height, width, channels=vae_channels)
     ar = 512 * 1024**2  # logits, KV cache and a prefill's activations at 1024x1024
     return ar, dit, vae
 

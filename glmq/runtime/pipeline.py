@@ -18,7 +18,14 @@ from typing import Any
 import torch
 
 from glmq.errors import GlmqError
-from glmq.runtime.memory import GiB, StageSizes, activation_allowance, choose_mode
+from glmq.runtime.memory import (
+    VAE_TILE_PIXELS,
+    GiB,
+    StageSizes,
+    activation_allowance,
+    choose_mode,
+    vae_decode_bytes,
+)
 
 _GLYPH_PATTERNS = (r"'([^']*)'", r"\u201c([^\u201c\u201d]*)\u201d", r'"([^"]*)"', r"「([^「」]*)」")
 
@@ -120,8 +127,10 @@ class GlmqPipeline:
 
     def __init__(self, path: Path, *, device: torch.device, dtype: torch.dtype, mode: str, sizes: StageSizes,
                  components: dict, processor, tokenizer, scheduler_config: dict, attention: str,
-                 cuda_graph: bool, compile: bool = False, attention_precision: str = "bf16"):
+                 cuda_graph: bool, compile: bool = False, attention_precision: str = "bf16",
+                 vram_budget: int | None = None):
         self.path = path
+        self.vram_budget = vram_budget  # bytes the caller allowed on the GPU (None: whatever is free)
         self.device = device
         self.dtype = dtype
         self.mode = mode
@@ -378,7 +387,7 @@ class GlmqPipeline:
         _debug("DiT done; VAE")
         bar.stage("VAE")
         t0 = self._sync_time()
-        image_out = self.decode_latents(latents, tiled=height * width > 1024 * 1024)
+        image_out = self.decode_latents(latents)
         times.vae_s = self._sync_time() - t0
         times.total_s = time.perf_counter() - t_start
         self.last_times = times
@@ -397,24 +406,57 @@ class GlmqPipeline:
         return mean, std
 
     @torch.no_grad()
-    def decode_latents(self, latents: torch.Tensor, *, tiled: bool = False) -> torch.Tensor:
-        """VAE-decode ``latents`` (DiT space) into images in [0, 1], [B, 3, H, W]."""
+    def decode_latents(self, latents: torch.Tensor, *, tiled: bool | None = None) -> torch.Tensor:
+        """VAE-decode ``latents`` (DiT space) into images in [0, 1], [B, 3, H, W].
+
+        ``tiled``: decode in overlapping 1024-pixel tiles (see :func:`decode_tiled`), which bounds the decoder's
+        working set at that of a 1024x1024 image. None (default): tile only an image larger than 1024x1024
+        whose whole decode would not fit the GPU memory budget (or, with no budget, the free memory).
+        """
         vdtype = self.vae.dtype
         mean, std = self._latent_stats(vdtype)
         z = latents.to(self.device, vdtype) * std + mean
-        if tiled:
-            self.vae.enable_tiling()
-        try:
-            image = self.vae.decode(z, return_dict=False)[0]
-        finally:
-            if tiled:
-                self.vae.disable_tiling()
+        if tiled is None:
+            tiled = self._vae_needs_tiles(z)
+        image = decode_tiled(self.vae, z) if tiled else self.vae.decode(z, return_dict=False)[0]
         return (image.float() / 2 + 0.5).clamp(0, 1)
+
+    def _vae_needs_tiles(self, z: torch.Tensor) -> bool:
+        height, width = z.shape[-2] * self.vae_scale_factor, z.shape[-1] * self.vae_scale_factor
+        if height * width <= VAE_TILE_PIXELS**2 or self.device.type != "cuda":
+            return False
+        need = vae_decode_bytes(height, width, batch=z.shape[0], channels=self.vae.config.block_out_channels[0],
+                                bytes_per_value=z.element_size())
+        allocated = torch.cuda.memory_allocated(self.device)
+        if self.vram_budget is not None:
+            available = self.vram_budget - allocated
+        else:  # free on the card, plus what the caching allocator holds unused
+            available = torch.cuda.mem_get_info(self.device)[0] + torch.cuda.memory_reserved(self.device) - allocated
+        return need > available
 
     def _sync_time(self) -> float:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         return time.perf_counter()
+
+
+def decode_tiled(vae, z: torch.Tensor, tile: int = VAE_TILE_PIXELS, overlap: float = 0.25) -> torch.Tensor:
+    """``vae.decode`` in overlapping ``tile``-pixel tiles blended at the seams (diffusers' ``tiled_decode``).
+
+    diffusers sizes its tiles from the VAE config's ``sample_size``, which GLM-Image's release sets to 32: a
+    2048x2048 image would go through ~7,000 tiles of 32 pixels, with a seam every 24 pixels (35.7 s on an H100,
+    benchmarks/results/e2e_h100/glmq2048_vae_tiles32/). Here the tiles are ``tile`` pixels; the
+    module's own settings are restored afterwards.
+    """
+    factor = 2 ** (len(vae.config.block_out_channels) - 1)
+    if max(z.shape[-2:]) * factor <= tile:  # one tile: diffusers would still cut it at the overlap stride
+        return vae.decode(z, return_dict=False)[0]
+    saved = vae.tile_sample_min_size, vae.tile_latent_min_size, vae.tile_overlap_factor
+    vae.tile_sample_min_size, vae.tile_latent_min_size, vae.tile_overlap_factor = tile, tile // factor, overlap
+    try:
+        return vae.tiled_decode(z, return_dict=False)[0]
+    finally:
+        vae.tile_sample_min_size, vae.tile_latent_min_size, vae.tile_overlap_factor = saved
 
 
 _VISION_PREFIXES = ("model.visual.", "model.vqmodel.")
@@ -501,7 +543,8 @@ def from_modules(components: dict, *, processor, tokenizer, scheduler_config: di
     precision = _install_attention(components, dev, attention, attention_precision, tcfg)
     return GlmqPipeline(path, device=dev, dtype=dtype, mode=chosen, sizes=sizes, components=components,
                         processor=processor, tokenizer=tokenizer, scheduler_config=scheduler_config,
-                        attention=attention, cuda_graph=cuda_graph, compile=compile, attention_precision=precision)
+                        attention=attention, cuda_graph=cuda_graph, compile=compile, attention_precision=precision,
+                        vram_budget=budget)
 
 
 def load(path: str | Path, device: str = "cuda", vram_budget_gb: float | None = None, *,
@@ -566,7 +609,8 @@ def load(path: str | Path, device: str = "cuda", vram_budget_gb: float | None = 
     precision = _install_attention(components, dev, attention, attention_precision, sources["transformer"].config)
     return GlmqPipeline(path, device=dev, dtype=dtype, mode=chosen, sizes=sizes, components=components,
                         processor=processor, tokenizer=tokenizer, scheduler_config=scheduler_config,
-                        attention=attention, cuda_graph=cuda_graph, compile=compile, attention_precision=precision)
+                        attention=attention, cuda_graph=cuda_graph, compile=compile, attention_precision=precision,
+                        vram_budget=budget)
 
 
 def _install_attention(components: dict, device: torch.device, attention: str, precision: str | None,
