@@ -44,9 +44,10 @@ VAE_TILE_PIXELS = 1024  # side of a tile when the VAE decodes in tiles (glmq.run
 
 
 def vae_decode_bytes(height: int, width: int, *, batch: int = 1, channels: int = 128, bytes_per_value: int = 2) -> int:
-    """Rough peak working set of decoding a ``height`` x ``width`` image in one piece: a handful of feature maps
-    at the decoder's last level (full resolution, ``channels`` wide)."""
-    return 6 * channels * height * width * batch * bytes_per_value
+    """Peak working set of decoding a ``height`` x ``width`` image in one piece: about 19 bf16 feature maps of
+    the decoder's last level (full resolution, ``channels`` wide), measured on an H100 at 1024 and 2048 (4.76
+    and 19.03 GiB, benchmarks/results/vae_tiles_h100/); 20 leaves a margin."""
+    return 20 * channels * height * width * batch * bytes_per_value
 
 
 def activation_allowance(height: int, width: int, *, dit_hidden: int = 4096, dit_ff: int = 16384,

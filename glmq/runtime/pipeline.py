@@ -296,12 +296,10 @@ class GlmqPipeline:
         hidden = self.text_encoder(ids, attention_mask=mask).last_hidden_state
         return hidden[mask.bool()].unsqueeze(0)
 
-    def _preprocess_reference(self, img, multiple: int):
+    def _preprocess_reference(self, img, height: int, width: int) -> torch.Tensor:
         from diffusers.image_processor import VaeImageProcessor
 
-        w, h = img.size
-        h, w = (h // multiple) * multiple, (w // multiple) * multiple
-        return VaeImageProcessor(vae_scale_factor=self.vae_scale_factor).preprocess(img, height=h, width=w), h, w
+        return VaeImageProcessor(vae_scale_factor=self.vae_scale_factor).preprocess(img, height=height, width=width)
 
     @torch.no_grad()
     def __call__(self, prompt: str, image=None, height: int | None = 1024, width: int | None = 1024,
@@ -358,9 +356,17 @@ class GlmqPipeline:
         kv = None
         if i2i:
             mean, std = self._latent_stats(self.dtype)
+            grids = torch.as_tensor(source_image_grid_thw).reshape(-1, 3).tolist()
+            if len(grids) != len(images):
+                raise GlmqError(f"{len(images)} reference image(s) but {len(grids)} source grid(s)")
+            # Each reference's latents must hold exactly one patch per (upsampled) VQ id, so its size comes from
+            # the processor's grid. Upstream floors the image to a multiple of 16 pixels instead, which disagrees
+            # whenever the processor resized it (a 1024x1024 reference gets a 31x31 grid, i.e. 992 pixels) and
+            # then fails adding the prior embeddings to the patches.
+            cell = self.vae_scale_factor * self.transformer.config.patch_size
             cond_latents = []
-            for img in images:
-                pixels, h, w = self._preprocess_reference(img, self.vae_scale_factor * self.transformer.config.patch_size)
+            for img, (_, grid_h, grid_w) in zip(images, grids):
+                pixels = self._preprocess_reference(img, grid_h * cell, grid_w * cell)
                 lat = self.vae.encode(pixels.to(self.device, self.vae.dtype)).latent_dist.mode()
                 cond_latents.append(((lat.to(self.dtype) - mean) / std))
             kv = runner.write_reference_kv([cond_latents], [prior_token_image_ids.to(self.device)],

@@ -69,6 +69,21 @@ def test_image_to_image_runs_end_to_end(pipe):
     assert pipe.last_times.ar_tokens == 4 + 1  # image-to-image generates only the target grid
 
 
+@pytest.mark.parametrize("sizes", [[(100, 60)], [(64, 64), (48, 80)]])
+def test_image_to_image_with_references_the_processor_resizes(pipe, sizes):
+    """References whose floor-to-16-pixels size disagrees with the processor's grid (upstream's rule, which
+    then fails adding the prior embeddings to the reference patches): glmq sizes them from the grid."""
+    g = torch.Generator().manual_seed(0)
+    refs = [Image.fromarray((torch.rand(h, w, 3, generator=g) * 255).byte().numpy()) for w, h in sizes]
+    inputs = pipe._ar_inputs("x", refs, 64, 64)
+    grids = inputs["image_grid_thw"][: len(refs)].tolist()
+    assert any(((h // 16) * 16, (w // 16) * 16) != (2 * gh * 16, 2 * gw * 16)
+               for (w, h), (_, gh, gw) in zip(sizes, grids))  # upstream's sizes would not match
+    out = pipe("make it blue", image=refs, height=64, width=64, num_inference_steps=2,
+               generator=torch.Generator().manual_seed(0), output_type="pt")
+    assert out.shape == (1, 3, 64, 64) and torch.isfinite(out).all()
+
+
 def test_quantized_checkpoint_stays_within_its_recorded_fidelity(tiny_dir, tmp_path, pipe):
     from glmq.quant.convert import quantize
 

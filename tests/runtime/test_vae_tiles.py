@@ -71,7 +71,7 @@ def _decision(height, width, *, budget=None, allocated=0, free=0, reserved=0, mo
 
 def test_tiles_only_when_the_whole_decode_does_not_fit(monkeypatch):
     need = vae_decode_bytes(2048, 2048)
-    assert need == 6 * 128 * 2048 * 2048 * 2
+    assert need == 20 * 128 * 2048 * 2048 * 2  # 20 GiB: measured 19.03 on an H100
     gib = 1 << 30
     # 1024x1024 and smaller never tile, however tight the memory.
     assert not _decision(1024, 1024, budget=1, allocated=10 * gib, monkeypatch=monkeypatch)
