@@ -323,7 +323,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--profile", action="store_true", help="add the top kernels of one short run per configuration")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
-    p.add_argument("--no-compile", action="store_true", help="do not torch.compile the DiT blocks")
+    p.add_argument("--no-compile", action="store_true",
+                   help="do not torch.compile the DiT blocks and the AR decode step")
     p.add_argument("--no-cuda-graph", action="store_true", help="run the AR and DiT steps without CUDA graphs")
     p.add_argument("--baseline-only", action="store_true", help="run only stock diffusers (implies --baseline)")
     p.add_argument("--attention", choices=("auto", "glmq", "sdpa"), default="auto",

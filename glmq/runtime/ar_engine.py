@@ -236,12 +236,15 @@ class ArEngine:
             to 128) and regrown when a later request needs more.
         device: where the decode runs; default the embedding's device.
         cuda_graph: capture the per-token step in a CUDA graph (CUDA only; CPU always runs eagerly).
-        compile: run the per-token step through ``torch.compile`` before capturing it (opt-in). Upstream
-            layers launch ~68 small kernels each per token (four RMSNorms, M-RoPE, residuals, SwiGLU);
-            Inductor fuses them, which a CUDA graph alone cannot: 12.5 -> 8.8 ms/token in bf16 on an H100
-            (benchmarks/results/ar_decode_h100.md), at ~60 s of compilation on the first call. Off by
-            default because that run also saw two same-seed generations differ (sampling reproducibility
-            is only verified uncompiled). The layers' own modules are still what runs: swapped linears and
+        compile: run the per-token step through ``torch.compile`` before capturing it. Upstream layers
+            launch ~68 small kernels each per token (four RMSNorms, M-RoPE, residuals, SwiGLU); Inductor
+            fuses them, which a CUDA graph alone cannot. On an H100 with the default recipe's int4 layers and
+            glmq's attention: 8.4 -> 5.0 ms/token (benchmarks/results/e2e_h100/compare1024/), for about a
+            minute of compilation on the first call. Off by default here; ``GlmqPipeline`` turns it on with
+            its ``compile``. Same-seed generations are identical, compiled or not: tokens and pixels on that
+            H100 run, tokens and logits (to fp32 rounding) against the eager step in the CPU tests. (A
+            bf16-only benchmark with cuDNN attention, ar_decode_h100.md, once saw two same-seed generations
+            differ; not reproduced since.) The layers' own modules are still what runs: swapped linears and
             attention functions are traced (or called through their custom ops). If compiling fails the
             engine warns and runs the step uncompiled.
         sdpa_backends: ``torch.nn.attention.SDPBackend`` values the decode step may use when the attention
