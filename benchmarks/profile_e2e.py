@@ -23,13 +23,15 @@ from pathlib import Path
 
 PROMPT = "A street poster that says 'GLM-Image on every GPU', photographed at dusk, 35mm"
 # First match wins; names as CUDA/Triton report them.
+# Inductor names its kernels after the ops they fuse ("triton_poi_fused_..._attention_..._layer_norm"), so
+# they are classed first, before a name pattern could count a fused LayerNorm as attention.
 CLASSES = (
+    ("fused elementwise/norm/RoPE/quantization (Inductor)", r"^triton_"),
     ("int4 GEMV/GEMM (glmq)", r"int4"),
     ("attention", r"attn|attention|flash|fmha|sdpa|cudnn"),
     ("8-bit activation quantization (glmq)", r"quantize_rows|int8_rescale"),
     ("GEMM (cuBLAS/cuBLASLt)", r"nvjet|gemm|cutlass|xmma|sm90_|sm80_|scaled_mm|_mm_"),
     ("sampling (sort, scan)", r"sort|radix|scan|cumsum"),
-    ("fused elementwise/norm (Inductor)", r"^triton_"),
     ("convolution (VAE)", r"conv|implicit"),
 )
 
