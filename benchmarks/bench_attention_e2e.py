@@ -34,25 +34,14 @@ def main(argv=None) -> int:
 
     import torch
 
-    from glmq.bench.run import _offline_pieces, _random_components, environment
+    from glmq.bench.run import environment, random_pipeline
     from glmq.quant.metrics import psnr
     from glmq.runtime.attention import install_dit_attention
-    from glmq.runtime.pipeline import from_modules
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    comps = _random_components(args.model, device, seed=0)
-    if device.type == "cpu":
-        for m in comps.values():
-            m.to(torch.float32)
-    if args.recipe != "bf16":
-        from glmq.quant.inplace import quantize_modules
-
-        quantize_modules({k: comps[k] for k in ("vision_language_encoder", "transformer")}, args.recipe)
-    processor, tokenizer, sched = _offline_pieces()
-    pipe = from_modules(comps, processor=processor, tokenizer=tokenizer, scheduler_config=sched, device=str(device),
-                        attention="glmq", cuda_graph=False, compile=False)
+    pipe = random_pipeline(args.model, args.recipe, device, attention="glmq", cuda_graph=False, compile=False)
     size = args.size
     # Random valid prior ids instead of running the AR: the same ids for every precision is what matters.
     cfg = pipe.transformer.config

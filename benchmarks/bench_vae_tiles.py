@@ -82,7 +82,8 @@ def main(out: Path) -> None:
     lines = [f"# VAE decode, full-size GLM-Image VAE (random bf16 weights): {env['card']}", "",
              f"{env['date']}; torch {env['torch']}, CUDA {env['cuda']}, diffusers {env.get('diffusers')}. "
              "Median of 3 after a warm-up; peak = allocated above the latents and weights.", "",
-             "| size | decode | s | peak GiB | estimate GiB | PSNR vs whole (dB) | max abs diff |", "|---|---|---|---|---|---|---|"]
+             "| size | decode | s | peak GiB | estimate GiB | PSNR vs whole (dB) | max abs diff |",
+             "|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['size']} | {r['how']} | {r['s']} | {r['peak_gib']} | {r.get('estimate_gib', '-')} | "
                      f"{r.get('psnr_vs_whole_db', '-')} | {r.get('max_abs_diff', '-')} |")

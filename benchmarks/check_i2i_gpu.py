@@ -31,23 +31,12 @@ def main(argv=None) -> int:
 
     import torch
 
-    from glmq.bench.run import _offline_pieces, _random_components, environment
-    from glmq.runtime.pipeline import from_modules
+    from glmq.bench.run import environment, random_pipeline
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    comps = _random_components(args.model, device, seed=0)
-    if device.type == "cpu":
-        for m in comps.values():
-            m.to(torch.float32)
-    if args.recipe != "bf16":
-        from glmq.quant.inplace import quantize_modules
-
-        quantize_modules({k: comps[k] for k in ("vision_language_encoder", "transformer")}, args.recipe)
-    processor, tokenizer, sched = _offline_pieces()
-    pipe = from_modules(comps, processor=processor, tokenizer=tokenizer, scheduler_config=sched, device=str(device),
-                        compile=False)
+    pipe = random_pipeline(args.model, args.recipe, device, compile=False)
     size, steps = args.size, args.steps
     seed = lambda: torch.Generator().manual_seed(7)  # noqa: E731
 

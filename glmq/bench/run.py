@@ -144,6 +144,26 @@ def _random_components(model: str, device, seed: int):
     return comps
 
 
+def random_pipeline(model: str, recipe: str, device, **pipeline_kwargs):
+    """A pipeline over ``model``-size random components (fp32 on the CPU), quantized in place with ``recipe``
+    unless it is "bf16": what the benchmark scripts build. ``pipeline_kwargs`` go to ``from_modules``."""
+    import torch
+
+    from glmq.runtime.pipeline import from_modules
+
+    comps = _random_components(model, device, seed=0)
+    if torch.device(device).type == "cpu":
+        for m in comps.values():
+            m.to(torch.float32)
+    if recipe != "bf16":
+        from glmq.quant.inplace import quantize_modules
+
+        quantize_modules({k: comps[k] for k in ("vision_language_encoder", "transformer")}, recipe)
+    processor, tokenizer, sched = _offline_pieces()
+    return from_modules(comps, processor=processor, tokenizer=tokenizer, scheduler_config=sched,
+                        device=str(device), **pipeline_kwargs)
+
+
 def _offline_pieces():
     from glmq.models.build import build_glyph_tokenizer, build_processor, build_scheduler
 
