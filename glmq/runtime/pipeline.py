@@ -307,7 +307,7 @@ class GlmqPipeline:
                  generator: torch.Generator | None = None, prior_token_ids: torch.Tensor | None = None,
                  latents: torch.Tensor | None = None, output_type: str = "pil", *,
                  prior_token_image_ids: torch.Tensor | None = None,
-                 source_image_grid_thw: torch.Tensor | None = None, progress: bool = False):
+                 source_image_grid_thw: torch.Tensor | list | None = None, progress: bool = False):
         """Generate one image; returns a list with one PIL image (``output_type="pil"``), or a tensor
         ``[1, 3, H, W]`` in [0, 1] (``"pt"``), or the final latents (``"latent"``).
 
@@ -356,7 +356,10 @@ class GlmqPipeline:
         kv = None
         if i2i:
             mean, std = self._latent_stats(self.dtype)
-            grids = torch.as_tensor(source_image_grid_thw).reshape(-1, 3).tolist()
+            if isinstance(source_image_grid_thw, (list, tuple)):  # one grid (tensor or [t, h, w]) per reference
+                source_image_grid_thw = torch.cat([torch.as_tensor(g).reshape(-1, 3) for g in source_image_grid_thw])
+            source_image_grid_thw = torch.as_tensor(source_image_grid_thw).reshape(-1, 3)
+            grids = source_image_grid_thw.tolist()
             if len(grids) != len(images):
                 raise GlmqError(f"{len(images)} reference image(s) but {len(grids)} source grid(s)")
             # Each reference's latents must hold exactly one patch per (upsampled) VQ id, so its size comes from

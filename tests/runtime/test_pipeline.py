@@ -84,6 +84,22 @@ def test_image_to_image_with_references_the_processor_resizes(pipe, sizes):
     assert out.shape == (1, 3, 64, 64) and torch.isfinite(out).all()
 
 
+def test_image_to_image_with_given_reference_tokens(pipe):
+    """Reference ids and grids passed in (skipping the vision tower): a tensor of grids and a list of them give
+    the same image, and a grid count that does not match the images is a clear error."""
+    g = torch.Generator().manual_seed(0)
+    refs = [Image.fromarray((torch.rand(h, w, 3, generator=g) * 255).byte().numpy()) for w, h in ((64, 64), (80, 48))]
+    ids, grids = pipe._reference_tokens(pipe._ar_inputs("x", refs, 64, 64), len(refs))
+    prior, latents = _fixed_inputs(pipe)
+    kw = dict(height=64, width=64, num_inference_steps=2, prior_token_ids=prior, latents=latents, output_type="pt",
+              prior_token_image_ids=ids)
+    as_tensor = pipe("make it blue", image=refs, source_image_grid_thw=grids, **kw)
+    as_list = pipe("make it blue", image=refs, source_image_grid_thw=list(grids), **kw)
+    assert torch.equal(as_tensor, as_list)
+    with pytest.raises(GlmqError, match="2 reference image"):
+        pipe("make it blue", image=refs, source_image_grid_thw=grids[:1], **kw)
+
+
 def test_quantized_checkpoint_stays_within_its_recorded_fidelity(tiny_dir, tmp_path, pipe):
     from glmq.quant.convert import quantize
 
