@@ -381,6 +381,12 @@ class ArEngine:
             return tokens, st.logits[:, :n_new].clone()
         return tokens
 
+    def drop_graphs(self) -> None:
+        """Forget the captured CUDA graphs (they hold the addresses of the weights they were captured with);
+        the next ``generate`` captures them again. Call it after the model's weights moved."""
+        for st in self._states.values():
+            st.graphs.clear()
+
     # -- setup --------------------------------------------------------------------------------------------
 
     def _insert_image_tokens(self, ids, pixel_values, image_grid_thw, images_per_sample):

@@ -217,17 +217,15 @@ class GlmqPipeline:
 
     # -- stages -------------------------------------------------------------------------------------------
     def _engine_for(self):
-        # A CUDA graph holds the addresses of the weights it was captured with; in the staged modes the AR's
-        # weights are re-uploaded to new addresses for every image, so the engine (and its graph) is too.
-        if self.mode != "resident":
-            self._engine = None
+        """The AR engine, built once. In the staged and offload modes the AR's weights come back to the GPU at
+        new addresses for every image: the compiled step takes them as inputs and stays (a new engine would
+        trace it again), but the CUDA graphs captured with the old addresses are dropped and recaptured."""
         if self._engine is None:
             from glmq.runtime.ar_engine import ArEngine
 
-            # Compiling the decode step pays off only where the engine lives on: a staged pipeline rebuilds it
-            # for every image, and would pay the compilation (about a minute at full size) every time.
-            self._engine = ArEngine(self.ar, device=self.device, cuda_graph=self.cuda_graph,
-                                    compile=self.compile and self.mode == "resident")
+            self._engine = ArEngine(self.ar, device=self.device, cuda_graph=self.cuda_graph, compile=self.compile)
+        elif self.mode != "resident":
+            self._engine.drop_graphs()
         return self._engine
 
     def _runner_for(self):
@@ -570,8 +568,8 @@ def load(path: str | Path, device: str = "cuda", vram_budget_gb: float | None = 
         mode: force a memory mode.
         attention: "auto" (glmq's Triton kernels on CUDA, upstream SDPA elsewhere), "glmq", "sdpa".
         cuda_graph: capture the AR step and DiT step in CUDA graphs (CUDA, non-offload modes only).
-        compile: ``torch.compile`` the DiT blocks and, in the resident mode, the AR decode step (CUDA; the first
-            image pays the compilation).
+        compile: ``torch.compile`` the AR decode step and (except in the offload mode) the DiT blocks (CUDA; the
+            first image pays the compilation).
         attention_precision: DiT attention kernel precision, "bf16", "fp8" or "int8"; None (default) uses what
             the quantizing recipe recorded (its ``[attention]`` table), bf16 for unquantized folders. Applies
             to glmq's kernels only (``attention`` "auto" on CUDA, or "glmq").

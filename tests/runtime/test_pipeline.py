@@ -100,6 +100,19 @@ def test_image_to_image_with_given_reference_tokens(pipe):
         pipe("make it blue", image=refs, source_image_grid_thw=grids[:1], **kw)
 
 
+def test_staged_modes_keep_the_ar_engine_and_drop_its_graphs(pipe, monkeypatch):
+    """Staged/offload re-upload the AR for every image: the engine (and its compiled step) stays, the CUDA
+    graphs captured with the old weight addresses go; resident keeps both."""
+    pipe(PROMPT, height=64, width=64, num_inference_steps=1, generator=torch.Generator().manual_seed(0))
+    engine = pipe._engine_for()
+    state = next(iter(engine._states.values()))
+    for mode, kept in (("resident", True), ("staged", False), ("offload", False)):
+        monkeypatch.setattr(pipe, "mode", mode)
+        state.graphs["captured"] = object()  # stands in for a CUDA graph (none are captured on the CPU)
+        assert pipe._engine_for() is engine
+        assert ("captured" in state.graphs) == kept, mode
+
+
 def test_quantized_checkpoint_stays_within_its_recorded_fidelity(tiny_dir, tmp_path, pipe):
     from glmq.quant.convert import quantize
 
