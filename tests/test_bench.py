@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 from PIL import Image
 
 from glmq.testing import run_cli_inprocess
@@ -48,3 +49,32 @@ def test_bench_profile_lists_top_kernels_per_stage(tiny_dir, tmp_path):
     for stage, top in row["profile"].items():
         assert 0 < len(top) <= 10 and all(t["ms"] >= 0 and t["calls"] > 0 for t in top), stage
     assert "Top kernels, ar" in (tmp_path / "b" / "bench.md").read_text()
+
+
+def _row(provider, size, seconds, fit=True):
+    return {"provider": provider, "size": size, "fit": fit, "seconds_per_image": {"median": seconds}}
+
+
+def test_speedups_are_against_the_stock_row_of_the_same_size():
+    from glmq.bench.report import add_speedups
+
+    rows = add_speedups([_row("stock diffusers bf16", "1024x1024", 120.0), _row("glmq", "1024x1024", 15.0),
+                         _row("stock diffusers bf16", "2048x2048", 400.0), _row("glmq", "2048x2048", 80.0),
+                         _row("glmq", "2048x2048", None, fit=False), _row("glmq", "512x512", 5.0)])
+    assert [r.get("speedup_vs_stock") for r in rows] == [None, 8.0, None, 5.0, None, None]
+
+
+def test_merged_results_recompute_speedups_and_refuse_mixed_cards():
+    from glmq.bench.report import merge_results
+    from glmq.errors import GlmqError
+
+    def result(card, date, rows):
+        return {"environment": {"card": card, "date": date}, "config": {"steps": 50}, "rows": rows}
+
+    stale = dict(_row("glmq", "2048x2048", 80.0), speedup_vs_stock=99.0)  # from a run with another stock row
+    merged = merge_results([result("H100", "2026-01-01", [_row("stock diffusers bf16", "2048x2048", 400.0)]),
+                            result("H100", "2026-01-02", [stale])])
+    assert merged["rows"][1]["speedup_vs_stock"] == 5.0 and stale["speedup_vs_stock"] == 99.0
+    assert merged["environment"]["date"] == "2026-01-02"
+    with pytest.raises(GlmqError, match="different cards"):
+        merge_results([result("H100", "d", []), result("H200", "d", [])])

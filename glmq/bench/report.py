@@ -138,6 +138,18 @@ def update_readme(result: dict, readme: Path) -> None:
     readme.write_text(head + readme_table(result) + tail, encoding="utf-8")
 
 
+def add_speedups(rows: list[dict]) -> list[dict]:
+    """Set each fitting glmq row's ``speedup_vs_stock`` against the stock row of its own size (dropping any
+    older figure, and leaving rows of a size with no stock row without one); returns ``rows``."""
+    stock = {row["size"]: row for row in rows if row["provider"].startswith("stock")}
+    for row in rows:
+        row.pop("speedup_vs_stock", None)
+        base = stock.get(row["size"])
+        if base is not None and row is not base and row.get("fit"):
+            row["speedup_vs_stock"] = round(base["seconds_per_image"]["median"] / row["seconds_per_image"]["median"], 2)
+    return rows
+
+
 def merge_results(results: list[dict]) -> dict:
     """One result from several saved runs on the same card (e.g. stock and glmq run as separate processes).
 
@@ -150,14 +162,7 @@ def merge_results(results: list[dict]) -> dict:
     cards = {r["environment"].get("card") for r in results}
     if len(cards) != 1:
         raise GlmqError(f"results come from different cards ({', '.join(map(str, cards))}); compare like with like")
-    rows = [dict(row) for r in results for row in r["rows"]]
-    for row in rows:
-        row.pop("speedup_vs_stock", None)
-    stock = {row["size"]: row for row in rows if row["provider"].startswith("stock")}
-    for row in rows:
-        base = stock.get(row["size"])
-        if base is not None and row is not base and row.get("fit"):
-            row["speedup_vs_stock"] = round(base["seconds_per_image"]["median"] / row["seconds_per_image"]["median"], 2)
+    rows = add_speedups([dict(row) for r in results for row in r["rows"]])
     env = dict(results[0]["environment"])
     env["date"] = max(r["environment"]["date"] for r in results)
     env["merged_from"] = [r["environment"]["date"] for r in results]

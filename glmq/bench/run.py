@@ -436,11 +436,9 @@ def run_bench(cfg: BenchConfig, out: Path) -> dict:
 
 
 def _result(env: dict, cfg: BenchConfig, tiers, rows: list[dict]) -> dict:
-    base = next((r for r in rows if r["provider"].startswith("stock")), None)
-    if base is not None:
-        for r in rows:
-            if r is not base and r.get("fit") and r["size"] == base["size"]:
-                r["speedup_vs_stock"] = round(base["seconds_per_image"]["median"] / r["seconds_per_image"]["median"], 2)
+    from glmq.bench.report import add_speedups
+
+    add_speedups(rows)
     return {"environment": env, "config": {"model": cfg.model if cfg.path is None else str(cfg.path),
                                            "recipes": list(cfg.recipes), "tiers": tiers,
                                            "sizes": [f"{w}x{h}" for w, h in cfg.sizes], "steps": cfg.steps,
