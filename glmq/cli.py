@@ -205,6 +205,7 @@ def _cmd_export(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     from glmq import __version__
     from glmq.models.configs import SIZES
+    from glmq.quant.recipe import ATTENTION_PRECISIONS
 
     parser = _Parser(prog="glmq", description="Quantize, export and run GLM-Image on ordinary GPUs.")
     parser.add_argument("--version", action="version", version=f"glmq {__version__}")
@@ -266,7 +267,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="force a memory mode (default: chosen from the budget)")
     p.add_argument("--attention", choices=("auto", "glmq", "sdpa"), default="auto",
                    help="attention kernels: glmq's Triton kernels (auto on CUDA) or PyTorch SDPA")
-    p.add_argument("--attention-precision", choices=("bf16", "fp8", "int8"), default=None,
+    p.add_argument("--attention-precision", choices=ATTENTION_PRECISIONS, default=None,
                    help="DiT attention precision of glmq's kernels (default: what the checkpoint's recipe chose)")
     p.add_argument("--out", required=True, help="output PNG path")
     p.add_argument("--force", action="store_true", help="replace OUT if it exists")
@@ -329,7 +330,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--baseline-only", action="store_true", help="run only stock diffusers (implies --baseline)")
     p.add_argument("--attention", choices=("auto", "glmq", "sdpa"), default="auto",
                    help="attention kernels: glmq's Triton kernels (auto on CUDA) or PyTorch SDPA")
-    p.add_argument("--attention-precision", choices=("bf16", "fp8", "int8"), default=None,
+    p.add_argument("--attention-precision", choices=ATTENTION_PRECISIONS, default=None,
                    help="DiT attention precision of glmq's kernels (default: each recipe's choice)")
     p.add_argument("--out", required=True, help="folder for bench.json, bench.md and bench.png")
     p.add_argument("--update-readme", action="store_true", help="regenerate README.md's hardware-tier table")

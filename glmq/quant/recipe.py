@@ -36,7 +36,9 @@ from glmq.errors import GlmqError
 
 RECIPE_VERSION = 1
 ACTIVATION_MODES = ("weight_only", "dynamic_per_token")
-ATTENTION_PRECISIONS = ("bf16", "fp8", "int8")  # glmq.kernels.attention's precisions
+# glmq.kernels.attention's precisions, listed here so that reading a recipe (or building the CLI) never
+# imports the kernels; tests/runtime/test_attention_precision.py keeps the two lists equal.
+ATTENTION_PRECISIONS = ("bf16", "fp8", "int8")
 
 
 def recipes_dir() -> Path:

@@ -32,6 +32,13 @@ def _write_recipe(tmp_path, attention: str) -> str:
 
 
 # ------------------------------------------------------------------------------------------------ recipes
+def test_recipes_and_the_kernel_know_the_same_precisions():
+    from glmq.kernels._attention import PRECISIONS
+    from glmq.quant.recipe import ATTENTION_PRECISIONS
+
+    assert sorted(ATTENTION_PRECISIONS) == sorted(PRECISIONS)
+
+
 def test_shipped_recipes_state_their_attention():
     for name in ("default", "fast", "tier16"):
         assert load_recipe(name).attention == AttentionPolicy("fp8", 8192)
