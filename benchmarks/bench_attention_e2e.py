@@ -5,7 +5,9 @@ prior tokens and one initial noise; only the DiT attention precision changes bet
 measures the attention kernels alone. Writes ``attention_e2e.json`` and a side-by-side PNG into ``--out``.
 
     python benchmarks/bench_attention_e2e.py --model full-random --out $OUT/attn_e2e        # GPU
-    python benchmarks/bench_attention_e2e.py --model tiny --size 64 --steps 4 --out /tmp/a  # CPU smoke run
+    python benchmarks/bench_attention_e2e.py --model tiny --size 64 --steps 4 --precisions bf16 --out /tmp/a  # CPU
+
+(On the CPU the pipeline runs in fp32, which the 8-bit kernels do not take: the smoke run keeps bf16.)
 
 CUDA graphs and torch.compile are off so each precision runs the same eager code; the DiT ms/step figures
 are therefore eager timings, not the runtime's best.
@@ -34,6 +36,9 @@ def main(argv=None) -> int:
 
     import torch
 
+    from PIL import Image
+
+    from glmq.bench.report import image_strip
     from glmq.bench.run import environment, random_pipeline
     from glmq.quant.metrics import psnr
     from glmq.runtime.attention import install_dit_attention
@@ -71,25 +76,10 @@ def main(argv=None) -> int:
                          "prompt": PROMPT, "prior_seed": 0, "noise_seed": 1, "cuda_graph": False, "compile": False},
               "rows": rows}
     (out / "attention_e2e.json").write_text(json.dumps(result, indent=2) + "\n")
-    _save_strip(images, out / "attention_e2e.png")
+    image_strip({name: Image.fromarray((img[0].permute(1, 2, 0).numpy() * 255).round().astype("uint8"))
+                 for name, img in images.items()}, out / "attention_e2e.png")
     print(json.dumps(rows, indent=2))
     return 0
-
-
-def _save_strip(images: dict, path: Path) -> None:
-    """The images side by side, labelled by precision, for a look."""
-    from PIL import Image, ImageDraw
-
-    tiles = []
-    for name, img in images.items():
-        arr = (img[0].permute(1, 2, 0).numpy() * 255).round().astype("uint8")
-        tile = Image.fromarray(arr).resize((256, 256))
-        ImageDraw.Draw(tile).text((6, 6), name, fill=(255, 255, 255))
-        tiles.append(tile)
-    strip = Image.new("RGB", (256 * len(tiles), 256))
-    for i, tile in enumerate(tiles):
-        strip.paste(tile, (256 * i, 0))
-    strip.save(path)
 
 
 if __name__ == "__main__":

@@ -29,9 +29,11 @@ def main(argv=None) -> int:
     ap.add_argument("--out", required=True)
     args = ap.parse_args(argv)
 
+    import numpy as np
     import torch
 
-    from glmq.bench.run import environment, random_pipeline
+    from glmq.bench.report import image_strip
+    from glmq.bench.run import environment, random_pipeline, stage_dict
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     out = Path(args.out)
@@ -56,13 +58,9 @@ def main(argv=None) -> int:
             t = pipe.last_times
             runs.append((img, t, peak_gib(), pipe.last_prior_token_ids.clone()))
         (img1, _, _, prior1), (img2, t, peak, prior2) = runs
-        import numpy as np
-
         a, b = np.asarray(img1, dtype=np.int16), np.asarray(img2, dtype=np.int16)
         rows[name] = {
-            "seconds": round(t.total_s, 3), "ar_s": round(t.ar_s, 3), "ar_tokens": t.ar_tokens,
-            "ar_ms_per_token": round(1000 * t.ar_s / max(t.ar_tokens, 1), 3), "dit_s": round(t.dit_s, 3),
-            "dit_ms_per_step": round(1000 * t.dit_s / max(t.dit_steps, 1), 2), "vae_s": round(t.vae_s, 3),
+            "seconds": round(t.total_s, 3), "ar_tokens": t.ar_tokens, **stage_dict(t),
             "peak_allocated_gib": peak, "image_size": list(img2.size), "pixel_std": round(float(b.std()), 2),
             "same_seed_prior_tokens_equal": round(float((prior1 == prior2).float().mean()), 4),
             "same_seed_max_pixel_diff": int(np.abs(a - b).max()),
@@ -74,20 +72,9 @@ def main(argv=None) -> int:
                          "mode": pipe.mode, "cuda_graph": pipe.cuda_graph, "compile": False},
               "rows": rows}
     (out / "i2i.json").write_text(json.dumps(result, indent=2) + "\n")
-    _save_strip(images, out / "i2i.png")
+    image_strip(images, out / "i2i.png")
     print(json.dumps(rows, indent=2))
     return 0
-
-
-def _save_strip(images: dict, path: Path) -> None:
-    from PIL import Image, ImageDraw
-
-    strip = Image.new("RGB", (256 * len(images), 256))
-    for i, (name, img) in enumerate(images.items()):
-        tile = img.convert("RGB").resize((256, 256))
-        ImageDraw.Draw(tile).text((6, 6), name, fill=(255, 255, 255))
-        strip.paste(tile, (256 * i, 0))
-    strip.save(path)
 
 
 if __name__ == "__main__":

@@ -108,6 +108,18 @@ def chart(result: dict, path: Path) -> None:
     img.save(path)
 
 
+def image_strip(images: dict, path: Path, tile: int = 256) -> None:
+    """PIL images side by side, each scaled to ``tile`` x ``tile`` and labelled with its key: for a look."""
+    from PIL import Image, ImageDraw
+
+    strip = Image.new("RGB", (tile * len(images), tile))
+    for i, (name, img) in enumerate(images.items()):
+        cell = img.convert("RGB").resize((tile, tile))
+        ImageDraw.Draw(cell).text((6, 6), name, fill=(255, 255, 255))
+        strip.paste(cell, (tile * i, 0))
+    strip.save(path)
+
+
 def write_outputs(result: dict, out: Path) -> None:
     (out / "bench.json").write_text(json.dumps(result, indent=2) + "\n")
     (out / "bench.md").write_text(markdown(result))

@@ -303,7 +303,8 @@ def _run_glmq(pipe, cfg: BenchConfig, size, device) -> tuple[list[float], list]:
     return seconds, stages, checks
 
 
-def _stage_dict(t) -> dict:
+def stage_dict(t) -> dict:
+    """A :class:`~glmq.runtime.pipeline.StageTimes` as the seconds and per-token/per-step figures bench reports."""
     return {"ar_s": round(t.ar_s, 3), "ar_ms_per_token": round(1000 * t.ar_s / max(t.ar_tokens, 1), 3),
             "glyph_s": round(t.glyph_s, 3), "dit_s": round(t.dit_s, 3),
             "dit_ms_per_step": round(1000 * t.dit_s / max(t.dit_steps, 1), 2), "vae_s": round(t.vae_s, 3)}
@@ -410,7 +411,7 @@ def run_bench(cfg: BenchConfig, out: Path) -> dict:
                         row["checks"] = checks
                         _log(f"{recipe} tier {tier}: {seconds} s")
                         alloc, reserved = _peak(device)
-                        row.update(fit=True, seconds_per_image=_summary(seconds), stages=_stage_dict(stages[-1]),
+                        row.update(fit=True, seconds_per_image=_summary(seconds), stages=stage_dict(stages[-1]),
                                    peak_allocated_gib=alloc, peak_reserved_gib=reserved)
                         if cfg.profile:
                             row["profile"] = _profile(pipe, cfg, size, device)
