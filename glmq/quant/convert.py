@@ -271,6 +271,7 @@ def _quantize_layer(plan: LayerPlan, w, calib, device: str) -> dict:
     import torch
 
     from glmq.quant.algorithms import get_algorithm
+    from glmq.quant.metrics import ratio_db
 
     tensors = calib.tensors if calib is not None else None
     hessian = calib.hessian if calib is not None else None
@@ -313,17 +314,17 @@ def _quantize_layer(plan: LayerPlan, w, calib, device: str) -> dict:
                 if rtn is not None:
                     r = plan.fmt.dequantize(rtn.quantize_weight(plan.fmt, wd[start:start + rows]), tuple(ref.shape))
                     rtn_noise += float((x @ r.sub_(ref).T).double().square().sum())
-        stats["weight_sqnr_db"] = _ratio_db(signal, noise)
+        stats["weight_sqnr_db"] = ratio_db(signal, noise)
         if x is not None:
-            stats["output_sqnr_db"] = _ratio_db(out_signal, out_noise)
+            stats["output_sqnr_db"] = ratio_db(out_signal, out_noise)
             if rtn is not None:
-                stats["rtn_output_sqnr_db"] = _ratio_db(out_signal, rtn_noise)
+                stats["rtn_output_sqnr_db"] = ratio_db(out_signal, rtn_noise)
     else:
         # Calibrated layers (the AR decoder's, at most 27392 x 4096) are scored on all calibration rows.
         tensors = {k: v.to(device) for k, v in tensors.items()}
         ref = wd.float()
         err = plan.fmt.dequantize(tensors, plan.shape).sub_(ref)
-        stats["weight_sqnr_db"] = _ratio_db(float(ref.square().sum()), float(err.square().sum()))
+        stats["weight_sqnr_db"] = ratio_db(float(ref.square().sum()), float(err.square().sum()))
         h = hessian.to(device).double()
         stats["output_sqnr_db"] = _output_sqnr(ref, err, h)
         if rtn is not None:  # what calibration bought: the same layer rounded to nearest
@@ -334,31 +335,15 @@ def _quantize_layer(plan: LayerPlan, w, calib, device: str) -> dict:
     return out
 
 
-def _ratio_db(signal: float, noise: float) -> float | None:
-    """10 log10(signal / noise), None when undefined (exact or empty)."""
-    import math
-
-    if noise <= 0 or signal <= 0:
-        return None
-    return _finite_or_none(10 * math.log10(signal / noise))
-
-
 def _output_sqnr(ref, err, h) -> float | None:
     """SQNR of X W^T against X W_q^T given H = X^T X / n and the error E = W_q - W:
     ||X W^T||^2 = n tr(W H W^T), and the same for E."""
-    import math
+    from glmq.quant.metrics import ratio_db
 
     err = err.double()
     num = float((ref.double() @ h * ref.double()).sum())
     den = float((err @ h * err).sum())
-    return _finite_or_none(10 * math.log10(num / den)) if den > 0 and num > 0 else None
-
-
-def _finite_or_none(x: float) -> float | None:
-    import math
-
-    x = float(x)
-    return round(x, 3) if math.isfinite(x) else None
+    return ratio_db(num, den)
 
 
 def _build_report(rec: Recipe, components: dict, stats_root: Path, *, calibrated: bool,

@@ -34,6 +34,15 @@ def sqnr_db(ref: torch.Tensor, test: torch.Tensor) -> float:
     return 10 * math.log10(signal / noise)
 
 
+def ratio_db(signal: float, noise: float) -> float | None:
+    """``10 log10(signal / noise)`` of two accumulated sums of squares, rounded to 0.001 dB, for reports;
+    None when undefined (an exact or empty result, or a non-finite ratio)."""
+    if not (signal > 0 and noise > 0):
+        return None
+    v = 10 * math.log10(signal / noise)
+    return round(v, 3) if math.isfinite(v) else None
+
+
 def kl_divergence(ref_logits: torch.Tensor, test_logits: torch.Tensor, dim: int = -1) -> float:
     """Mean over positions of ``KL(softmax(ref) || softmax(test))`` along ``dim``, in nats.
 

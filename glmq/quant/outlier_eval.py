@@ -26,11 +26,12 @@ Bounded cost (about a minute for the shipped recipes on 2 CPU cores; ``seconds``
 
 from __future__ import annotations
 
-import math
 import time
 from typing import Any
 
 import torch
+
+from glmq.quant.metrics import ratio_db
 
 GENERATOR = "glmq.quant.outliers.make_outlier_layer"
 # Generator parameters (its documented defaults, except the token count).
@@ -206,11 +207,4 @@ def _score(fmt, algo, w, h, x_eval) -> dict[str, float | None]:
         wn += float(err.double().square().sum())
         os_ += float((xe @ ref.T).double().square().sum())
         on += float((xe @ err.T).double().square().sum())
-    return {"weight_sqnr_db": _db(ws, wn), "output_sqnr_db": _db(os_, on)}
-
-
-def _db(signal: float, noise: float) -> float | None:
-    if not (signal > 0 and noise > 0):
-        return None
-    v = 10 * math.log10(signal / noise)
-    return round(v, 3) if math.isfinite(v) else None
+    return {"weight_sqnr_db": ratio_db(ws, wn), "output_sqnr_db": ratio_db(os_, on)}

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from glmq.quant.metrics import kl_divergence, psnr, sqnr_db
+from glmq.quant.metrics import kl_divergence, psnr, ratio_db, sqnr_db
 
 
 def test_sqnr_known_values():
@@ -45,3 +45,10 @@ def test_psnr_known_values():
     assert psnr(img, img.clone()) == math.inf
     assert psnr(img, img + 0.1) == pytest.approx(20.0)
     assert psnr(img * 255, img * 255 + 25.5, max_val=255.0) == pytest.approx(20.0)
+
+
+def test_ratio_db_of_sums_of_squares():
+    assert ratio_db(100.0, 1.0) == 20.0
+    assert ratio_db(2.0, 1.0) == round(10 * math.log10(2), 3) == 3.01  # rounded for reports
+    # Undefined: an exact result, an empty or zero signal, and sums that overflowed.
+    assert ratio_db(1.0, 0.0) is None and ratio_db(0.0, 1.0) is None and ratio_db(math.inf, 1.0) is None
