@@ -24,6 +24,7 @@ The fixed inputs are computed once per :meth:`DitRunner.denoise` call; nothing i
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -184,6 +185,17 @@ class DitRunner:
     def _install(self) -> None:
         self._tables = install_step_tables(self.transformer)
         self._procs = install_grouped_processors(self.transformer)
+
+    @contextlib.contextmanager
+    def eager(self):
+        """Run the plain blocks, without compilation or CUDA graphs, inside the block (a call whose DiT blocks
+        stream through forward hooks: a graph would replay stale weight addresses)."""
+        saved = self._blocks, self.cuda_graph
+        self._blocks, self.cuda_graph = list(self.transformer.transformer_blocks), False
+        try:
+            yield self
+        finally:
+            self._blocks, self.cuda_graph = saved
 
     def remove(self) -> None:
         """Restore the transformer's original ``norm1.linear`` modules and attention processors."""

@@ -1,27 +1,37 @@
-"""Which components sit on the GPU when: memory modes chosen from a VRAM budget.
+"""Which components sit on the GPU when: memory modes chosen from a VRAM budget, checked per call.
 
 - ``resident``: every component stays on the GPU (fastest; needs the most memory).
-- ``staged``: one network at a time. The AR (text decoder; the vision tower only for image-to-image) is on
-  the GPU while it generates, then parked in pinned CPU memory; the glyph encoder, DiT and VAE come in for
-  the diffusion stage. Peak is the larger of the two stages.
+- ``staged``: one network at a time. A call goes through four stages, each with only what it needs on the
+  GPU (the rest parked in pinned CPU memory; parking is free, the pinned copy already exists):
+  ``ar`` (text decoder; the vision tower and VQ only for image-to-image), ``encode`` (glyph encoder and VAE:
+  glyphs, and the references' latents), ``dit`` (DiT and VAE: the references' K/V, the denoising loop),
+  ``vae`` (VAE alone: the decode). Peak is the largest stage.
 - ``offload``: staged, and the DiT streams its blocks through the GPU one at a time (weights parked in
   pinned CPU memory, copied in just before each block runs). The AR stays staged: streaming its layers
   would cost a full weight transfer per token. Slowest; smallest peak.
 
-Estimates are the weights' bytes on the GPU plus a per-stage activation allowance, with a safety margin
-for the allocator and the CUDA context; ``choose_mode`` picks the fastest mode that fits the budget.
+A budget counts what a real card must hold: the allocator's peak reserved bytes plus the CUDA context
+(driver, library handles, loaded kernels), which lives outside the allocator. Estimates are the weights'
+bytes on the GPU plus per-stage activations (calibrated on the GPU, see :func:`activation_allowance`),
+the request's extras (the reference images' K/V cache and VAE encode), the context and a fragmentation
+margin. ``choose_mode`` picks the fastest mode whose peak fits the usual requests; each call is checked
+again with :func:`mode_for_request`, which moves a larger request (two references, 2048x2048) to a leaner
+mode for that call or refuses it before any work.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from glmq.errors import GlmqError
 
 MODES = ("resident", "staged", "offload")
 GiB = 1024**3
-# CUDA context, cuBLAS workspaces and allocator fragmentation that never shows up in our own counts.
+# CUDA context, cuBLAS/cuDNN handles and loaded kernel modules: 0.79 GiB measured on an H200 with the
+# compiled runtime (benchmarks/results/memory_sequence_h200/); 1 GiB leaves a margin.
 OVERHEAD_BYTES = int(1.0 * GiB)
+# The caching allocator reserves more than it hands out (block rounding, CUDA-graph private pools).
+FRAGMENTATION = 0.08
 
 
 @dataclass(frozen=True)
@@ -38,6 +48,35 @@ class StageSizes:
     vae_activations: int
     largest_ar_block: int
     largest_dit_block: int
+    # bf16 K and V of one reference token in every DiT layer (image-to-image's reference cache).
+    dit_kv_bytes_per_token: int = 0
+    # The (height, width) the activations above were sized for.
+    size: tuple[int, int] = (1024, 1024)
+
+
+@dataclass(frozen=True)
+class Request:
+    """What one call asks for: image size and, for image-to-image, each reference's token count (the
+    processor's grid, upsampled 2x like the prior ids)."""
+
+    height: int = 1024
+    width: int = 1024
+    reference_tokens: tuple[int, ...] = field(default=())
+
+    @property
+    def image_to_image(self) -> bool:
+        return bool(self.reference_tokens)
+
+
+def reference_tokens_for(height: int, width: int) -> int:
+    """Upsampled VQ ids of a reference of about ``height`` x ``width`` pixels (one per 16x16 patch)."""
+    return (height // 16) * (width // 16)
+
+
+# The request a pipeline's mode is chosen for: text-to-image at the size it is planned for. Larger requests
+# (references, a larger size) are re-planned per call by mode_for_request.
+def usual_requests(height: int = 1024, width: int = 1024) -> tuple[Request, ...]:
+    return (Request(height, width),)
 
 
 VAE_TILE_PIXELS = 1024  # side of a tile when the VAE decodes in tiles (glmq.runtime.pipeline.decode_tiled)
@@ -54,13 +93,14 @@ def activation_allowance(height: int, width: int, *, dit_hidden: int = 4096, dit
                          vae_channels: int = 128) -> tuple[int, int, int]:
     """Rough peak activation bytes (AR, DiT, VAE) for one image of ``height`` x ``width``.
 
-    DiT: calibrated on the H100 run in benchmarks/results/e2e_h100/glmq_default_1024_tiers16_12.json: the
-    diffusion stage peaked 5.6 GiB above its weights at 1024x1024 (4096 image + glyph tokens, batch 2, the
-    per-step AdaLN tables for 50 steps, RoPE tables, CUDA-graph pools, the VAE decode); scaled by tokens.
-    VAE decoder: :func:`vae_decode_bytes`, at most one tile's worth (larger images decode in tiles when short).
+    DiT (the denoising stage alone, batch 2 for the two guidance passes, CUDA-graph pool included):
+    2 GiB at 1024x1024, scaled by tokens. The 2048x2048 staged run on the H100 peaked 5.3 GiB above the
+    weights with the VAE decoding in tiles (benchmarks/results/e2e_h100/tier16_2048/), i.e. at most 1.4 GiB
+    per 4352 tokens; 2 GiB leaves a margin for compilation and graph capture. VAE decoder: :func:`vae_decode_bytes`, at most one tile's worth (larger images decode
+    in tiles when short).
     """
     tokens = (height // 16) * (width // 16) + 256
-    dit = int(5.6 * 1024**3 * tokens / 4352 * max(dit_hidden * dit_ff, 1) / (4096 * 16384))
+    dit = int(2 * GiB * tokens / 4352 * max(dit_hidden * dit_ff, 1) / (4096 * 16384))
     if height * width > VAE_TILE_PIXELS**2:  # decoded in tiles when the whole image would not fit
         height = width = VAE_TILE_PIXELS
     vae = vae_decode_bytes(height, width, channels=vae_channels)
@@ -68,40 +108,106 @@ def activation_allowance(height: int, width: int, *, dit_hidden: int = 4096, dit
     return ar, dit, vae
 
 
-def stage_peaks(s: StageSizes, mode: str, *, image_to_image: bool) -> dict[str, int]:
-    vision = s.vision_weights if image_to_image else 0
-    if mode == "resident":
-        weights = s.ar_weights + s.vision_weights + s.glyph_weights + s.dit_weights + s.vae_weights
-        ar = dit = weights
-    elif mode == "staged":
-        ar = s.ar_weights + vision
-        dit = s.glyph_weights + s.dit_weights + s.vae_weights
-    elif mode == "offload":
-        ar = s.ar_weights + vision
-        dit = s.glyph_weights + s.vae_weights + s.largest_dit_block * 2 + (s.dit_weights // 20)
-    else:
+def _scaled(nbytes: int, s: StageSizes, req: Request) -> int:
+    """``nbytes`` sized for ``s.size``, rescaled by image tokens to ``req``'s size."""
+    have = (s.size[0] // 16) * (s.size[1] // 16) + 256
+    want = (req.height // 16) * (req.width // 16) + 256
+    return int(nbytes * want / have)
+
+
+def stage_peaks(s: StageSizes, mode: str, request: Request | None = None, *,
+                image_to_image: bool | None = None) -> dict[str, int]:
+    """Estimated GPU bytes (reserved + context) at the peak of each stage of one call in ``mode``."""
+    req = request or Request(*s.size)
+    if image_to_image and not req.image_to_image:  # older call style: one reference of the image's size
+        req = Request(req.height, req.width, (reference_tokens_for(req.height, req.width),))
+    if mode not in MODES:
         raise GlmqError(f"unknown memory mode {mode!r}; valid modes: {', '.join(MODES)}")
-    return {
-        "ar": ar + s.ar_activations + OVERHEAD_BYTES,
-        "dit": dit + s.dit_activations + OVERHEAD_BYTES,
-        "vae": (dit if mode != "offload" else s.vae_weights) + s.vae_activations + OVERHEAD_BYTES,
-    }
+    i2i = req.image_to_image
+    vision = s.vision_weights if i2i else 0
+    kv = s.dit_kv_bytes_per_token * sum(req.reference_tokens)
+    # The VAE's working set scales with the pixels it processes at once (one tile at most); references are
+    # encoded one at a time.
+    base_area = _area(*s.size)
+    encode_act = max((s.vae_activations * _area(side, side) // base_area
+                      for side in (int(t**0.5) * 16 for t in req.reference_tokens)), default=0)
+    dit_act = _scaled(s.dit_activations, s, req)
+    vae_act = s.vae_activations * _area(req.height, req.width) // base_area
+    if mode == "resident":
+        everything = s.ar_weights + s.vision_weights + s.glyph_weights + s.dit_weights + s.vae_weights
+        ar = enc = dit = vae = everything
+    else:
+        ar = s.ar_weights + vision
+        enc = s.glyph_weights + s.vae_weights
+        dit_w = s.dit_weights if mode == "staged" else s.largest_dit_block * 2 + s.dit_weights // 20
+        dit = dit_w + s.vae_weights
+        vae = s.vae_weights
+    peaks = {"ar": ar + _scaled(s.ar_activations, s, req) + (s.ar_activations if i2i else 0),
+             "encode": enc + encode_act, "dit": dit + dit_act + kv, "vae": vae + vae_act}
+    return {k: int(v * (1 + FRAGMENTATION)) + OVERHEAD_BYTES for k, v in peaks.items()}
+
+
+def _area(height: int, width: int) -> int:
+    """Pixels the VAE processes at once for an image of this size: at most one tile."""
+    if height * width > VAE_TILE_PIXELS**2:
+        return VAE_TILE_PIXELS**2
+    return height * width
+
+
+def peak_bytes(s: StageSizes, mode: str, request: Request | None = None) -> int:
+    return max(stage_peaks(s, mode, request).values())
 
 
 def choose_mode(s: StageSizes, budget_bytes: int | None, *, image_to_image: bool = False,
-                requested: str | None = None) -> str:
-    """The fastest mode whose estimated peak fits ``budget_bytes`` (``requested`` forces one)."""
+                requested: str | None = None, requests: tuple[Request, ...] | None = None) -> str:
+    """The fastest mode whose estimated peak fits ``budget_bytes`` for every one of ``requests`` (default:
+    :func:`usual_requests` at the sizes' resolution; ``requested`` forces a mode)."""
     if requested is not None:
         if requested not in MODES:
             raise GlmqError(f"unknown memory mode {requested!r}; valid modes: {', '.join(MODES)}")
         return requested
     if budget_bytes is None:
         return "resident"
+    if requests is None:
+        requests = usual_requests(*s.size)
+        if image_to_image:
+            requests = (Request(*s.size, (reference_tokens_for(*s.size),)),)
     for mode in MODES:
-        if max(stage_peaks(s, mode, image_to_image=image_to_image).values()) <= budget_bytes:
+        if all(peak_bytes(s, mode, r) <= budget_bytes for r in requests):
             return mode
-    need = max(stage_peaks(s, "offload", image_to_image=image_to_image).values())
+    need = max(peak_bytes(s, "offload", r) for r in requests)
     raise GlmqError(
         f"does not fit: even with per-block offload this model needs about {need / GiB:.1f} GiB of GPU "
         f"memory, the budget is {budget_bytes / GiB:.1f} GiB"
     )
+
+
+def mode_for_request(s: StageSizes, budget_bytes: int | None, base_mode: str, request: Request) -> str:
+    """The mode one call runs in: ``base_mode`` (the pipeline's), or a leaner one when this request would
+    not fit the budget in it. Raises :class:`GlmqError` before any work when no mode fits.
+
+    Only a staged pipeline moves down (to offload, streaming the DiT blocks from the pinned copies it already
+    keeps); a resident pipeline keeps no CPU copies, so it runs resident or refuses."""
+    if budget_bytes is None:
+        return base_mode
+    candidates = (base_mode,) if base_mode == "resident" else MODES[MODES.index(base_mode):]
+    for mode in candidates:
+        if peak_bytes(s, mode, request) <= budget_bytes:
+            return mode
+    need = peak_bytes(s, candidates[-1], request)
+    what = f"{request.height}x{request.width}"
+    if request.reference_tokens:
+        what += f" with {len(request.reference_tokens)} reference image(s)"
+    raise GlmqError(f"a {what} image needs about {need / GiB:.1f} GiB of GPU memory in the {candidates[-1]} "
+                    f"mode; the budget is {budget_bytes / GiB:.1f} GiB (raise vram_budget_gb, load with a smaller "
+                    "budget so that glmq can stage or offload, or use fewer or smaller references or a smaller "
+                    "size)")
+
+
+def cuda_context_bytes(device) -> int:
+    """GPU memory in use outside PyTorch's caching allocator: the CUDA context, library handles and loaded
+    kernel modules (grows as kernels load). A real card must hold it beside the allocator's reserved bytes."""
+    import torch
+
+    free, total = torch.cuda.mem_get_info(device)
+    return max(0, total - free - torch.cuda.memory_reserved(device))

@@ -8,6 +8,7 @@ and the memory stages (:mod:`glmq.runtime.memory`). The call mirrors diffusers' 
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import time
@@ -19,11 +20,14 @@ import torch
 
 from glmq.errors import GlmqError
 from glmq.runtime.memory import (
+    OVERHEAD_BYTES,
     VAE_TILE_PIXELS,
     GiB,
+    Request,
     StageSizes,
     activation_allowance,
     choose_mode,
+    mode_for_request,
     vae_decode_bytes,
 )
 
@@ -58,6 +62,15 @@ class StageTimes:
     vae_s: float = 0.0
     total_s: float = 0.0
     extra: dict[str, Any] = field(default_factory=dict)
+
+
+class GlmqImageOutput(list):
+    """The images of one call: a list (``out[0]``, as glmq returned before) that also answers diffusers'
+    ``out.images``."""
+
+    @property
+    def images(self) -> list:
+        return list(self)
 
 
 class _Parked:
@@ -131,6 +144,8 @@ class GlmqPipeline:
                  vram_budget: int | None = None):
         self.path = path
         self.vram_budget = vram_budget  # bytes the caller allowed on the GPU (None: whatever is free)
+        if vram_budget is not None and device.type == "cuda":
+            _prefer_expandable_segments()
         self.device = device
         self.dtype = dtype
         self.mode = mode
@@ -193,27 +208,82 @@ class GlmqPipeline:
         for name, m in nets.items():
             self._park(name, m, streamed)
 
+    # What each stage of a call needs on the GPU (staged and offload modes; see glmq.runtime.memory).
+    _STAGE_NETS = {"ar": {"ar"}, "encode": {"glyph", "vae"}, "dit": {"dit", "vae"}, "vae": {"vae"}}
+
     def _stage(self, stage: str, image_to_image: bool) -> None:
         """Put the networks ``stage`` needs on the GPU and park the others (staged/offload modes).
 
-        The AR's vision tower and VQ only visit for image-to-image. In offload mode the block stacks are
-        left to their streamers, which move them block by block.
+        Everything that leaves is parked first, then what the stage needs is copied in, so the GPU never holds
+        two stages at once (the H200 sequence run, benchmarks/results/memory_sequence_h200/, ran out of memory
+        under 16 GiB moving the AR and vision tower in while the DiT was still there). The AR's vision tower
+        and VQ only visit for image-to-image. Streamed DiT blocks are left to their streamer.
         """
-        if not self._gpu() or self.mode == "resident":
+        if not self._gpu() or not self._parked:
             return
         keep_on_cpu = set()
-        if self.mode == "offload":
+        if "dit" in self._streamers:
             keep_on_cpu |= self._streamers["dit"].keys
         if not image_to_image:
             keep_on_cpu |= _slot_keys(self.ar.model.visual) | _slot_keys(self.ar.model.vqmodel)
-        wanted = {"ar"} if stage == "ar" else {"dit", "glyph", "vae"}
+        wanted = self._STAGE_NETS[stage]
         _debug(f"stage {stage}: moving {sorted(wanted)} to the GPU")
+        moves = []
         for name, parked in self._parked.items():
             for mod, kind, pname, cpu in parked.slots:
-                on_gpu = name in wanted and (id(mod), kind, pname) not in keep_on_cpu
-                _Parked._set(mod, kind, pname, cpu.to(self.device, non_blocking=parked.non_blocking) if on_gpu else cpu)
-        torch.cuda.empty_cache()
-        _debug(f"stage {stage}: placed, {torch.cuda.memory_allocated(self.device) / GiB:.2f} GiB allocated")
+                if name in wanted and (id(mod), kind, pname) not in keep_on_cpu:
+                    current = getattr(mod, kind)[pname]
+                    if current is None or current.device != self.device:
+                        moves.append((mod, kind, pname, cpu, parked.non_blocking))
+                else:
+                    _Parked._set(mod, kind, pname, cpu)
+        if self._gpu():
+            torch.cuda.empty_cache()  # hand the parked stage's blocks back before the next one arrives
+        for mod, kind, pname, cpu, non_blocking in moves:
+            _Parked._set(mod, kind, pname, cpu.to(self.device, non_blocking=non_blocking))
+        if self._gpu() and os.environ.get("GLMQ_DEBUG") == "1":
+            _debug(f"stage {stage}: placed, {torch.cuda.memory_allocated(self.device) / GiB:.2f} GiB allocated")
+
+    def _park_all(self) -> None:
+        for parked in self._parked.values():
+            parked.to_cpu()
+        if self._gpu():
+            torch.cuda.empty_cache()
+
+    @staticmethod
+    def request_for(height: int, width: int, reference_grids: torch.Tensor | None = None) -> Request:
+        """The memory plan's view of a call: its size and each reference's token count, from the references'
+        upsampled grids ``(n, 3)`` (the DiT's view: one prior id per patch)."""
+        rows = reference_grids.tolist() if reference_grids is not None else []
+        return Request(height, width, tuple(int(t * h * w) for t, h, w in rows))
+
+    def mode_for(self, request: Request) -> str:
+        """The memory mode this call runs in (see :func:`glmq.runtime.memory.mode_for_request`); a GlmqError,
+        before any work, when the request cannot fit the budget."""
+        if not self._gpu() or self.vram_budget is None:
+            return self.mode
+        return mode_for_request(self.sizes, self.vram_budget, self.mode, request)
+
+    @contextlib.contextmanager
+    def _run_in(self, mode: str):
+        """Run one call in ``mode``; a staged pipeline streams its DiT blocks for a call that needs offload."""
+        streamer = None
+        runner = self._runner_for()
+        try:
+            if mode == "offload" and self.mode == "staged":
+                self._park_all()  # the blocks' pinned copies already exist: the streamer reuses them
+                streamer = _BlockStreamer(self.transformer.transformer_blocks, self.device, resident=("norm1",))
+                self._streamers["dit"] = streamer
+                with runner.eager():
+                    yield
+            else:
+                yield
+        finally:
+            if streamer is not None:
+                for handle in streamer.handles:
+                    handle.remove()
+                del self._streamers["dit"]
+            self._park_all()
 
     # -- stages -------------------------------------------------------------------------------------------
     def _engine_for(self):
@@ -246,11 +316,12 @@ class GlmqPipeline:
 
     @torch.no_grad()
     def generate_prior_tokens(self, prompt: str, height: int, width: int, images: list | None = None,
-                              generator: torch.Generator | None = None):
-        """Run the AR: the DiT's prior ids (and, for image-to-image, the references' ids and grids)."""
+                              generator: torch.Generator | None = None, *, inputs=None):
+        """Run the AR: the DiT's prior ids (and, for image-to-image, the references' ids and grids).
+        ``inputs``: the processor's output for these arguments, when the caller already has it."""
         from glmq.runtime.ar_engine import prior_tokens_from_generated
 
-        inputs = self._ar_inputs(prompt, images, height, width)
+        inputs = inputs if inputs is not None else self._ar_inputs(prompt, images, height, width)
         engine = self._engine_for()
         tokens = engine.generate(inputs["input_ids"], image_grid_thw=inputs["image_grid_thw"],
                                  attention_mask=inputs.get("attention_mask"),
@@ -306,12 +377,16 @@ class GlmqPipeline:
                  latents: torch.Tensor | None = None, output_type: str = "pil", *,
                  prior_token_image_ids: torch.Tensor | None = None,
                  source_image_grid_thw: torch.Tensor | list | None = None, progress: bool = False):
-        """Generate one image; returns a list with one PIL image (``output_type="pil"``), or a tensor
-        ``[1, 3, H, W]`` in [0, 1] (``"pt"``), or the final latents (``"latent"``).
+        """Generate one image. Returns a :class:`GlmqImageOutput` (a list of one PIL image that also has
+        diffusers' ``.images``) for ``output_type="pil"``, a tensor ``[1, 3, H, W]`` in [0, 1] for ``"pt"``,
+        or the final latents for ``"latent"``.
 
         ``image``: a PIL image or a list of them (image-to-image references). ``prior_token_ids``: skip the
         AR with these upsampled target-grid ids (for image-to-image also give ``prior_token_image_ids`` and
         ``source_image_grid_thw`` or let the AR's vision tower compute them). ``latents``: initial noise.
+
+        Under a VRAM budget the call is planned before any work: it runs in the pipeline's memory mode, or a
+        leaner one when this request needs it (see :meth:`mode_for`), or raises :class:`GlmqError`.
         """
         from glmq.progress import StageProgress
 
@@ -319,92 +394,128 @@ class GlmqPipeline:
             raise GlmqError("glmq generates one prompt per call; call it once per prompt")
         images = [image] if image is not None and not isinstance(image, (list, tuple)) else (list(image) if image else None)
         height, width = height or 1024, width or 1024
-        if height % 32 or width % 32:
-            raise GlmqError(f"height and width must be multiples of 32, got {height}x{width}")
+        if height <= 0 or width <= 0 or height % 32 or width % 32:
+            raise GlmqError(f"height and width must be positive multiples of 32, got {height}x{width}")
         if output_type not in ("pil", "pt", "latent"):
             raise GlmqError(f"output_type must be 'pil', 'pt' or 'latent', got {output_type!r}")
-        times = StageTimes()
-        t_start = time.perf_counter()
         i2i = bool(images)
+        inputs = None
+        if prior_token_ids is None or (i2i and prior_token_image_ids is None):
+            inputs = self._ar_inputs(prompt, images, height, width)  # CPU only: the grids size the plan
+        if i2i and source_image_grid_thw is None:
+            up = inputs["image_grid_thw"][:len(images)].clone()
+            up[:, 1:] *= 2
+            grids_for_plan = up
+        elif i2i:
+            grids_for_plan = _as_grids(source_image_grid_thw)
+        else:
+            grids_for_plan = None
+        request = self.request_for(height, width, grids_for_plan)
+        mode = self.mode_for(request)
+        times = StageTimes()
+        times.extra["mode"] = mode
+        t_start = time.perf_counter()
         bar = StageProgress(enabled=progress)
-        if prior_token_ids is None:
-            bar.stage("AR")
-            self._stage("ar", i2i)
-            t0 = self._sync_time()
-            _debug("AR: generating")
-            prior_token_ids, n_tokens, ref_ids, ref_grids = self.generate_prior_tokens(
-                prompt, height, width, images, generator)
-            times.ar_s, times.ar_tokens = self._sync_time() - t0, n_tokens
-            self.last_prior_token_ids = prior_token_ids
-            if prior_token_image_ids is None:
-                prior_token_image_ids, source_image_grid_thw = ref_ids, ref_grids
-        elif i2i and prior_token_image_ids is None:
-            self._stage("ar", True)
-            inputs = self._ar_inputs(prompt, images, height, width)
-            prior_token_image_ids, source_image_grid_thw = self._reference_tokens(inputs, len(images))
-        bar.stage("glyph")
-        self._stage("dit", i2i)
-        t0 = self._sync_time()
-        prompt_embeds = self.encode_glyphs(prompt).to(self.dtype)
-        negative = self.encode_glyphs("").to(self.dtype) if guidance_scale > 1 else None
-        times.glyph_s = self._sync_time() - t0
-
-        _debug("glyph done; DiT")
-        runner = self._runner_for()
         kv = None
-        if i2i:
-            mean, std = self._latent_stats(self.dtype)
-            if isinstance(source_image_grid_thw, (list, tuple)):  # one grid (tensor or [t, h, w]) per reference
-                source_image_grid_thw = torch.cat([torch.as_tensor(g).reshape(-1, 3) for g in source_image_grid_thw])
-            source_image_grid_thw = torch.as_tensor(source_image_grid_thw).reshape(-1, 3)
-            grids = source_image_grid_thw.tolist()
-            if len(grids) != len(images):
-                raise GlmqError(f"{len(images)} reference image(s) but {len(grids)} source grid(s)")
-            # Each reference's latents must hold exactly one patch per (upsampled) VQ id, so its size comes from
-            # the processor's grid. Upstream floors the image to a multiple of 16 pixels instead, which disagrees
-            # whenever the processor resized it (a 1024x1024 reference gets a 31x31 grid, i.e. 992 pixels) and
-            # then fails adding the prior embeddings to the patches.
-            cell = self.vae_scale_factor * self.transformer.config.patch_size
-            cond_latents = []
-            for img, (_, grid_h, grid_w) in zip(images, grids):
-                pixels = self._preprocess_reference(img, grid_h * cell, grid_w * cell)
-                lat = self.vae.encode(pixels.to(self.device, self.vae.dtype)).latent_dist.mode()
-                cond_latents.append(((lat.to(self.dtype) - mean) / std))
-            kv = runner.write_reference_kv([cond_latents], [prior_token_image_ids.to(self.device)],
-                                           [source_image_grid_thw], vae_scale_factor=self.vae_scale_factor)
-        if latents is None:
-            shape = (1, self.transformer.config.in_channels, height // self.vae_scale_factor,
-                     width // self.vae_scale_factor)
-            gen_device = generator.device if generator is not None else torch.device("cpu")
-            latents = torch.randn(shape, generator=generator, device=gen_device, dtype=self.dtype)
-        bar.stage("DiT", total=num_inference_steps)
-        t0 = self._sync_time()
-        latents = runner.denoise(latents.to(self.device, self.dtype), prompt_embeds=prompt_embeds,
-                                 negative_prompt_embeds=negative, prior_token_ids=prior_token_ids.to(self.device),
-                                 height=height, width=width, num_inference_steps=num_inference_steps,
-                                 guidance_scale=guidance_scale, kv_caches=kv,
-                                 callback=lambda i, t, x: bar.step())
-        times.dit_s, times.dit_steps = self._sync_time() - t0, num_inference_steps
-        if kv is not None:
-            kv.clear()
-        if output_type == "latent":
-            self.last_times = times
+        try:
+            with self._run_in(mode):
+                if prior_token_ids is None:
+                    bar.stage("AR")
+                    self._stage("ar", i2i)
+                    t0 = self._sync_time()
+                    _debug("AR: generating")
+                    prior_token_ids, n_tokens, ref_ids, ref_grids = self.generate_prior_tokens(
+                        prompt, height, width, images, generator, inputs=inputs)
+                    times.ar_s, times.ar_tokens = self._sync_time() - t0, n_tokens
+                    self.last_prior_token_ids = prior_token_ids
+                    if prior_token_image_ids is None:
+                        prior_token_image_ids, source_image_grid_thw = ref_ids, ref_grids
+                elif i2i and prior_token_image_ids is None:
+                    self._stage("ar", True)
+                    prior_token_image_ids, source_image_grid_thw = self._reference_tokens(inputs, len(images))
+                self._note_peak(times, "ar")
+                bar.stage("glyph")
+                self._stage("encode", i2i)
+                t0 = self._sync_time()
+                prompt_embeds = self.encode_glyphs(prompt).to(self.dtype)
+                negative = self.encode_glyphs("").to(self.dtype) if guidance_scale > 1 else None
+                times.glyph_s = self._sync_time() - t0
+                cond_latents = source_grids = None
+                if i2i:
+                    source_grids = _as_grids(source_image_grid_thw)
+                    cond_latents = self._encode_references(images, source_grids)
+                self._note_peak(times, "encode")
+                _debug("glyph done; DiT")
+                self._stage("dit", i2i)
+                runner = self._runner_for()
+                if i2i:
+                    kv = runner.write_reference_kv([cond_latents], [prior_token_image_ids.to(self.device)],
+                                                   [source_grids], vae_scale_factor=self.vae_scale_factor)
+                if latents is None:
+                    shape = (1, self.transformer.config.in_channels, height // self.vae_scale_factor,
+                             width // self.vae_scale_factor)
+                    gen_device = generator.device if generator is not None else torch.device("cpu")
+                    latents = torch.randn(shape, generator=generator, device=gen_device, dtype=self.dtype)
+                bar.stage("DiT", total=num_inference_steps)
+                t0 = self._sync_time()
+                latents = runner.denoise(latents.to(self.device, self.dtype), prompt_embeds=prompt_embeds,
+                                         negative_prompt_embeds=negative,
+                                         prior_token_ids=prior_token_ids.to(self.device), height=height,
+                                         width=width, num_inference_steps=num_inference_steps,
+                                         guidance_scale=guidance_scale, kv_caches=kv,
+                                         callback=lambda i, t, x: bar.step())
+                times.dit_s, times.dit_steps = self._sync_time() - t0, num_inference_steps
+                if kv is not None:
+                    kv.clear()
+                    kv = None
+                self._note_peak(times, "dit")
+                if output_type == "latent":
+                    self.last_times = times
+                    return latents
+                _debug("DiT done; VAE")
+                bar.stage("VAE")
+                self._stage("vae", i2i)
+                t0 = self._sync_time()
+                image_out = self.decode_latents(latents)
+                times.vae_s = self._sync_time() - t0
+                self._note_peak(times, "vae")
+        finally:
+            if kv is not None:
+                kv.clear()
             bar.close()
-            return latents
-        _debug("DiT done; VAE")
-        bar.stage("VAE")
-        t0 = self._sync_time()
-        image_out = self.decode_latents(latents)
-        times.vae_s = self._sync_time() - t0
         times.total_s = time.perf_counter() - t_start
         self.last_times = times
-        bar.close()
         if output_type == "pt":
             return image_out
         from PIL import Image
 
         arr = (image_out[0].permute(1, 2, 0).float().cpu().numpy() * 255).round().astype("uint8")
-        return [Image.fromarray(arr)]
+        return GlmqImageOutput([Image.fromarray(arr)])
+
+    def _encode_references(self, images: list, grids: torch.Tensor) -> list[torch.Tensor]:
+        """Normalized VAE latents of each reference, sized from its grid.
+
+        Each reference's latents must hold exactly one patch per (upsampled) VQ id, so its size comes from the
+        processor's grid. Upstream floors the image to a multiple of 16 pixels instead, which disagrees whenever
+        the processor resized it (a 1024x1024 reference gets a 31x31 grid, i.e. 992 pixels) and then fails
+        adding the prior embeddings to the patches.
+        """
+        if len(grids) != len(images):
+            raise GlmqError(f"{len(images)} reference image(s) but {len(grids)} source grid(s)")
+        mean, std = self._latent_stats(self.dtype)
+        cell = self.vae_scale_factor * self.transformer.config.patch_size
+        out = []
+        for img, (_, grid_h, grid_w) in zip(images, grids.tolist()):
+            pixels = self._preprocess_reference(img, grid_h * cell, grid_w * cell)
+            lat = self.vae.encode(pixels.to(self.device, self.vae.dtype)).latent_dist.mode()
+            out.append((lat.to(self.dtype) - mean) / std)
+        return out
+
+    def _note_peak(self, times: StageTimes, stage: str) -> None:
+        """Peak reserved GiB since the caller's last reset, after ``stage`` (CUDA): which stage set the peak."""
+        if self._gpu():
+            peaks = times.extra.setdefault("peak_reserved_gib_after", {})
+            peaks[stage] = round(torch.cuda.max_memory_reserved(self.device) / GiB, 3)
 
     def _latent_stats(self, dtype):
         c = self.vae.config.latent_channels
@@ -435,8 +546,8 @@ class GlmqPipeline:
         need = vae_decode_bytes(height, width, batch=z.shape[0], channels=self.vae.config.block_out_channels[0],
                                 bytes_per_value=z.element_size())
         allocated = torch.cuda.memory_allocated(self.device)
-        if self.vram_budget is not None:
-            available = self.vram_budget - allocated
+        if self.vram_budget is not None:  # the budget holds the CUDA context too (glmq.runtime.memory)
+            available = self.vram_budget - OVERHEAD_BYTES - allocated
         else:  # free on the card, plus what the caching allocator holds unused
             available = torch.cuda.mem_get_info(self.device)[0] + torch.cuda.memory_reserved(self.device) - allocated
         return need > available
@@ -445,6 +556,25 @@ class GlmqPipeline:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         return time.perf_counter()
+
+
+def _prefer_expandable_segments() -> None:
+    """Under a budget, let the caching allocator grow its segments in place (PyTorch's expandable segments):
+    at the same allocations the H200 sequence run reserved 0.5 GiB less with them
+    (benchmarks/results/memory_sequence_h200/). A setting the user made in PYTORCH_CUDA_ALLOC_CONF wins."""
+    if "expandable_segments" in os.environ.get("PYTORCH_CUDA_ALLOC_CONF", ""):
+        return
+    setter = getattr(torch.cuda.memory, "_set_allocator_settings", None)
+    if setter is not None:
+        with contextlib.suppress(RuntimeError):
+            setter("expandable_segments:True")
+
+
+def _as_grids(grids) -> torch.Tensor:
+    """Source grids given as one tensor or one grid (tensor or [t, h, w]) per reference, as (n, 3)."""
+    if isinstance(grids, (list, tuple)):
+        grids = torch.cat([torch.as_tensor(g).reshape(-1, 3) for g in grids])
+    return torch.as_tensor(grids).reshape(-1, 3)
 
 
 def decode_tiled(vae, z: torch.Tensor, tile: int = VAE_TILE_PIXELS, overlap: float = 0.25) -> torch.Tensor:
@@ -498,7 +628,14 @@ def _largest_group(named: list[tuple[str, int]], prefix: str) -> int:
     return max(groups.values(), default=0)
 
 
-def _stage_sizes(named: dict[str, list[tuple[str, int]]], height: int, width: int) -> StageSizes:
+def _kv_bytes_per_token(dit_config) -> int:
+    """bf16 K and V of one token in every DiT layer: what each reference token costs in the K/V cache."""
+    get = dit_config.get if isinstance(dit_config, dict) else (lambda k, d=None: getattr(dit_config, k, d))
+    inner = int(get("num_attention_heads", 0) or 0) * int(get("attention_head_dim", 0) or 0)
+    return 2 * int(get("num_layers", 0) or 0) * inner * 2
+
+
+def _stage_sizes(named: dict[str, list[tuple[str, int]]], height: int, width: int, dit_config=None) -> StageSizes:
     ar, dit = named["vision_language_encoder"], named["transformer"]
     vision = sum(b for n, b in ar if n.startswith(_VISION_PREFIXES))
     act_ar, act_dit, act_vae = activation_allowance(height, width)
@@ -513,6 +650,8 @@ def _stage_sizes(named: dict[str, list[tuple[str, int]]], height: int, width: in
         vae_activations=act_vae,
         largest_ar_block=_largest_group(ar, "model.language_model.layers."),
         largest_dit_block=_largest_group(dit, "transformer_blocks."),
+        dit_kv_bytes_per_token=_kv_bytes_per_token(dit_config) if dit_config is not None else 0,
+        size=(height, width),
     )
 
 
@@ -520,13 +659,14 @@ def stage_sizes(reader, height: int = 1024, width: int = 1024) -> StageSizes:
     """Per-stage GPU bytes from a checkpoint's headers (bf16 compute; the glyph encoder stays fp32)."""
     widths = {"vision_language_encoder": 2, "transformer": 2, "text_encoder": 4, "vae": 2}
     return _stage_sizes({name: _gpu_tensor_bytes(reader.component(name), w) for name, w in widths.items()},
-                        height, width)
+                        height, width, reader.component("transformer").config)
 
 
 def stage_sizes_from_modules(components: dict, height: int = 1024, width: int = 1024) -> StageSizes:
     """Like :func:`stage_sizes`, measured on live modules (their current dtypes)."""
     names = ("vision_language_encoder", "transformer", "text_encoder", "vae")
-    return _stage_sizes({name: _module_tensor_bytes(components[name]) for name in names}, height, width)
+    return _stage_sizes({name: _module_tensor_bytes(components[name]) for name in names}, height, width,
+                        components["transformer"].config)
 
 
 def from_modules(components: dict, *, processor, tokenizer, scheduler_config: dict, device: str = "cuda",

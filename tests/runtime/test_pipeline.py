@@ -10,7 +10,7 @@ from PIL import Image
 
 import glmq
 from glmq.errors import GlmqError
-from glmq.runtime.memory import GiB, StageSizes, choose_mode
+from glmq.runtime.memory import GiB, Request, StageSizes, choose_mode, mode_for_request, stage_peaks
 from glmq.testing import assert_user_error, run_cli_inprocess
 
 PROMPT = "a shop sign that says 'glmq' over a door"
@@ -130,16 +130,109 @@ def test_quantized_checkpoint_stays_within_its_recorded_fidelity(tiny_dir, tmp_p
     assert measured >= min(recorded - 1.0, 60.0)
 
 
+def _sizes(**kw):
+    base = dict(ar_weights=6 * GiB, vision_weights=2 * GiB, glyph_weights=GiB, dit_weights=7 * GiB,
+                vae_weights=GiB, ar_activations=GiB // 2, dit_activations=2 * GiB, vae_activations=GiB,
+                largest_ar_block=GiB // 8, largest_dit_block=GiB // 4, dit_kv_bytes_per_token=2 * 30 * 4096 * 2)
+    base.update(kw)
+    return StageSizes(**base)
+
+
 def test_memory_modes_follow_the_budget():
-    s = StageSizes(ar_weights=6 * GiB, vision_weights=2 * GiB, glyph_weights=GiB, dit_weights=7 * GiB,
-                   vae_weights=GiB, ar_activations=GiB // 2, dit_activations=2 * GiB, vae_activations=GiB,
-                   largest_ar_block=GiB // 8, largest_dit_block=GiB // 4)
+    s = _sizes()
+    peaks = {m: max(stage_peaks(s, m).values()) for m in ("resident", "staged", "offload")}
+    print({m: round(v / GiB, 2) for m, v in peaks.items()})
+    assert peaks["resident"] > peaks["staged"] > peaks["offload"]
     assert choose_mode(s, None) == "resident"
     assert choose_mode(s, 80 * GiB) == "resident"
-    assert choose_mode(s, 14 * GiB) == "staged"
-    assert choose_mode(s, 9 * GiB) == "offload"
+    assert choose_mode(s, peaks["resident"] - 1) == "staged"
+    assert choose_mode(s, peaks["staged"]) == "staged"
+    assert choose_mode(s, peaks["staged"] - 1) == "offload"
     with pytest.raises(GlmqError, match="does not fit"):
         choose_mode(s, 2 * GiB)
+
+
+def test_staged_stages_hold_one_network_and_count_the_request():
+    s = _sizes()
+    t2i = stage_peaks(s, "staged", Request(1024, 1024))
+    one = stage_peaks(s, "staged", Request(1024, 1024, (4096,)))
+    two = stage_peaks(s, "staged", Request(1024, 1024, (4096, 4096)))
+    # The AR stage never holds the DiT (and vice versa): each stage is below the sum of both networks' weights.
+    assert t2i["ar"] < s.ar_weights + s.dit_weights and t2i["dit"] < s.ar_weights + s.dit_weights
+    # References: the vision tower joins the AR stage; each one adds its K/V cache to the DiT stage.
+    assert one["ar"] - t2i["ar"] >= s.vision_weights
+    kv = 4096 * s.dit_kv_bytes_per_token
+    assert one["dit"] - t2i["dit"] >= kv and two["dit"] - one["dit"] >= kv
+    # A 2048x2048 image needs more DiT activations than a 1024x1024 one.
+    assert stage_peaks(s, "staged", Request(2048, 2048))["dit"] > t2i["dit"]
+
+
+def test_a_call_moves_to_a_leaner_mode_or_is_refused_before_any_work():
+    s = _sizes()
+    budget = max(stage_peaks(s, "staged", Request(1024, 1024)).values())
+    assert mode_for_request(s, budget, "staged", Request(1024, 1024)) == "staged"
+    # Two references do not fit the staged plan under this budget: the call streams the DiT instead.
+    assert max(stage_peaks(s, "staged", Request(1024, 1024, (4096, 4096))).values()) > budget
+    assert mode_for_request(s, budget, "staged", Request(1024, 1024, (4096, 4096))) == "offload"
+    # A resident pipeline has no CPU copies to stream from: it refuses, naming the request and the budget.
+    resident_budget = max(stage_peaks(s, "resident", Request(1024, 1024)).values())
+    with pytest.raises(GlmqError, match=r"1024x1024 with 2 reference image\(s\).*budget"):
+        mode_for_request(s, resident_budget, "resident", Request(1024, 1024, (4096, 4096)))
+    with pytest.raises(GlmqError, match="2048x2048"):
+        mode_for_request(s, 4 * GiB, "staged", Request(2048, 2048))
+
+
+def test_staging_parks_the_previous_stage_before_the_next_arrives(tiny_dir, monkeypatch):
+    """The GPU never holds two stages at once: moving the AR in while the DiT was still resident ran a 16 GiB
+    budget out of memory on the H200 (benchmarks/results/memory_sequence_h200/). The "GPU" here is the meta
+    device, and every tensor move is tallied."""
+    from glmq.runtime import pipeline as pl
+
+    p = glmq.load(tiny_dir, device="cpu")
+    nets = {"ar": p.ar, "dit": p.transformer, "glyph": p.text_encoder, "vae": p.vae}
+    p.device = torch.device("meta")
+    monkeypatch.setattr(pl.GlmqPipeline, "_gpu", lambda self: True)
+    p._parked = {name: pl._Parked(m, p.device) for name, m in nets.items()}
+    owner = {(id(mod), kind, n): name for name, pk in p._parked.items() for mod, kind, n, _ in pk.slots}
+    size = {(id(mod), kind, n): cpu.numel() * cpu.element_size() for pk in p._parked.values()
+            for mod, kind, n, cpu in pk.slots}
+    on_device: dict = {}
+    peak_by_stage: dict = {}
+    real_set = pl._Parked._set
+
+    def tally(mod, kind, name, value):
+        if value.device.type != "meta":  # a CPU parameter cannot point at meta data: only count those moves
+            real_set(mod, kind, name, value)
+        key = (id(mod), kind, name)
+        on_device.pop(key, None)
+        if value.device.type == "meta":
+            on_device[key] = size[key]
+        nets_on = {owner[k] for k in on_device}
+        current = peak_by_stage.setdefault(stage, set())
+        current |= {frozenset(nets_on)}
+
+    monkeypatch.setattr(pl._Parked, "_set", staticmethod(tally))
+    for stage, i2i in (("ar", False), ("encode", False), ("dit", False), ("vae", False), ("ar", True),
+                       ("encode", True), ("dit", True)):
+        p._stage(stage, i2i)
+        held = {owner[k] for k in on_device}
+        assert held == pl.GlmqPipeline._STAGE_NETS[stage] & set(nets), (stage, held)
+    # At no moment of any move did the AR share the device with the DiT or the glyph encoder.
+    for stage, seen in peak_by_stage.items():
+        for nets_on in seen:
+            assert not ("ar" in nets_on and ({"dit", "glyph", "vae"} & nets_on)), (stage, set(nets_on))
+    # After the image-to-image AR stage the vision tower had come along; in the text-to-image one it had not.
+    p._stage("ar", False)
+    vision_modules = {id(m) for m in p.ar.model.visual.modules()}
+    assert not any(k[0] in vision_modules for k in on_device)
+    p._stage("ar", True)
+    assert any(k[0] in vision_modules for k in on_device)
+
+
+def test_the_output_has_diffusers_images_and_indexes_like_a_list(pipe):
+    out = pipe(PROMPT, height=64, width=64, num_inference_steps=2, generator=torch.Generator().manual_seed(1))
+    assert isinstance(out.images, list) and out.images[0] is out[0] and len(out) == 1
+    assert isinstance(out[0], Image.Image)
 
 
 def test_generate_cli_writes_a_png_and_reports_json(tiny_dir, tmp_path):
