@@ -209,7 +209,8 @@ def scratch_venv(wheel, tmp_path_factory) -> Path:
     python = venv / "bin" / "python"
     purelib = Path(subprocess.run([str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
                                   capture_output=True, text=True, check=True).stdout.strip())
-    ours = [p for p in site.getsitepackages() + [site.getusersitepackages()] if Path(p).is_dir()]
+    ours = site.getsitepackages() + ([site.getusersitepackages()] if site.ENABLE_USER_SITE else [])
+    ours = [p for p in ours if Path(p).is_dir()]
     (purelib / "zz-test-environment.pth").write_text("".join(f"{p}\n" for p in ours))
     proc = subprocess.run([str(python), "-m", "pip", "install", "--no-deps", "--no-index", "--ignore-installed",
                            str(wheel)], capture_output=True, text=True, timeout=300)
