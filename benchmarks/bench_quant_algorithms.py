@@ -176,7 +176,9 @@ def main() -> None:
 
     per = {(tuple(r["shape"]), r["format"], r["algorithm"]): r["seconds_per_layer"] for r in rows_out}
     conversions = {}
-    for name in sorted(p.stem for p in (Path(__file__).resolve().parents[1] / "recipes").glob("*.toml")):
+    from glmq.quant.recipe import available_recipes
+
+    for name in available_recipes():
         conversions[name] = recipe_estimate(name, linears, per)
     result = {
         "card": "CPU 2 cores (shared with other jobs: see load)",

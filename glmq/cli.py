@@ -133,11 +133,34 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _readme_to_update(arg: str | None) -> Path | None:
+    """``--update-readme [README]``'s file, checked before anything runs: a README given by path (default
+    ``./README.md``), never one found relative to glmq's own files (a wheel install's site-packages)."""
+    if arg is None:
+        return None
+    from glmq.bench.report import README_END, README_START
+    from glmq.errors import GlmqError
+
+    readme = Path(arg)
+    if readme.is_dir():
+        raise GlmqError(f"{readme}: a folder; --update-readme takes the README file to rewrite (a model PATH "
+                        "goes before --update-readme)")
+    try:
+        text = readme.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise GlmqError(f"{readme}: not a UTF-8 text file; --update-readme takes the README to rewrite") from None
+    if README_START not in text or README_END not in text:
+        raise GlmqError(f"{readme}: no '{README_START}' ... '{README_END}' markers for --update-readme to "
+                        "fill (give the README that has them: --update-readme PATH)")
+    return readme
+
+
 def _cmd_bench(args: argparse.Namespace) -> int:
     from glmq.bench.report import markdown, merge_results, update_readme, write_outputs
     from glmq.bench.run import BenchConfig, run_bench
     from glmq.errors import GlmqError
 
+    readme = _readme_to_update(args.update_readme)
     if args.from_json:
         from glmq.io.layout import read_json
 
@@ -145,8 +168,8 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
         write_outputs(result, out)
-        if args.update_readme:
-            update_readme(result, Path(__file__).resolve().parent.parent / "README.md")
+        if readme is not None:
+            update_readme(result, readme)
         print(json.dumps(result, indent=2) if args.json else markdown(result))
         return 0
 
@@ -171,8 +194,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         tmp = tempfile.TemporaryDirectory(prefix="glmq-bench-")
         cfg.path = make_tiny(Path(tmp.name) / "tiny", progress=False)
     result = run_bench(cfg, Path(args.out))
-    if args.update_readme:
-        readme = Path(__file__).resolve().parent.parent / "README.md"
+    if readme is not None:
         update_readme(result, readme)
     print(json.dumps(result, indent=2) if args.json else markdown(result))
     return 0
@@ -333,7 +355,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--attention-precision", choices=ATTENTION_PRECISIONS, default=None,
                    help="DiT attention precision of glmq's kernels (default: each recipe's choice)")
     p.add_argument("--out", required=True, help="folder for bench.json, bench.md and bench.png")
-    p.add_argument("--update-readme", action="store_true", help="regenerate README.md's hardware-tier table")
+    p.add_argument("--update-readme", nargs="?", const="README.md", default=None, metavar="README",
+                   help="regenerate the hardware-tier table between README's glmq-bench markers (default: "
+                        "README.md in the current directory; refused if the file lacks the markers)")
     p.add_argument("--from-json", nargs="+", metavar="BENCH_JSON",
                    help="do not run: merge saved bench.json files (same card) into --out and the README table")
     p.add_argument("--json", action="store_true", help="print the results as JSON")

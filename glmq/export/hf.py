@@ -46,6 +46,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "BNB_MODES",
+    "LOAD_REQUIREMENTS",
     "SKIP_MODULES",
     "converted_linears",
     "export_hf",
@@ -56,6 +57,11 @@ BNB_MODES = ("nf4", "int8")
 
 AR = "vision_language_encoder"
 DIT = "transformer"
+
+LOAD_REQUIREMENTS = ("transformers>=5.2", "diffusers>=0.42.1", "bitsandbytes>=0.48", "accelerate>=1.1")
+"""What loading an exported folder with the stock libraries needs besides torch, named in its model card:
+glmq's own floors for these packages (tests/test_packaging.py keeps them equal to pyproject.toml's).
+accelerate is on the list because transformers and diffusers refuse bitsandbytes weights without it."""
 
 SKIP_MODULES: dict[str, tuple[str, ...]] = {
     AR: ("lm_head", "model.visual", "model.vqmodel"),
@@ -325,6 +331,16 @@ def _size(n: int) -> str:
     return f"{n / 1e9:.2f} GB" if n >= 1e8 else f"{n / 1e6:.2f} MB"
 
 
+def _installed_version(requirement: str) -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    name = re.split(r"[<>=!~ ;\[]", requirement, maxsplit=1)[0]
+    try:
+        return f"{name} {version(name)}"
+    except PackageNotFoundError:
+        return f"{name} (not installed)"
+
+
 def model_card(summary: dict) -> str:
     """README.md of an exported bitsandbytes folder (Hugging Face model card with YAML front matter)."""
     comps = summary["components"]
@@ -366,8 +382,19 @@ def model_card(summary: dict) -> str:
         'image = pipe("a red bicycle leaning on a wall", height=1024, width=1024).images[0]',
         "```",
         "",
-        "Needs `bitsandbytes`. diffusers 0.42's bitsandbytes loader requires a GPU for the DiT; the AR "
-        "(transformers) also loads on a CPU.",
+        "diffusers 0.42's bitsandbytes loader requires a GPU for the DiT; the AR (transformers) also loads on "
+        "a CPU.",
+        "",
+        "## Requirements",
+        "",
+        "Besides `torch`, loading this folder needs these packages (transformers and diffusers refuse "
+        "bitsandbytes weights unless accelerate is installed):",
+        "",
+        "```bash",
+        "pip install " + " ".join(f'"{r}"' for r in LOAD_REQUIREMENTS),
+        "```",
+        "",
+        "Exported with " + ", ".join(_installed_version(r) for r in LOAD_REQUIREMENTS) + ".",
         "",
     ]
     return "\n".join(lines)

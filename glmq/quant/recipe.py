@@ -1,6 +1,6 @@
 """Recipes: versioned data files that map module-name patterns to quantization formats.
 
-A recipe is a TOML file (``recipes/NAME.toml`` ships with glmq; any path works too)::
+A recipe is a TOML file (``glmq/recipes/NAME.toml`` ships inside the package; any path works too)::
 
     name = "default"
     version = 1
@@ -42,12 +42,11 @@ ATTENTION_PRECISIONS = ("bf16", "fp8", "int8")
 
 
 def recipes_dir() -> Path:
-    """Where the shipped recipes live (``recipes/`` at the repository root, installed beside the package)."""
-    here = Path(__file__).resolve().parent
-    for candidate in (here.parent.parent / "recipes", here.parent / "recipes"):
-        if candidate.is_dir():
-            return candidate
-    raise GlmqError("glmq's recipes folder is missing from this installation")
+    """Where the shipped recipes live: ``glmq/recipes/``, package data, so a wheel install has them too."""
+    here = Path(__file__).resolve().parent.parent / "recipes"
+    if not here.is_dir():
+        raise GlmqError(f"glmq's recipes folder is missing from this installation ({here})")
+    return here
 
 
 def available_recipes() -> list[str]:
