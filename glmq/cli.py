@@ -155,6 +155,20 @@ def _readme_to_update(arg: str | None) -> Path | None:
     return readme
 
 
+def _parse_edits(text: str) -> tuple[int, ...]:
+    from glmq.errors import GlmqError
+
+    if text.strip().lower() == "none":
+        return ()
+    try:
+        counts = tuple(int(t) for t in text.split(","))
+    except ValueError:
+        counts = ()
+    if not counts or any(c not in (1, 2) for c in counts):
+        raise GlmqError(f"--edits takes reference counts 1 and/or 2 separated by commas, or 'none'; got {text!r}")
+    return counts
+
+
 def _cmd_bench(args: argparse.Namespace) -> int:
     from glmq.bench.report import markdown, merge_results, update_readme, write_outputs
     from glmq.bench.run import BenchConfig, run_bench
@@ -178,12 +192,13 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     except ValueError:
         raise GlmqError(f"--tiers must be comma-separated GiB numbers, got {args.tiers!r}") from None
     sizes = tuple(_parse_size(s) for s in (args.size or ["1024x1024"]))
+    edits = _parse_edits(args.edits)
     cfg = BenchConfig(path=Path(args.path) if args.path else None, model=args.model,
                       recipes=tuple(args.recipe or ["default"]), tiers=tiers, sizes=sizes, steps=args.steps,
                       images=args.images, baseline=args.baseline, profile=args.profile, seed=args.seed,
                       device=args.device, compile=not args.no_compile, attention=args.attention,
                       cuda_graph=not args.no_cuda_graph, warmup_steps=args.warmup_steps,
-                      attention_precision=args.attention_precision)
+                      attention_precision=args.attention_precision, edits=edits)
     if args.baseline_only:
         cfg.baseline, cfg.recipes = True, ()
     if cfg.path is None and args.model == "tiny":
@@ -343,6 +358,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="denoising steps of the untimed warm-up image (default: --steps; fewer can leave "
                         "compilation for the full schedule to the timed image)")
     p.add_argument("--baseline", action="store_true", help="also run stock diffusers GlmImagePipeline in bf16")
+    p.add_argument("--edits", default="1,2",
+                   help="image-to-image rows after each tier's text-to-image, in the same process: comma-separated "
+                        "reference counts (1 or 2; default 1,2), or 'none'")
     p.add_argument("--profile", action="store_true", help="add the top kernels of one short run per configuration")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
@@ -370,6 +388,9 @@ def main(argv: list[str] | None = None) -> int:
 
     parser = build_parser()
     args = parser.parse_args(argv)
+    from glmq.bench.provenance import set_command
+
+    set_command(["glmq", *(sys.argv[1:] if argv is None else argv)])  # what results files record as the command
     try:
         return args.func(args)
     except GlmqError as e:

@@ -23,7 +23,7 @@ def test_bench_on_cpu_writes_json_markdown_and_png(tiny_dir, tmp_path):
     assert json.loads(proc.stdout) == result
     env = result["environment"]
     assert {"date", "card", "torch", "transformers", "diffusers", "glmq"} <= set(env)
-    stock, tiny_tier, big_tier = result["rows"]
+    stock, tiny_tier, big_tier, edit1, edit2 = result["rows"]
     assert stock["provider"] == "stock diffusers bf16" and stock["fit"]
     assert not tiny_tier["fit"] and "does not fit" in tiny_tier["reason"]  # 0.5 GiB holds no mode
     assert big_tier["fit"] and ROW_FIELDS <= set(big_tier) and STAGE_FIELDS == set(big_tier["stages"])
@@ -33,10 +33,22 @@ def test_bench_on_cpu_writes_json_markdown_and_png(tiny_dir, tmp_path):
     checks = big_tier["checks"]
     assert checks["warmup_s"] > 0
     assert checks["same_seed_prior_tokens_equal"] == 1.0 and checks["same_seed_image_max_abs_diff"] == 0.0
+    # Image-to-image rows follow the tier's text-to-image in the same process and reproduce their warm-up.
+    assert big_tier["task"] == "t2i"
+    for row, task in ((edit1, "edit, 1 reference"), (edit2, "edit, 2 references")):
+        assert row["task"] == task and row["fit"] and row["tier_gib"] == 80, row
+        assert STAGE_FIELDS == set(row["stages"]) and row["stages"]["ar_ms_per_token"] > 0
+        assert row["checks"]["same_seed_prior_tokens_equal"] == 1.0
+        assert row["checks"]["same_seed_image_max_abs_diff"] == 0.0
+        assert "speedup_vs_stock" not in row  # stock diffusers ran no edit to compare with
+    # Where it came from: commit and command.
+    assert env["command"] == f"glmq bench {tiny_dir} --out {out} --size 64x64 --steps 2 --recipe default " \
+                             "--baseline --tiers 0.5,80 --json"
+    assert "git_commit" in env and "git_dirty" in env
     with Image.open(out / "bench.png") as img:
         img.verify()
     md = (out / "bench.md").read_text()
-    assert "does not fit" in md and "stock diffusers bf16" in md
+    assert "does not fit" in md and "stock diffusers bf16" in md and "edit, 2 references" in md
     assert "same seed: 100.0% of AR tokens equal, max pixel diff 0" in md
 
 

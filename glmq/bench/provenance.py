@@ -10,6 +10,16 @@ import sys
 from pathlib import Path
 
 
+_COMMAND: list[str] | None = None
+
+
+def set_command(args: list[str]) -> None:
+    """The command line to record (the ``glmq`` CLI sets its own, which in-process callers do not see in
+    ``sys.argv``)."""
+    global _COMMAND
+    _COMMAND = list(args)
+
+
 def _git(args: list[str], cwd: Path) -> str | None:
     try:
         out = subprocess.run(["git", *args], cwd=cwd, capture_output=True, text=True, timeout=10, check=False)
@@ -24,7 +34,7 @@ def provenance(argv: list[str] | None = None) -> dict:
     repo = Path(__file__).resolve().parent.parent.parent
     commit = _git(["rev-parse", "HEAD"], repo)
     status = _git(["status", "--porcelain", "--untracked-files=no"], repo) if commit else None
-    args = list(sys.argv if argv is None else argv)
+    args = list(argv if argv is not None else (_COMMAND or sys.argv))
     if args and args[0].endswith("__main__.py"):
         args[0] = "python -m glmq"
     elif args:

@@ -17,17 +17,21 @@ def table_rows(result: dict) -> list[list[str]]:
     rows = []
     for r in result["rows"]:
         tier = "-" if r.get("tier_gib") is None else f"{r['tier_gib']:g} GiB"
+        task = r.get("task", "t2i")
         if not r.get("fit"):
-            rows.append([r["provider"], r["recipe"], tier, r["size"], r.get("mode", "-"), "does not fit", "-", "-",
-                         "-", "-", "-", r.get("reason", "")[:80]])
+            rows.append([r["provider"], r["recipe"], tier, task, r["size"], r.get("mode", "-"), "does not fit", "-",
+                         "-", "-", "-", _cell(r.get("peak_device_gib")), "-", r.get("reason", "")[:80]])
             continue
         s = r["seconds_per_image"]
         st = r.get("stages", {})
+        device = _cell(r.get("peak_device_gib"))
+        if r.get("within_tier") is False:
+            device += " (over the tier)"
         rows.append([
-            r["provider"], r["recipe"], tier, r["size"], r.get("mode", "-"),
+            r["provider"], r["recipe"], tier, task, r["size"], r.get("mode", "-"),
             f"{s['median']:.2f} ({s['min']:.2f}-{s['max']:.2f})",
             _cell(st.get("ar_ms_per_token")), _cell(st.get("dit_ms_per_step"), "{:.1f}"),
-            _cell(r.get("peak_allocated_gib")), _cell(r.get("peak_reserved_gib")),
+            _cell(r.get("peak_allocated_gib")), _cell(r.get("peak_reserved_gib")), device,
             _cell(r.get("speedup_vs_stock"), "{:.1f}x"), _checks_note(r.get("checks") or {}),
         ])
     return rows
@@ -46,8 +50,8 @@ def _checks_note(checks: dict) -> str:
     return "; ".join(parts)
 
 
-HEADER = ["provider", "recipe", "tier", "size", "mode", "s/image median (min-max)", "AR ms/token",
-          "DiT ms/step", "peak alloc GiB", "peak reserved GiB", "vs stock", "note"]
+HEADER = ["provider", "recipe", "tier", "task", "size", "mode", "s/image median (min-max)", "AR ms/token",
+          "DiT ms/step", "peak alloc GiB", "peak reserved GiB", "peak on card GiB", "vs stock", "note"]
 
 
 def markdown(result: dict) -> str:
@@ -157,7 +161,7 @@ def add_speedups(rows: list[dict]) -> list[dict]:
     for row in rows:
         row.pop("speedup_vs_stock", None)
         base = stock.get(row["size"])
-        if base is not None and row is not base and row.get("fit"):
+        if base is not None and row is not base and row.get("fit") and row.get("task", "t2i") == "t2i":
             row["speedup_vs_stock"] = round(base["seconds_per_image"]["median"] / row["seconds_per_image"]["median"], 2)
     return rows
 

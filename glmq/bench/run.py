@@ -50,6 +50,9 @@ class BenchConfig:
     # which happen on the first step; the AR always generates its whole grid.
     warmup_steps: int | None = None
     compile: bool = True  # torch.compile the DiT blocks on CUDA (the warm-up image pays for it)
+    # Image-to-image rows after each tier's text-to-image, in the same process: edits of the last image with
+    # one reference, then with two (the last image and a 3:4 resize of it).
+    edits: tuple[int, ...] = (1, 2)
     cuda_graph: bool = True
     attention: str = "auto"
     attention_precision: str | None = None  # DiT attention precision; None: each recipe's choice
@@ -63,7 +66,10 @@ def environment(device) -> dict:
 
     import glmq
 
+    from glmq.bench.provenance import provenance
+
     env = {
+        **provenance(),
         "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "host": platform.node(),
         "python": platform.python_version(),
@@ -179,17 +185,40 @@ def _peak(device) -> tuple[float | None, float | None]:
             round(torch.cuda.max_memory_reserved(device) / 1024**3, 3))
 
 
-def _reset(device, fraction: float | None):
+def _reset(device, tier_gib: float | None):
+    """Free cached blocks, reset the peaks and cap the allocator at the tier minus the CUDA context: a card of
+    that size holds the context beside what the allocator reserves (glmq.runtime.memory)."""
     import gc
 
     import torch
 
     gc.collect()
     if device.type == "cuda":
+        from glmq.runtime.memory import GiB, cuda_context_bytes
+
         index = device.index if device.index is not None else torch.cuda.current_device()
         torch.cuda.empty_cache()
-        torch.cuda.set_per_process_memory_fraction(1.0 if fraction is None else min(1.0, fraction), index)
+        total = torch.cuda.get_device_properties(index).total_memory
+        fraction = 1.0 if tier_gib is None else (tier_gib * GiB - cuda_context_bytes(device)) / total
+        torch.cuda.set_per_process_memory_fraction(max(0.0, min(1.0, fraction)), index)
         torch.cuda.reset_peak_memory_stats(index)
+
+
+def _device_peak(device, tier_gib: float | None) -> dict:
+    """Peak bytes a card must hold for what ran since the last reset: allocator peak reserved + CUDA context."""
+    import torch
+
+    if device.type != "cuda":
+        return {}
+    from glmq.runtime.memory import GiB, cuda_context_bytes
+
+    torch.cuda.synchronize(device)
+    context = cuda_context_bytes(device)
+    peak = torch.cuda.max_memory_reserved(device) + context
+    out = {"context_gib": round(context / GiB, 3), "peak_device_gib": round(peak / GiB, 3)}
+    if tier_gib is not None:
+        out["within_tier"] = peak <= tier_gib * GiB
+    return out
 
 
 def _summary(seconds: list[float]) -> dict:
@@ -294,6 +323,7 @@ def _run_glmq(pipe, cfg: BenchConfig, size, device) -> tuple[list[float], list]:
                    generator=torch.Generator().manual_seed(cfg.seed + i), output_type="pt")
         seconds.append(pipe.last_times.total_s)
         stages.append(pipe.last_times)
+        checks["_last_image"] = out
         if i == 0 and cfg.warmup:
             # The warm-up used the same seed: a deterministic pipeline reproduces its tokens and pixels.
             prior = pipe.last_prior_token_ids
@@ -301,6 +331,62 @@ def _run_glmq(pipe, cfg: BenchConfig, size, device) -> tuple[list[float], list]:
             if warm is not None:
                 checks["same_seed_image_max_abs_diff"] = round(float((out.float() - warm.float()).abs().max()), 5)
     return seconds, stages, checks
+
+
+EDIT_PROMPT = "Make the poster say 'glmq' in bold red letters, keep everything else"
+
+
+def _run_edit(pipe, cfg: BenchConfig, size, device, tier, recipe: str, n_refs: int, last) -> dict:
+    """One image-to-image row after the tier's text-to-image, in the same process and pipeline: an untimed
+    edit (it pays for the image-to-image shapes' compilation and graph capture), then ``cfg.images`` timed
+    edits with the same seed; the first timed one must reproduce the untimed one. ``last``: the tier's last
+    text-to-image output ``[1, 3, H, W]`` in [0, 1]; the references are it and, for two, a 3:4 resize of it."""
+    import torch
+    from PIL import Image
+
+    w, h = size
+    arr = (last[0].permute(1, 2, 0).float().cpu().numpy() * 255).round().astype("uint8")
+    base = Image.fromarray(arr)
+    refs = [base, base.resize((w * 3 // 4, h))][:n_refs]
+    row = {"provider": "glmq", "recipe": recipe, "tier_gib": tier, "size": f"{w}x{h}", "steps": cfg.steps,
+           "images": cfg.images, "task": f"edit, {n_refs} reference{'s' if n_refs > 1 else ''}"}
+    try:
+        _reset_peaks(device)
+        t0 = time.perf_counter()
+        warm = pipe(EDIT_PROMPT, image=refs, height=h, width=w, num_inference_steps=cfg.steps,
+                    generator=torch.Generator().manual_seed(cfg.seed), output_type="pt")
+        checks = {"warmup_s": round(time.perf_counter() - t0, 3), "warmup_mode": pipe.last_times.extra.get("mode")}
+        warm_prior = pipe.last_prior_token_ids
+        seconds, stages = [], []
+        for i in range(cfg.images):
+            got = pipe(EDIT_PROMPT, image=refs, height=h, width=w, num_inference_steps=cfg.steps,
+                       generator=torch.Generator().manual_seed(cfg.seed + i), output_type="pt")
+            seconds.append(pipe.last_times.total_s)
+            stages.append(pipe.last_times)
+            if i == 0:
+                checks["same_seed_prior_tokens_equal"] = round(
+                    float((pipe.last_prior_token_ids == warm_prior).float().mean()), 4)
+                checks["same_seed_image_max_abs_diff"] = round(float((got.float() - warm.float()).abs().max()), 5)
+        alloc, reserved = _peak(device)
+        row.update(fit=True, mode=stages[-1].extra.get("mode", pipe.mode), checks=checks,
+                   seconds_per_image=_summary(seconds), stages=stage_dict(stages[-1]),
+                   peak_allocated_gib=alloc, peak_reserved_gib=reserved,
+                   stage_peaks_reserved_gib=stages[-1].extra.get("peak_reserved_gib_after"),
+                   **_device_peak(device, tier))
+    except GlmqError as e:
+        row.update(fit=False, reason=str(e))
+    except torch.OutOfMemoryError as e:
+        row.update(fit=False, reason=f"out of memory under the {tier} GiB cap: {str(e).splitlines()[0][:160]}",
+                   **_device_peak(device, tier))
+    _log(f"{recipe} tier {tier}: {row['task']}: {row.get('seconds_per_image', row.get('reason'))}")
+    return row
+
+
+def _reset_peaks(device) -> None:
+    import torch
+
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
 
 
 def stage_dict(t) -> dict:
@@ -392,7 +478,7 @@ def run_bench(cfg: BenchConfig, out: Path) -> dict:
                         if device.type == "cuda":
                             for m in comps.values():
                                 m.to("cpu")
-                            _reset(device, min(1.0, tier / total_gib) if tier else None)
+                            _reset(device, tier)
                         processor, tokenizer, sched = pieces
                         if device.type != "cuda" and tier is not None:
                             from glmq.runtime.memory import choose_mode
@@ -408,13 +494,22 @@ def run_bench(cfg: BenchConfig, out: Path) -> dict:
                         row["dit_attention"] = pipe.attention_precision
                         _log(f"{recipe} tier {tier}: mode {pipe.mode}, generating")
                         seconds, stages, checks = _run_glmq(pipe, cfg, size, device)
+                        last = checks.pop("_last_image")
                         row["checks"] = checks
                         _log(f"{recipe} tier {tier}: {seconds} s")
                         alloc, reserved = _peak(device)
                         row.update(fit=True, seconds_per_image=_summary(seconds), stages=stage_dict(stages[-1]),
-                                   peak_allocated_gib=alloc, peak_reserved_gib=reserved)
+                                   peak_allocated_gib=alloc, peak_reserved_gib=reserved, task="t2i",
+                                   stage_peaks_reserved_gib=stages[-1].extra.get("peak_reserved_gib_after"),
+                                   **_device_peak(device, tier))
                         if cfg.profile:
                             row["profile"] = _profile(pipe, cfg, size, device)
+                        rows.append(row)
+                        write_outputs(_result(env, cfg, tiers, rows), out)
+                        row = None
+                        for n_refs in cfg.edits:
+                            rows.append(_run_edit(pipe, cfg, size, device, tier, recipe, n_refs, last))
+                            write_outputs(_result(env, cfg, tiers, rows), out)
                     except GlmqError as e:
                         row.update(fit=False, reason=str(e))
                     except torch.OutOfMemoryError as e:
@@ -424,8 +519,9 @@ def run_bench(cfg: BenchConfig, out: Path) -> dict:
                             pipe.release()
                         pipe = None
                         _reset(device, None)
-                    rows.append(row)
-                    write_outputs(_result(env, cfg, tiers, rows), out)
+                    if row is not None:
+                        rows.append(row)
+                        write_outputs(_result(env, cfg, tiers, rows), out)
                 del comps
                 _reset(device, None)
     finally:

@@ -245,9 +245,10 @@ class GlmqPipeline:
             _debug(f"stage {stage}: placed, {torch.cuda.memory_allocated(self.device) / GiB:.2f} GiB allocated")
 
     def _park_all(self) -> None:
+        """Every parked network back to its pinned CPU copy (between calls, and after a failed one)."""
         for parked in self._parked.values():
             parked.to_cpu()
-        if self._gpu():
+        if self._parked and self._gpu():
             torch.cuda.empty_cache()
 
     @staticmethod
@@ -566,7 +567,7 @@ def _prefer_expandable_segments() -> None:
         return
     setter = getattr(torch.cuda.memory, "_set_allocator_settings", None)
     if setter is not None:
-        with contextlib.suppress(RuntimeError):
+        with contextlib.suppress(RuntimeError, ValueError):
             setter("expandable_segments:True")
 
 
