@@ -31,9 +31,12 @@ def _git(args: list[str], cwd: Path) -> str | None:
 def provenance(argv: list[str] | None = None) -> dict:
     """``git_commit`` (None outside a git checkout, e.g. an installed wheel), ``git_dirty`` (uncommitted
     changes to tracked files), ``command`` (the process's command line, shell-quoted) and ``date`` (UTC)."""
+    import os
+
     repo = Path(__file__).resolve().parent.parent.parent
-    commit = _git(["rev-parse", "HEAD"], repo)
-    status = _git(["status", "--porcelain", "--untracked-files=no"], repo) if commit else None
+    declared = os.environ.get("GLMQ_GIT_COMMIT")  # a copy whose .git is absent or stale (the GPU machine's)
+    commit = declared or _git(["rev-parse", "HEAD"], repo)
+    status = None if declared else (_git(["status", "--porcelain", "--untracked-files=no"], repo) if commit else None)
     args = list(argv if argv is not None else (_COMMAND or sys.argv))
     if args and args[0].endswith("__main__.py"):
         args[0] = "python -m glmq"
