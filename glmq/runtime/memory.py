@@ -94,13 +94,15 @@ def activation_allowance(height: int, width: int, *, dit_hidden: int = 4096, dit
     """Rough peak activation bytes (AR, DiT, VAE) for one image of ``height`` x ``width``.
 
     DiT (the denoising stage alone, batch 2 for the two guidance passes, CUDA-graph pool included):
-    2 GiB at 1024x1024, scaled by tokens. The 2048x2048 staged run on the H100 peaked 5.3 GiB above the
-    weights with the VAE decoding in tiles (benchmarks/results/e2e_h100/tier16_2048/), i.e. at most 1.4 GiB
-    per 4352 tokens; 2 GiB leaves a margin for compilation and graph capture. VAE decoder: :func:`vae_decode_bytes`, at most one tile's worth (larger images decode
+    1.5 GiB at 1024x1024, scaled by tokens. Measured on the H200 with the compiled default recipe
+    (benchmarks/results/memory_sequence_h200/tier16/): the DiT stage reserved 1.3 GiB above its weights
+    (8.64 GiB with 7.33 GiB of DiT and VAE weights); the 2048x2048 staged run on the H100 peaked 5.3 GiB
+    above the weights with the VAE in tiles (benchmarks/results/e2e_h100/tier16_2048/), 1.4 GiB per 4352
+    tokens. VAE decoder: :func:`vae_decode_bytes`, at most one tile's worth (larger images decode
     in tiles when short).
     """
     tokens = (height // 16) * (width // 16) + 256
-    dit = int(2 * GiB * tokens / 4352 * max(dit_hidden * dit_ff, 1) / (4096 * 16384))
+    dit = int(1.5 * GiB * tokens / 4352 * max(dit_hidden * dit_ff, 1) / (4096 * 16384))
     if height * width > VAE_TILE_PIXELS**2:  # decoded in tiles when the whole image would not fit
         height = width = VAE_TILE_PIXELS
     vae = vae_decode_bytes(height, width, channels=vae_channels)

@@ -703,8 +703,10 @@ def load(path: str | Path, device: str = "cuda", vram_budget_gb: float | None = 
     Args:
         path: the pipeline folder.
         device: "cuda" (default), "cuda:N" or "cpu".
-        vram_budget_gb: GPU memory to plan for; the fastest memory mode whose estimated peak fits is used
-            (``resident``, ``staged``, ``offload``); None: all resident.
+        vram_budget_gb: GPU memory to plan for, counted as a card counts it (the allocator's peak reserved
+            bytes plus the CUDA context); the fastest memory mode whose estimated peak fits text-to-image is
+            used (``resident``, ``staged``, ``offload``), and each call is planned again from its size and
+            references (see :mod:`glmq.runtime.memory`); None: all resident.
         dtype: compute dtype of the unquantized parts (bf16 on GPU, fp32 on CPU by default).
         mode: force a memory mode.
         attention: "auto" (glmq's Triton kernels on CUDA, upstream SDPA elsewhere), "glmq", "sdpa".
