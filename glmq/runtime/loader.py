@@ -78,7 +78,9 @@ def load_component(cr: ComponentReader, *, device: str | torch.device = "cpu", d
     aliases = {n for names in tied_groups for n in names[1:]}
     model.to_empty(device=device)
     if dtype is not None:
-        model.to(dtype)  # QuantLinear keeps its quantized buffers' dtypes
+        # QuantLinear keeps its quantized buffers' dtypes. nn.Module.to, not diffusers' override, which warns on
+        # every cast about "modules that should be kept in float32" even when that list is empty.
+        torch.nn.Module.to(model, dtype)
     for first, *rest in tied_groups:
         for alias in rest:
             owner_name, _, attr = alias.rpartition(".")

@@ -565,7 +565,9 @@ def _prefer_expandable_segments() -> None:
     (benchmarks/results/memory_sequence_h200/). A setting the user made in PYTORCH_CUDA_ALLOC_CONF wins."""
     if "expandable_segments" in os.environ.get("PYTORCH_CUDA_ALLOC_CONF", ""):
         return
-    setter = getattr(torch.cuda.memory, "_set_allocator_settings", None)
+    # The accelerator-generic setter where it exists (torch >= 2.9 deprecates the CUDA one with a warning).
+    setter = (getattr(torch._C, "_accelerator_setAllocatorSettings", None)
+              or getattr(torch.cuda.memory, "_set_allocator_settings", None))
     if setter is not None:
         with contextlib.suppress(RuntimeError, ValueError):
             setter("expandable_segments:True")

@@ -265,3 +265,15 @@ def test_glmq_load_accepts_a_gguf_export(tiny_dir, tmp_path, pipe):
     value = float(psnr(pipe(PROMPT, **kwargs), gpipe(PROMPT, **kwargs)))
     print("GGUF (DiT Q8_0) image PSNR vs bf16", value)
     assert value > 40  # Q8_0 DiT: tiny perturbation of the image
+
+
+def test_a_normal_generate_run_prints_no_foreign_warnings(tiny_dir, tmp_path):
+    """diffusers warned on every run about "modules ... that should be kept in float32: []" (glmq's cast of the
+    DiT); with the warning filters a user has, a normal run's stderr holds nothing."""
+    from glmq.testing import run_cli
+
+    proc = run_cli("generate", str(tiny_dir), "--prompt", PROMPT, "--size", "64x64", "--steps", "2", "--device", "cpu",
+                   "--out", str(tmp_path / "img.png"), "--json")
+    print("stderr:", proc.stderr)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stderr.strip() == ""
