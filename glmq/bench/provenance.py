@@ -32,7 +32,7 @@ def _git(args: list[str], cwd: Path) -> str | None:
                              text=True, timeout=10, check=False)
     except (OSError, subprocess.SubprocessError):
         return None
-    return out.stdout.strip() if out.returncode == 0 else None
+    return out.stdout.rstrip("\n") if out.returncode == 0 else None  # keep the leading blank of " M path"
 
 
 def _is_code(porcelain_line: str) -> bool:
