@@ -160,6 +160,17 @@ def test_declared_commit_only_where_git_cannot_answer(git_repo, tmp_path, monkey
     assert (got["git_commit"], got["git_from"]) == (_git(git_repo, "rev-parse", "HEAD"), "git")
 
 
+def test_environment_variables_that_change_a_run_are_recorded(monkeypatch):
+    monkeypatch.setenv("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
+    monkeypatch.setenv("GLMQ_PIN_MEMORY", "0")
+    monkeypatch.setenv("GLMQ_HUB_TOKEN", "do-not-record")
+    monkeypatch.setenv("UNRELATED_SETTING", "1")
+    env = provenance()["env"]
+    print(env)
+    assert env["PYTORCH_CUDA_ALLOC_CONF"] == "expandable_segments:True" and env["GLMQ_PIN_MEMORY"] == "0"
+    assert "GLMQ_HUB_TOKEN" not in env and "UNRELATED_SETTING" not in env
+
+
 def test_markdown_line():
     base = {"git_commit": "abc123", "git_dirty": False, "git_from": "git", "command": "python b.py --out x",
             "date": "2026-12-02T05:00:00+00:00"}
@@ -171,6 +182,8 @@ def test_markdown_line():
     assert "(declared by GLMQ_GIT_COMMIT)" in provenance_markdown({**base, "git_from": "GLMQ_GIT_COMMIT"})
     assert "command ``echo `x```" in provenance_markdown({**base, "command": "echo `x`"})
     assert provenance_markdown(base, "Merged by").startswith("Merged by: commit")
+    with_env = provenance_markdown({**base, "env": {"PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True"}})
+    assert "command `PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True python b.py --out x`" in with_env
 
 
 # ---- the benchmark scripts -------------------------------------------------------------------------------

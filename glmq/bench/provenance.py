@@ -21,6 +21,12 @@ REPO = Path(__file__).resolve().parents[2]
 # without the repository): used only when git itself cannot answer, and recorded as the source.
 COMMIT_ENV, DIRTY_ENV = "GLMQ_GIT_COMMIT", "GLMQ_GIT_DIRTY"
 
+# Environment variables that change what glmq, torch or the benchmarks do (PYTORCH_CUDA_ALLOC_CONF,
+# GLMQ_PIN_MEMORY, BENCH_DRY, TRITON_INTERPRET, ...): part of how a result was made, though not of argv.
+ENV_PREFIXES = ("GLMQ_", "BENCH_", "PYTORCH_", "TORCH_", "TORCHINDUCTOR_", "TRITON_", "CUDA_", "CUBLAS_", "NCCL_",
+                "OMP_NUM_THREADS", "MKL_NUM_THREADS")
+_SECRET_WORDS = ("TOKEN", "KEY", "SECRET", "PASS", "CREDENTIAL")
+
 
 def _git(args: list[str], cwd: Path) -> str | None:
     # GIT_DIR, GIT_WORK_TREE, GIT_INDEX_FILE (set inside git hooks, for one) would point git at another
@@ -61,11 +67,18 @@ def _command(argv: list[str] | None) -> str:
     return " ".join(shlex.quote(a) for a in args)
 
 
+def _environment_variables() -> dict[str, str]:
+    return {k: v for k, v in sorted(os.environ.items())
+            if k.startswith(ENV_PREFIXES) and k not in (COMMIT_ENV, DIRTY_ENV)
+            and not any(w in k for w in _SECRET_WORDS)}
+
+
 def provenance(argv: list[str] | None = None, *, repo: Path | None = None) -> dict:
     """``git_commit`` (HEAD of the checkout this glmq was imported from; None outside one, e.g. an installed
     wheel, unless ``GLMQ_GIT_COMMIT`` declares it), ``git_dirty`` (tracked files changed or untracked code
     files present; None when unknown), ``git_from`` (``"git"``, ``"GLMQ_GIT_COMMIT"`` or None), ``command``
-    (``argv``, default the process's command line, shell-quoted) and ``date`` (UTC, ISO 8601).
+    (``argv``, default the process's command line, shell-quoted), ``env`` (the variables named by
+    ``ENV_PREFIXES`` that were set) and ``date`` (UTC, ISO 8601).
 
     ``repo`` (default: the folder holding this glmq) is only for looking at another checkout."""
     repo = Path(repo).resolve() if repo is not None else REPO
@@ -88,6 +101,7 @@ def provenance(argv: list[str] | None = None, *, repo: Path | None = None) -> di
         "git_dirty": dirty,
         "git_from": source,
         "command": _command(argv),
+        "env": _environment_variables(),
         "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
     }
 
@@ -102,6 +116,6 @@ def provenance_markdown(prov: dict, label: str = "Provenance") -> str:
         where = f"commit `{commit}`{state}"
         if prov.get("git_from") not in (None, "git"):
             where += f" (declared by {prov['git_from']})"
-    cmd = prov.get("command", "")
+    cmd = " ".join([*(f"{k}={shlex.quote(v)}" for k, v in prov.get("env", {}).items()), prov.get("command", "")])
     fence = "``" if "`" in cmd else "`"
     return f"{label}: {where}; command {fence}{cmd}{fence}; {prov.get('date')}."
