@@ -47,7 +47,7 @@ NOTES: dict[str, tuple[str | None, str]] = {
                                   "renamed (`attention_notes.md`)"),
     "attention_h100_v2_sweep.*": (None, "a `benchmarks/bench_attention.py` run with a launch sweep, renamed "
                                         "(`attention_notes.md`)"),
-    "attention_notes.*": (None, "no command: a note written by hand about the three attention runs"),
+    "attention_notes.*": (None, "no command: a note about the three attention runs that no script writes"),
     "dit_step_h100.*": (None, "merged by `benchmarks/bench_dit_step.py --report` from its device runs (the .md "
                               "names the script); neither the runs' nor the merge's arguments are recorded"),
     "e2e_h100/attempts_2048/": (
@@ -89,16 +89,18 @@ NOTES: dict[str, tuple[str | None, str]] = {
                                   "not a command line"),
     "qmatmul_h100.*": (None, "written by `benchmarks/bench_qmatmul.py` (`qmatmul_<tag>`; the tag defaults to the "
                              "card, h100)"),
-    "qmatmul_h100_v1.*": (None, "a `benchmarks/bench_qmatmul.py` run of an earlier version, renamed"),
-    "quant_algorithms_cpu2.*": (None, "written by `benchmarks/bench_quant_algorithms.py` (its default `--out`); the "
-                                      "JSON shows it was completed and re-timed (`--prior-log`/`--fill-missing`, "
-                                      "`--retime-rtn`) in more than one invocation, none recorded"),
+    "qmatmul_h100_v1.*": (None, "a `benchmarks/bench_qmatmul.py` run of an earlier kernel version, renamed "
+                                "(`qmatmul_h100.md` says so)"),
+    "quant_algorithms_cpu2.*": (None, "written by `benchmarks/bench_quant_algorithms.py` (its default `--out`); its "
+                                      ".md says a first run was stopped and the rest timed in a second part (what "
+                                      "the script's `--prior-log`/`--fill-missing` do); neither invocation is "
+                                      "recorded"),
     "quantize_full_fast_cpu2_before_plain_reads.*": (None, "the `command` key is the glmq command that "
-                                                           "`benchmarks/bench_streaming.py` timed; renamed when a "
-                                                           "newer run replaced it"),
+                                                           "`benchmarks/bench_streaming.py` timed; the script's own "
+                                                           "arguments are not recorded"),
     "quantize_full_fast_cpu2_before_row_blocks.*": (None, "the `command` key is the glmq command that "
-                                                          "`benchmarks/bench_streaming.py` timed; renamed when a "
-                                                          "newer run replaced it"),
+                                                          "`benchmarks/bench_streaming.py` timed; the script's own "
+                                                          "arguments are not recorded"),
     "quantize_full_fast_cpu2.*": (None, "the `command` key is the glmq command that `benchmarks/bench_streaming.py` "
                                         "timed; the script's own arguments are not recorded"),
     "quantize_full_fast_layer_outputs_cpu2.*": (None, "the `command` key is the glmq command that "
@@ -352,7 +354,8 @@ def main(argv: list[str] | None = None) -> int:
     tmp = INDEX.with_suffix(".md.partial")
     tmp.write_text(text)
     tmp.replace(INDEX)
-    print(f"wrote {INDEX.relative_to(REPO)} ({text.count(chr(10)) - 9} rows)")
+    rows = sum(line.startswith("| `") for line in text.splitlines())
+    print(f"wrote {INDEX.relative_to(REPO)} ({rows} rows)")
     return 0
 
 
