@@ -343,8 +343,8 @@ def _markdown(res: dict) -> str:
 
     lines = [f"# Full-size ONNX export, {res['card']}", "",
              f"{res['date']}; load average at start {res['loadavg']}; versions {res['versions']}", "",
-             *[f"- {key}: " + (provenance_markdown(r["provenance"]) if "provenance" in r else "Provenance: not recorded.")
-               for key, r in res["components"].items()], "",
+             *[f"- {key}: " + (provenance_markdown(r["provenance"]) if "provenance" in r
+                               else "Provenance: not recorded.") for key, r in res["components"].items()], "",
              "| component | weights | export wall s | export peak RSS GB (time -v / anon) | files GB | external data "
              "| checker s | session s | 1st / 2nd call s | session peak RSS GB | vs torch |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]

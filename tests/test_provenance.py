@@ -205,7 +205,8 @@ def _writes_and_records(source: str) -> tuple[bool, bool]:
                 and getattr(node.func.value, "id", "") == "json"):
             writes = True
         elif name == "open":
-            mode = node.args[1] if len(node.args) > 1 else next((k.value for k in node.keywords if k.arg == "mode"), None)
+            mode = node.args[1] if len(node.args) > 1 else next(
+                (k.value for k in node.keywords if k.arg == "mode"), None)
             if isinstance(mode, ast.Constant) and isinstance(mode.value, str) and set(mode.value) & set("wax"):
                 writes = True
         elif name in ("provenance", "environment"):
