@@ -313,7 +313,9 @@ def render(all_units: list[Unit]) -> str:
         "first held their current bytes, with the earlier name where they were copied or renamed; the command that "
         "produced them, or \"not recorded\"; where that command, or what produced them, is known from. "
         "`timeout N` is left out of commands taken from `benchmarks/gpu_e2e.sh` (it only bounds the wall time) "
-        "and named in the last column.",
+        "and named in the last column. Such a command is the script's line as committed with (or before) the "
+        "results, matched by the saved log's name: strong evidence, though the script may have changed between "
+        "the run and the commit.",
         "",
         "| results | added in | current bytes from | command | known from |",
         "|---|---|---|---|---|",
