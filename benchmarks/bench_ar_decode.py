@@ -34,6 +34,7 @@ from pathlib import Path
 
 import torch
 
+from glmq.bench.provenance import provenance, provenance_markdown
 from glmq.models.build import build_processor, config_object, norm_parameter_names
 from glmq.models.configs import component_config
 from glmq.runtime.ar_engine import ArEngine, GridPlan
@@ -284,6 +285,7 @@ def main() -> None:
         "dtype": str(dtype).removeprefix("torch."),
         "size": args.size,
     }
+    RESULTS["provenance"] = provenance()
     try:
         import triton
 
@@ -401,6 +403,7 @@ def write_markdown(path: Path) -> None:
         f"Prompt {shape.get('prompt_tokens')} tokens, {shape.get('new_tokens')} new tokens (grids "
         f"{shape.get('grids')}); {shape.get('bytes_per_token_GB')} GB read per token (weights + KV slots), "
         f"floor {shape.get('floor_ms_per_token')} ms/token.",
+        provenance_markdown(RESULTS["provenance"]),
         "",
         "| provider | ms/token | tokens/s | effective GB/s | s per 1281 tokens | tokens timed | note |",
         "|---|---|---|---|---|---|---|",

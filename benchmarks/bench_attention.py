@@ -40,6 +40,8 @@ except ImportError:  # GPU machine: glmq not installed, run from the repository 
 
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from glmq.bench.provenance import provenance, provenance_markdown
+
 T0 = time.time()
 RESULTS: dict = {}
 DEADLINE_S = float(os.environ.get("BENCH_DEADLINE_S", "380"))
@@ -105,6 +107,7 @@ SDPA_BACKENDS = {"sdpa-flash": SDPBackend.FLASH_ATTENTION, "sdpa-cudnn": SDPBack
 
 def save(out_dir: str) -> None:
     RESULTS["elapsed_s"] = round(elapsed(), 1)
+    RESULTS.setdefault("provenance", provenance())
     RESULTS["tuned_configs"] = {str(k): list(v) for k, v in A._TUNED.items()}
     RESULTS["autotune_log"] = {str(k): [[list(c), ms] for c, ms in v] for k, v in A._TUNE_LOG.items()}
     with open(os.path.join(out_dir, "attention_h100.json"), "w") as f:
@@ -117,7 +120,8 @@ def markdown() -> str:
     env = RESULTS.get("env", {})
     lines = [f"# glmq attention on {env.get('card')} ({env.get('date')})", "",
              f"torch {env.get('torch')}, triton {env.get('triton')}, CUDA {env.get('cuda')}; "
-             f"device copy {RESULTS.get('hbm_copy_GBps', 0):.0f} GB/s (read + write).", "",
+             f"device copy {RESULTS.get('hbm_copy_GBps', 0):.0f} GB/s (read + write).",
+             provenance_markdown(RESULTS["provenance"]), "",
              "FLOPs = 4 B Hq Sq Sk D (halved for causal); decode GB/s = K+V cache bytes / time per call "
              "(CUDA graph of 40 calls on 40 caches). err: relative L2 error vs the fp32 reference on 4 heads.",
              "", "| case | provider | ms | TFLOP/s | GB/s | rel err | SQNR dB | x cuDNN |",

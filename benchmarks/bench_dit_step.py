@@ -42,6 +42,8 @@ from pathlib import Path
 
 import torch
 
+from glmq.bench.provenance import provenance, provenance_markdown
+
 HEIGHT = WIDTH = 1024
 GLYPH_COND, GLYPH_UNCOND = 16, 1
 D, LAYERS = 4096, 30
@@ -198,15 +200,19 @@ def profile_step(loop, top: int = 12) -> dict:
 def write_report(runs: list[Path], to: Path) -> None:
     """Merge the JSON of device runs into ``to``.json and a Markdown table ``to``.md."""
     data = [json.loads(p.read_text()) for p in runs]
-    to.with_suffix(".json").write_text(json.dumps({"benchmark": "dit_step", "runs": data}, indent=2) + "\n")
+    prov = provenance()  # of this merge; each run carries its own
+    to.with_suffix(".json").write_text(json.dumps({"benchmark": "dit_step", "provenance": prov, "runs": data},
+                                                  indent=2) + "\n")
     lines = ["# DiT denoising step, 1024x1024, full-size GLM-Image DiT (random weights)", "",
              "One step = conditional + unconditional pass + guidance + Euler update; median over the steady steps of",
              "a 10-step run (CUDA events). Glyph tokens 16 (cond) / 1 (uncond), 4096 image tokens,",
-             f"{data[0]['tflop_per_step']:.1f} TFLOP per step. Produced by `benchmarks/bench_dit_step.py`.", ""]
+             f"{data[0]['tflop_per_step']:.1f} TFLOP per step. Produced by `benchmarks/bench_dit_step.py`.",
+             provenance_markdown(prov, "Merged by"), ""]
     for r in data:
         v = r["versions"]
         lines += [f"## {r['phase']} run: {r['card']}, {r['date']}",
-                  f"torch {v['torch']} (CUDA {v['cuda']}), diffusers {v['diffusers']}, transformers {v['transformers']}", "",
+                  f"torch {v['torch']} (CUDA {v['cuda']}), diffusers {v['diffusers']}, transformers {v['transformers']}",
+                  provenance_markdown(r["provenance"]) if "provenance" in r else "Provenance: not recorded.", "",
                   "| variant | ms/step (median) | min | TFLOP/s | first two steps (ms) | peak GB | rel. err vs fp32 |",
                   "|---|---:|---:|---:|---|---:|---:|"]
         for name, m in r["variants"].items():
@@ -259,6 +265,7 @@ def main() -> int:
         "shape": {"height": HEIGHT, "width": WIDTH, "image_tokens": 4096, "glyph_cond": GLYPH_COND,
                   "glyph_uncond": GLYPH_UNCOND, "dit": "full (30 x 32 heads x 128), random bf16 weights"},
         "phase": args.phase, "tflop_per_step": step_tflop(), "variants": {}, "errors": {}, "failures": {},
+        "provenance": provenance(),
     }
 
     def save():

@@ -14,6 +14,8 @@ from pathlib import Path
 
 import torch
 
+from glmq.bench.provenance import provenance, provenance_markdown
+
 SHAPES = {"attention q/k/v/out (4096 -> 4096)": (4096, 4096), "ff in (4096 -> 16384)": (4096, 16384),
           "ff out (16384 -> 4096)": (16384, 4096)}
 M = 2 * (4096 + 16)  # cond + uncond, 1024x1024 image tokens + glyph tokens
@@ -64,9 +66,12 @@ def main(out: Path) -> None:
         rows.append(row)
     env = {"card": torch.cuda.get_device_name(), "torch": torch.__version__, "cuda": torch.version.cuda,
            "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")}
-    (out / "fp8_fast_accum.json").write_text(json.dumps({"environment": env, "rows": rows}, indent=2) + "\n")
+    prov = provenance()
+    (out / "fp8_fast_accum.json").write_text(json.dumps({"environment": env, "provenance": prov, "rows": rows},
+                                                        indent=2) + "\n")
     lines = [f"# fp8 row-wise _scaled_mm, fast accumulation off/on: {env['card']}", "",
-             f"{env['date']}; torch {env['torch']}, CUDA {env['cuda']}. Median of 30 (CUDA events), M = {M}.", "",
+             f"{env['date']}; torch {env['torch']}, CUDA {env['cuda']}. Median of 30 (CUDA events), M = {M}.",
+             provenance_markdown(prov), "",
              "| layer | off: ms | TFLOP/s | rel. err | on: ms | TFLOP/s | rel. err |", "|---|---|---|---|---|---|---|"]
     for r in rows:
         cells = []

@@ -61,6 +61,7 @@ def main(argv=None) -> int:
     import transformers
 
     import glmq
+    from glmq.bench.provenance import provenance
     from glmq.io.layout import BY_NAME
     from glmq.io.reader import PipelineReader
     from glmq.quant import convert
@@ -109,6 +110,7 @@ def main(argv=None) -> int:
         out[key + "_constructor_cpu_s"] = round(setup.cpu, 2)
     out["date"] = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
     out["card"] = "CPU"
+    out["provenance"] = provenance()
     out["versions"] = {"python": platform.python_version(), "torch": torch.__version__,
                        "transformers": transformers.__version__, "diffusers": diffusers.__version__,
                        "glmq": glmq.__version__}

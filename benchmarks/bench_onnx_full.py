@@ -339,8 +339,12 @@ def _versions() -> dict:
 
 
 def _markdown(res: dict) -> str:
+    from glmq.bench.provenance import provenance_markdown
+
     lines = [f"# Full-size ONNX export, {res['card']}", "",
              f"{res['date']}; load average at start {res['loadavg']}; versions {res['versions']}", "",
+             *[f"- {key}: " + (provenance_markdown(r["provenance"]) if "provenance" in r
+                               else "Provenance: not recorded.") for key, r in res["components"].items()], "",
              "| component | weights | export wall s | export peak RSS GB (time -v / anon) | files GB | external data "
              "| checker s | session s | 1st / 2nd call s | session peak RSS GB | vs torch |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
@@ -383,6 +387,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--results", type=Path, default=RESULTS)
     ap.add_argument("--note", action="append", default=[])
     args = ap.parse_args(argv)
+    from glmq.bench.provenance import provenance
+
+    prov = provenance()  # this run's; each component records the run that measured it (runs merge)
     weights = dict(DEFAULT_WEIGHTS)
     weights.update(dict(w.split("=", 1) for w in args.weights))
     res = json.loads(args.results.read_text()) if args.results.exists() else {"components": {}, "notes": []}
@@ -390,7 +397,7 @@ def main(argv: list[str] | None = None) -> int:
         timespec="seconds"), "loadavg": [round(x, 2) for x in os.getloadavg()], "versions": _versions(),
         "host": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
                  "mem_gb": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / GB, 1)},
-        "source": str(args.src)})
+        "source": str(args.src), "provenance": prov})
     res["notes"] = list(dict.fromkeys(res.get("notes", []) + args.note))
     args.work.mkdir(parents=True, exist_ok=True)
     for comp in args.components.split(","):
@@ -398,7 +405,7 @@ def main(argv: list[str] | None = None) -> int:
         dst = args.work / f"{comp}_{w.replace(':', '_')}"
         graph = GRAPH[comp]
         rec = {"component": comp, "graph": graph, "weights": w, "disk_free_before_gb": _disk_free_gb(args.work),
-               "loadavg_before": [round(x, 2) for x in os.getloadavg()]}
+               "loadavg_before": [round(x, 2) for x in os.getloadavg()], "provenance": prov}
         print(f"[{comp}] export --weights {w} (disk free {rec['disk_free_before_gb']} GB)", flush=True)
         rec["export"] = {"skipped": True} if args.skip_export else export(args.src, dst, comp, w)
         print(json.dumps(rec["export"], default=str)[:800], flush=True)

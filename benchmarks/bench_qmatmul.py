@@ -39,6 +39,8 @@ except ImportError:  # glmq not installed: the repository root is on sys.path
     from kernels import int4_matmul as I4
     from kernels import w8a8_linear as W8
 
+from glmq.bench.provenance import provenance, provenance_markdown
+
 GROUP = 128
 LAYERS = 40
 TARGET_MS_PER_TOKEN = 2.0
@@ -450,7 +452,8 @@ def markdown(res):
     env = res["env"]
     lines = [f"# Quantized matmuls on {env['device']} ({env['date']})", "",
              f"torch {env['torch']}, triton {env['triton']}, CUDA {env['cuda']}, {env['sms']} SMs. "
-             f"Device-to-device copy: {res.get('copy_gbps', float('nan')):.0f} GB/s (read + write).", "",
+             f"Device-to-device copy: {res.get('copy_gbps', float('nan')):.0f} GB/s (read + write).",
+             provenance_markdown(res["provenance"]), "",
              "Timings are medians of CUDA-graph replays (device time, no host overhead). Decode GB/s "
              "counts packed weight + bf16 scales and zeros (G=128, asymmetric) + activations.", ""]
     if res.get("decode"):
@@ -519,7 +522,8 @@ def main():
                         date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                         gemv_default=I4._DEFAULT_GEMV, sweep=args.sweep,
                         kernels="tc GEMV: scale folded into the unpack (inline PTX), scales/zeros/x prefetched; "
-                                "quantize_rows single pass; int8 epilogue fused"), errors=[])
+                                "quantize_rows single pass; int8 epilogue fused"), errors=[],
+               provenance=provenance())
     deadline = START + args.budget_s
     os.makedirs(args.out, exist_ok=True)
 

@@ -96,6 +96,7 @@ def time_factor(k: int) -> float:
 
 
 def main() -> None:
+    from glmq.bench.provenance import provenance
     from glmq.quant.algorithms import get_algorithm
     from glmq.quant.formats import get_format
 
@@ -191,6 +192,7 @@ def main() -> None:
         "gptq_factor_seconds_by_k": factor_s,
         "rows": rows_out,
         "conversion_extrapolated": conversions,
+        "provenance": provenance(),
     }
     out = Path(args.out)
     out.with_suffix(".json").write_text(json.dumps(result, indent=1))
@@ -200,6 +202,7 @@ def main() -> None:
 
 def retime_rtn(out: Path) -> None:
     """RTN is cheap enough to time on whole layers; row-slice timings of it were dominated by load noise."""
+    from glmq.bench.provenance import provenance
     from glmq.quant.algorithms import get_algorithm
     from glmq.quant.formats import get_format
 
@@ -222,6 +225,7 @@ def retime_rtn(out: Path) -> None:
     res["conversion_extrapolated"] = {name: recipe_estimate(name, linears, per) for name in res["conversion_extrapolated"]}
     res["loadavg_samples"].append(os.getloadavg())
     res["rtn_retimed_on_whole_layers"] = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+    res["provenance_rtn_retime"] = provenance()
     out.with_suffix(".json").write_text(json.dumps(res, indent=1))
     out.with_suffix(".md").write_text(markdown(res))
 
@@ -269,7 +273,11 @@ def recipe_estimate(name, linears, per) -> dict:
 
 
 def markdown(res: dict) -> str:
+    from glmq.bench.provenance import provenance_markdown
+
     lines = [f"# Quantization algorithm throughput, {res['card']}", "",
+             *[provenance_markdown(res[key], label) for key, label in
+               (("provenance", "Provenance"), ("provenance_rtn_retime", "RTN re-timed by")) if key in res],
              f"{res['date']}; torch {res['versions']['torch']}, glmq {res['versions']['glmq']}, "
              f"{res['versions']['threads']} threads. One measurement per point; load averages "
              f"{[round(x[0], 1) for x in res['loadavg_samples']]} (the machine was shared: treat as noisy).", "",

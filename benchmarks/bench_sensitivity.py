@@ -153,6 +153,7 @@ def bf16_round_(model):
 
 
 def main() -> None:
+    from glmq.bench.provenance import provenance
     from glmq.io.layout import BY_NAME
     from glmq.models.build import build_model, build_processor
     from glmq.quant import fidelity
@@ -258,6 +259,7 @@ def main() -> None:
         "seconds": round(time.perf_counter() - t_start, 1),
         "method": __doc__.split("Measured per (group, format):", 1)[1].split("Run:")[0].strip(),
         "rows": rows,
+        "provenance": provenance(),
     }
     out = Path(args.out)
     out.with_suffix(".json").write_text(json.dumps(result, indent=1))
@@ -322,7 +324,10 @@ def compare(kind, ref, got) -> dict:
 
 
 def markdown(res: dict) -> str:
+    from glmq.bench.provenance import provenance_markdown
+
     lines = [f"# Sensitive-layer sweep, {res['card']}", "",
+             provenance_markdown(res["provenance"]) if "provenance" in res else "Provenance: not recorded.",
              f"{res['date']}; torch {res['versions']['torch']}, transformers {res['versions']['transformers']}, "
              f"diffusers {res['versions']['diffusers']}, glmq {res['versions']['glmq']}. Test model: "
              f"{res['test_model']}; RTN; seed {res['seed']}; peak RSS {res['peak_rss_gb']} GB; "

@@ -47,6 +47,8 @@ def main() -> None:
     read = folder_bytes(args.input) if args.input else None
     import torch
 
+    from glmq.bench.provenance import provenance
+
     result = {
         "benchmark": args.name,
         "command": "glmq " + " ".join(cmd),
@@ -62,6 +64,7 @@ def main() -> None:
         "bytes_read": read,
         "read_gb_per_s": round(read / wall / 1e9, 3) if read else None,
         "peak_rss_gb": round(peak_rss_kb * 1024 / 1e9, 3),
+        "provenance": provenance(),
     }
     results = Path(__file__).parent / "results"
     results.mkdir(exist_ok=True)

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 
+from glmq.bench.provenance import provenance, provenance_markdown
 from glmq.io.layout import BY_NAME
 from glmq.models.build import build_model
 from glmq.models.configs import component_config
@@ -78,10 +79,12 @@ def main(out: Path) -> None:
         env["diffusers"] = diffusers.__version__
     except ImportError:
         pass
-    (out / "vae_tiles.json").write_text(json.dumps({"environment": env, "rows": rows}, indent=2))
+    prov = provenance()
+    (out / "vae_tiles.json").write_text(json.dumps({"environment": env, "provenance": prov, "rows": rows}, indent=2))
     lines = [f"# VAE decode, full-size GLM-Image VAE (random bf16 weights): {env['card']}", "",
              f"{env['date']}; torch {env['torch']}, CUDA {env['cuda']}, diffusers {env.get('diffusers')}. "
-             "Median of 3 after a warm-up; peak = allocated above the latents and weights.", "",
+             "Median of 3 after a warm-up; peak = allocated above the latents and weights.",
+             provenance_markdown(prov), "",
              "| size | decode | s | peak GiB | estimate GiB | PSNR vs whole (dB) | max abs diff |",
              "|---|---|---|---|---|---|---|"]
     for r in rows:

@@ -7,13 +7,25 @@ It imports only torch, diffusers and transformers (it checks that glmq never got
     python benchmarks/check_hf_export_gpu.py EXPORTED_FOLDER RESULT.json
 """
 
+import importlib.util
 import json
 import sys
 import time
+from pathlib import Path
 
 import torch
 from diffusers import GlmImagePipeline
 from torch import nn
+
+
+def _provenance() -> dict:
+    """glmq.bench.provenance, loaded from its file: it is standard library only, and importing it as part of the
+    ``glmq`` package would defeat this script's point."""
+    path = Path(__file__).resolve().parents[1] / "glmq" / "bench" / "provenance.py"
+    spec = importlib.util.spec_from_file_location("_results_provenance", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.provenance()
 
 
 def main(folder: str, result_path: str) -> int:
@@ -52,6 +64,7 @@ def main(folder: str, result_path: str) -> int:
     ok = (not res["glmq_imported"] and "Linear4bit" in res["ar_linear_types"]
           and "Linear8bitLt" in res["dit_linear_types"] and res["image"]["size"] == [64, 64])
     res["ok"] = ok
+    res["provenance"] = _provenance()
     with open(result_path, "w") as f:
         json.dump(res, f, indent=2)
     print(json.dumps(res, indent=2))

@@ -100,6 +100,7 @@ def main(argv=None) -> int:
     import torch
     from torch.profiler import ProfilerActivity
 
+    from glmq.bench.provenance import provenance, provenance_markdown
     from glmq.bench.run import environment, random_pipeline
 
     cuda = torch.cuda.is_available()
@@ -149,7 +150,8 @@ def main(argv=None) -> int:
     lines = [f"# Where one glmq image's time goes: {args.recipe} recipe, {size}x{size}, {env.get('card')}", "",
              f"{env['date']}; torch {env['torch']}, transformers {env['transformers']}, diffusers {env['diffusers']}, "
              f"triton {env.get('triton')}. Mode {pipe.mode}, compile {pipe.compile}, CUDA graphs {pipe.cuda_graph}, "
-             f"DiT attention {pipe.attention_precision}. Produced by `benchmarks/profile_e2e.py`.", ""]
+             f"DiT attention {pipe.attention_precision}. Produced by `benchmarks/profile_e2e.py`.",
+             provenance_markdown(provenance()), ""]
     ar_wall = f"wall {ar['wall_ms_per_token_incl_prefill']} ms/token over {n} tokens incl. prefill"
     dit_wall = f"wall {dit['wall_ms_per_step']} ms/step"
     for title, part, wall in (("AR, per decode token", ar, ar_wall),
