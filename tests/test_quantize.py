@@ -95,6 +95,8 @@ def test_report_model_card_and_summary(quantized):
     assert ar["quantized_layers"] == 12 and ar["bytes_after"] < ar["bytes_before"]
     assert len(report["layers"]) == 12 + 14
     assert not (out / ".glmq-stats").exists()
+    # Timings are returned (glmq quantize --json prints them) but kept out of the written, hashed files.
+    assert report["timings"]["total_s"] > 0 and "timings" not in (out / "quantization_report.json").read_text()
     assert_every_layer_has_an_output_sqnr(report)
     assert "Per-layer SQNR" in (out / "quantization_report.md").read_text()
 
@@ -126,7 +128,12 @@ def test_resume_after_kill_is_byte_identical(quantized, tiny_dir, tmp_path, monk
     monkeypatch.setattr(convert, "_quantize_layer", real)
     redone = []
     monkeypatch.setattr(convert, "_quantize_layer", lambda *a, **k: (redone.append(1), real(*a, **k))[1])
+    from glmq.quant import outlier_eval
+
+    outlier_eval._MEMO.clear()  # a real rerun is a new process: nothing is remembered from the first run
     convert.quantize(tiny_dir, out, progress=False, max_shard_bytes=SMALL_SHARDS)
+    for name in ("quantization_report.json", "quantization_report.md"):
+        assert (out / name).read_text() == (reference / name).read_text(), name
     assert _files(out) == _files(reference)  # the evaluation is deterministic too
     assert len(redone) <= max_redone  # layers of finished shards (the DiT's, at 16) are not quantized again
 

@@ -339,11 +339,12 @@ def _quantize_layer(plan: LayerPlan, w, calib, device: str) -> dict:
         parts = []
         try:
             for start in range(0, plan.shape[0], rows):
-                parts.append({k: v.cpu() for k, v in
-                              plan.algo.quantize_weight(plan.fmt, wd[start:start + rows], hessian=h).items()})
+                parts.append(plan.algo.quantize_weight(plan.fmt, wd[start:start + rows], hessian=h))
         except GlmqError as e:
             raise GlmqError(f"tensor {plan.name + '.weight'!r}: {e}") from None
+        # Joined where they were computed, copied to the host once (below): no parts plus whole on the host.
         tensors = {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
+        del parts
     stats = {
         "shape": list(plan.shape),
         "format": plan.fmt.name,

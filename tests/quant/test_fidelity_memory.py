@@ -21,13 +21,20 @@ READ_OPS = {"aten.empty.memory_format", "aten.view.default", "aten.view.dtype", 
 
 
 class HostTensors(TorchDispatchMode):
-    """The largest CPU tensor each aten op produced, in bytes."""
+    """The largest CPU tensor each aten op produced, in bytes; and every ``copy_`` from one device to another
+    that also changes the dtype (PyTorch converts those on the host when the copy is blocking: an fp32 host
+    copy of a bf16 tensor on its way to an fp32 GPU parameter)."""
 
     def __init__(self):
         super().__init__()
         self.largest: dict[str, int] = {}
+        self.converting_transfers: list[tuple] = []
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func is torch.ops.aten.copy_.default:
+            dst, src = args[0], args[1]
+            if dst.device != src.device and dst.dtype != src.dtype:
+                self.converting_transfers.append((tuple(dst.shape), src.dtype, dst.dtype))
         out = func(*args, **(kwargs or {}))
         for t in out if isinstance(out, (tuple, list)) else [out]:
             if isinstance(t, torch.Tensor) and t.device.type == "cpu":
@@ -57,3 +64,28 @@ def test_loading_for_a_device_converts_and_dequantizes_there_not_on_the_host(tin
     # Anything computed on the host beyond reads and views is at most a rotary table's few bytes.
     computed = {op: n for op, n in spy.largest.items() if op not in READ_OPS and n > 1024}
     assert not computed, computed
+    assert not spy.converting_transfers, spy.converting_transfers[:3]
+
+
+@pytest.mark.parametrize("comp, prefix", [("vision_language_encoder", "model.language_model.layers.0."),
+                                          ("transformer", "transformer_blocks.0.")])
+def test_calibration_materializes_layers_for_a_device_without_host_conversion(tiny_dir, comp, prefix):
+    """The calibration passes (glmq.quant.calibrate.materialize) read one layer at a time into fp32
+    parameters on the device; the bf16 -> fp32 conversion must happen there too."""
+    from glmq.io.layout import BY_NAME
+    from glmq.models.build import build_model
+    from glmq.quant.calibrate import materialize
+
+    cr = PipelineReader(tiny_dir).component(comp)
+    meta = build_model(BY_NAME[comp], cr.config)
+    layer = meta.get_submodule(prefix.rstrip("."))
+    stored = [info for name, info in cr.tensors.items() if name.startswith(prefix)]
+    assert {info.dtype for info in stored} == {"bfloat16"}  # what makes a host-side conversion cost 2x
+    spy = HostTensors()
+    with spy:
+        materialize(layer, cr, prefix, "meta")
+    print(comp, "largest stored tensor", max(i.nbytes for i in stored), "host tensors by op", spy.largest)
+    assert all(p.dtype == torch.float32 and p.device.type == "meta" for p in layer.parameters())
+    assert max(spy.largest.values()) <= max(i.nbytes for i in stored)
+    assert set(spy.largest) <= READ_OPS, spy.largest
+    assert not spy.converting_transfers, spy.converting_transfers[:3]
