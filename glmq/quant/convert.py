@@ -1,6 +1,6 @@
 """``glmq quantize``: a GLM-Image folder in, the same layout with quantized linear layers out.
 
-Streaming: tensors are read one at a time from the memory-mapped source, quantized (on the CPU or a GPU)
+Streaming: tensors are read one at a time from the source (plain file reads), quantized (on the CPU or a GPU)
 and streamed into planned shards; nothing ever holds a whole component. Resumable: an interrupted run
 (Ctrl-C, SIGKILL, full disk) leaves ``DST.partial`` and rerunning the same command skips its finished
 shards (sha256-checked), ending byte-identical to an uninterrupted run. Each finished shard's per-layer
@@ -136,9 +136,9 @@ def quantize(src: str | Path, out: str | Path, *, recipe: str | Path = "default"
     if evaluate:
         from glmq.quant.outlier_eval import evaluate_outliers
 
-        # Synthetic outlier layers at the released shapes, on the CPU (about 1.9 GB of host memory at its peak
-        # for `default`): run before the GPU is first used, so that this peak does not add to the host
-        # memory the CUDA libraries hold once loaded (~1-1.5 GB).
+        # Synthetic outlier layers at the released shapes, on the CPU (2.0 GB peak RSS for `default`,
+        # benchmarks/results/outlier_eval_rss_cpu2.json): run before the GPU is first used, so that this peak
+        # does not add to the host memory the CUDA libraries hold once loaded (~1-1.5 GB).
         outliers = evaluate_outliers(rec)
         timings.update(_pop_outlier_timings(outliers))
     converting = time.perf_counter()
@@ -272,8 +272,9 @@ def _read_shard_stats(folder: OutputFolder, writer, i: int, plans: dict[str, Lay
         data = json.loads(p.read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return None
-    if (not isinstance(data, dict) or data.get("plan") != writer.plan_hashes[i]
-            or not isinstance(data.get("layers"), dict) or sorted(data["layers"]) != _layers_of_shard(writer, i, plans)):
+    if not isinstance(data, dict) or data.get("plan") != writer.plan_hashes[i]:
+        return None
+    if not isinstance(data.get("layers"), dict) or sorted(data["layers"]) != _layers_of_shard(writer, i, plans):
         return None
     return data["layers"]
 
