@@ -95,6 +95,8 @@ def test_report_model_card_and_summary(quantized):
     assert ar["quantized_layers"] == 12 and ar["bytes_after"] < ar["bytes_before"]
     assert len(report["layers"]) == 12 + 14
     assert not (out / ".glmq-stats").exists()
+    # Timings are returned (glmq quantize --json prints them) but kept out of the written, hashed files.
+    assert report["timings"]["total_s"] > 0 and "timings" not in (out / "quantization_report.json").read_text()
     assert_every_layer_has_an_output_sqnr(report)
     assert "Per-layer SQNR" in (out / "quantization_report.md").read_text()
 
@@ -126,9 +128,78 @@ def test_resume_after_kill_is_byte_identical(quantized, tiny_dir, tmp_path, monk
     monkeypatch.setattr(convert, "_quantize_layer", real)
     redone = []
     monkeypatch.setattr(convert, "_quantize_layer", lambda *a, **k: (redone.append(1), real(*a, **k))[1])
+    from glmq.quant import outlier_eval
+
+    outlier_eval._MEMO.clear()  # a real rerun is a new process: nothing is remembered from the first run
     convert.quantize(tiny_dir, out, progress=False, max_shard_bytes=SMALL_SHARDS)
+    for name in ("quantization_report.json", "quantization_report.md"):
+        assert (out / name).read_text() == (reference / name).read_text(), name
     assert _files(out) == _files(reference)  # the evaluation is deterministic too
     assert len(redone) <= max_redone  # layers of finished shards (the DiT's, at 16) are not quantized again
+
+
+def _kill_in_evaluation(monkeypatch):
+    import glmq.quant.fidelity
+
+    def killed(*a, **k):
+        raise Killed()
+
+    monkeypatch.setattr(glmq.quant.fidelity, "evaluate", killed)
+
+
+def _kill_at_commit(monkeypatch):
+    from glmq.io.writer import OutputFolder
+
+    def killed(self, *a, **k):
+        raise Killed()
+
+    monkeypatch.setattr(OutputFolder, "commit", killed)
+
+
+def _lose_stats_files(partial):
+    """What a kill in the middle of removing the statistics side files leaves: one gone, one truncated."""
+    stats = partial / convert.STATS_DIR
+    (stats / "transformer" / "00000.json").unlink()  # the tiny DiT's one shard: all 14 of its quantized layers
+    truncated = stats / "text_encoder" / "00000.json"  # a shard without quantized layers
+    truncated.write_text(truncated.read_text()[:10])
+
+
+@pytest.mark.parametrize("kill", ["evaluation", "commit", "evaluation+lost_stats"])
+def test_resume_after_the_last_shard_gives_the_same_report_and_bytes(quantized, tiny_dir, tmp_path, monkeypatch,
+                                                                        kill):
+    """Interrupted after every shard is written (in the model-level evaluation, or just before the folder is
+    committed), the rerun writes the same report, per-layer statistics included, and the same bytes."""
+    from glmq.quant import outlier_eval
+
+    reference, ref_report = quantized
+    if kill.startswith("evaluation"):
+        _kill_in_evaluation(monkeypatch)
+    else:
+        _kill_at_commit(monkeypatch)
+    out = tmp_path / "q"
+    with pytest.raises(Killed):
+        convert.quantize(tiny_dir, out, progress=False, max_shard_bytes=SMALL_SHARDS)
+    monkeypatch.undo()
+    partial = tmp_path / "q.partial"
+    assert partial.is_dir() and not out.exists()
+    if kill.endswith("lost_stats"):
+        _lose_stats_files(partial)
+    outlier_eval._MEMO.clear()  # a real rerun is a new process: nothing is remembered from the first run
+    redone = []
+    real = convert._quantize_layer
+    monkeypatch.setattr(convert, "_quantize_layer", lambda *a, **k: (redone.append(1), real(*a, **k))[1])
+    report = convert.quantize(tiny_dir, out, progress=False, max_shard_bytes=SMALL_SHARDS)
+    print(kill, "layers quantized again:", len(redone))
+    assert len(report["layers"]) == len(ref_report["layers"]) == 26
+    for name in ("quantization_report.json", "quantization_report.md", "README.md"):
+        assert (out / name).read_text() == (reference / name).read_text(), name
+    assert _files(out) == _files(reference)
+    if kill == "evaluation":
+        assert not redone  # every shard and its statistics were kept
+    elif kill == "commit":  # the side files were already removed: every shard is written again
+        assert len(redone) == 26
+    else:  # some side files lost: only their shards are written again (the DiT's 14 layers)
+        assert len(redone) == 14
 
 
 def _fresh_copy(tiny_dir, tmp_path):

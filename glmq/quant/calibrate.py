@@ -124,7 +124,9 @@ def materialize(module, reader, prefix: str, device) -> None:
     module.to_empty(device=device).float()
     with torch.no_grad():
         for n, p in module.named_parameters():
-            p.copy_(reader.get(prefix + n))
+            # Moved in its stored dtype, converted where the parameter lives: a blocking copy_ from a bf16 host
+            # tensor into an fp32 GPU one converts on the host first (an fp32 host copy of the tensor).
+            p.copy_(reader.get(prefix + n).to(p.device))
 
 
 def read_rows(reader, name: str, rows: list[int]):

@@ -1,16 +1,23 @@
 """``glmq quantize``: a GLM-Image folder in, the same layout with quantized linear layers out.
 
-Streaming: tensors are read one at a time from the memory-mapped source, quantized (on the CPU or a GPU)
+Streaming: tensors are read one at a time from the source (plain file reads), quantized (on the CPU or a GPU)
 and streamed into planned shards; nothing ever holds a whole component. Resumable: an interrupted run
 (Ctrl-C, SIGKILL, full disk) leaves ``DST.partial`` and rerunning the same command skips its finished
-shards (sha256-checked), ending byte-identical to an uninterrupted run. Per-layer statistics are kept in
-side files next to each finished shard so the fidelity report is complete after a resume too.
+shards (sha256-checked), ending byte-identical to an uninterrupted run. Each finished shard's per-layer
+statistics are kept in a JSON side file (``DST.partial/.glmq-stats/COMPONENT/NNNNN.json``, written atomically
+before the shard is journaled) until the folder is committed, so a resumed run's fidelity report is the
+uninterrupted run's; a finished shard whose side file is missing or unreadable is written again.
+
+Deterministic: two runs of the same command write the same bytes, reports and manifest included. Timings
+(wall-clock seconds) are therefore not written to any file; :func:`quantize` returns them under
+``"timings"`` (``glmq quantize --json`` prints them).
 """
 
 from __future__ import annotations
 
 import json
 import shutil
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -81,7 +88,9 @@ def quantize(src: str | Path, out: str | Path, *, recipe: str | Path = "default"
              calib_prompts: str | Path | None = None, force: bool = False, progress: bool = True,
              evaluate: bool = True, max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
              layer_outputs: bool = True) -> dict:
-    """Quantize the GLM-Image folder ``src`` into ``out`` by ``recipe``; returns the fidelity report dict.
+    """Quantize the GLM-Image folder ``src`` into ``out`` by ``recipe``; returns the fidelity report dict
+    written to ``quantization_report.json``, plus ``"timings"`` (seconds; kept out of the written files so
+    that they are byte-identical across runs).
 
     With ``evaluate`` the report includes model-level fidelity (``glmq.quant.fidelity``), computed on
     ``device``; it is skipped, and says so, for full-size models on the CPU. With ``layer_outputs`` every
@@ -93,6 +102,7 @@ def quantize(src: str | Path, out: str | Path, *, recipe: str | Path = "default"
     from glmq import __version__
     from glmq.models.build import tensor_specs
 
+    started = time.perf_counter()
     src, out = Path(src), Path(out)
     reader = open_unquantized_source(src, out, action="quantize")
     rec = load_recipe(recipe)
@@ -121,6 +131,17 @@ def quantize(src: str | Path, out: str | Path, *, recipe: str | Path = "default"
         "device": device.split(":")[0],
     }
     folder = OutputFolder(out, job=job, force=force)
+    timings: dict = {}
+    outliers = None
+    if evaluate:
+        from glmq.quant.outlier_eval import evaluate_outliers
+
+        # Synthetic outlier layers at the released shapes, on the CPU (2.0 GB peak RSS for `default`,
+        # benchmarks/results/outlier_eval_rss_cpu2.json): run before the GPU is first used, so that this peak
+        # does not add to the host memory the CUDA libraries hold once loaded (~1-1.5 GB).
+        outliers = evaluate_outliers(rec)
+        timings.update(_pop_outlier_timings(outliers))
+    converting = time.perf_counter()
 
     # Weightless components and the pipeline index are copied as they are.
     shutil.copy2(src / "model_index.json", folder.path("model_index.json"))
@@ -154,6 +175,7 @@ def quantize(src: str | Path, out: str | Path, *, recipe: str | Path = "default"
 
     total = sum(cr.nbytes for (_, cr, *_rest) in writers)
     stats_root = folder.partial / STATS_DIR
+    layers: dict[str, dict] = {}
     with ByteProgress(total, f"quantize ({rec.name})", enabled=progress) as bar:
         for comp, cr, plans, by_weight, writer in writers:
             cache: dict[str, dict] = {}
@@ -182,13 +204,14 @@ def quantize(src: str | Path, out: str | Path, *, recipe: str | Path = "default"
                 return cache[plan.name][name.removeprefix(plan.name + ".")]
 
             def on_shard(i, writer=writer, shard_stats=shard_stats, comp=comp):
-                names = {n for n, _, _ in writer.shards[i]}
-                stats = {k: v for k, v in shard_stats.items() if f"{k}.weight" in names}
-                p = stats_root / comp.name / f"{i:05d}.json"
-                p.parent.mkdir(parents=True, exist_ok=True)
-                p.write_text(json.dumps(stats, sort_keys=True))
-                for k in stats:
-                    shard_stats.pop(k, None)
+                stats = {k: shard_stats.pop(k) for k in _layers_of_shard(writer, i, plans)}
+                folder.write_text(_stats_rel(comp.name, i),
+                                  json.dumps({"plan": writer.plan_hashes[i], "layers": stats}, sort_keys=True))
+
+            for i, rel in enumerate(writer.shard_files):
+                shard = folder.partial / rel
+                if shard.is_file() and _read_shard_stats(folder, writer, i, plans) is None:
+                    shard.unlink()  # its statistics were lost (e.g. a kill while they were removed): redo it
 
             pending = set(writer.pending())
             if comp.name in calibrators:  # after a resume, layers of finished shards need no activations
@@ -201,24 +224,67 @@ def quantize(src: str | Path, out: str | Path, *, recipe: str | Path = "default"
                                + sum(cr.tensors[f"{p.name}.weight"].nbytes for p in plans.values()
                                      if any(n == f"{p.name}.weight" for n, _, _ in shard)))
             writer.write(produce, on_shard=on_shard)
+            for i in range(len(writer.shards)):
+                stats = _read_shard_stats(folder, writer, i, plans)
+                if stats is None:  # written above or checked before: only a concurrent writer gets here
+                    raise GlmqError(f"{stats_root / comp.name}: statistics of shard {i} vanished while writing")
+                layers.update({f"{comp.name}:{k}": v for k, v in stats.items()})
+    timings["quantize_s"] = round(time.perf_counter() - converting, 3)
 
-    report = _build_report(rec, components, stats_root, calibrated=gptq,
+    report = _build_report(rec, components, layers, calibrated=gptq,
                            layer_outputs={k: c.describe() for k, c in calibrators.items()} if layer_outputs else None)
-    shutil.rmtree(stats_root, ignore_errors=True)
     if evaluate:
         from glmq.quant.fidelity import evaluate as evaluate_model
-        from glmq.quant.outlier_eval import evaluate_outliers
 
-        report["outlier_eval"] = evaluate_outliers(rec)  # synthetic outlier layers at the released shapes
+        report["outlier_eval"] = outliers
+        t0 = time.perf_counter()
         report["model_level"] = evaluate_model(src, folder.partial, device=device)
+        timings["model_level_s"] = round(time.perf_counter() - t0, 3)
     from glmq.quant.report import model_card, report_markdown
 
     folder.write_json("quantization_report.json", report)
     folder.write_text("quantization_report.md", report_markdown(report))
     folder.write_text("README.md", model_card(report))
+    # The side files go just before the commit: a kill in between leaves finished shards without their
+    # statistics, which the rerun then writes again (above) rather than reporting them empty.
+    shutil.rmtree(stats_root, ignore_errors=True)
     folder.commit({"source": {"quantize": {"recipe": rec.name}}})
     reader.close()
-    return report
+    timings["total_s"] = round(time.perf_counter() - started, 3)
+    return {**report, "timings": timings}
+
+
+def _stats_rel(component: str, shard: int) -> str:
+    return f"{STATS_DIR}/{component}/{shard:05d}.json"
+
+
+def _layers_of_shard(writer, i: int, plans: dict[str, LayerPlan]) -> list[str]:
+    """Quantized layers whose statistics belong to shard ``i``: those whose ``.weight`` it stores."""
+    names = {n for n, _, _ in writer.shards[i]}
+    return sorted(p.name for p in plans.values() if f"{p.name}.weight" in names)
+
+
+def _read_shard_stats(folder: OutputFolder, writer, i: int, plans: dict[str, LayerPlan]) -> dict | None:
+    """Shard ``i``'s per-layer statistics from its side file, or None when it is missing, unreadable, or
+    belongs to another shard plan or layer set."""
+    p = folder.partial / _stats_rel(writer.component.name, i)
+    try:
+        data = json.loads(p.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    if not isinstance(data, dict) or data.get("plan") != writer.plan_hashes[i]:
+        return None
+    if not isinstance(data.get("layers"), dict) or sorted(data["layers"]) != _layers_of_shard(writer, i, plans):
+        return None
+    return data["layers"]
+
+
+def _pop_outlier_timings(oe: dict) -> dict:
+    """Move the outlier evaluation's wall-clock seconds out of its report section (which must not vary
+    between runs) into the timings."""
+    return {"outlier_eval_s": oe.pop("seconds", None),
+            "outlier_eval_rows_s": [{"rule": r["rule"], "shape": r["shape"], "seconds": r.pop("seconds", None)}
+                                    for r in oe.get("rows", [])]}
 
 
 def _check_finite(t, what: str) -> None:
@@ -283,11 +349,12 @@ def _quantize_layer(plan: LayerPlan, w, calib, device: str) -> dict:
         parts = []
         try:
             for start in range(0, plan.shape[0], rows):
-                parts.append({k: v.cpu() for k, v in
-                              plan.algo.quantize_weight(plan.fmt, wd[start:start + rows], hessian=h).items()})
+                parts.append(plan.algo.quantize_weight(plan.fmt, wd[start:start + rows], hessian=h))
         except GlmqError as e:
             raise GlmqError(f"tensor {plan.name + '.weight'!r}: {e}") from None
+        # Joined where they were computed, copied to the host once (below): no parts plus whole on the host.
         tensors = {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
+        del parts
     stats = {
         "shape": list(plan.shape),
         "format": plan.fmt.name,
@@ -346,13 +413,8 @@ def _output_sqnr(ref, err, h) -> float | None:
     return ratio_db(num, den)
 
 
-def _build_report(rec: Recipe, components: dict, stats_root: Path, *, calibrated: bool,
+def _build_report(rec: Recipe, components: dict, layers: dict[str, dict], *, calibrated: bool,
                   layer_outputs: dict | None = None) -> dict:
-    layers = {}
-    for name, (comp, cr, plans, kept, model) in components.items():
-        for p in sorted((stats_root / name).glob("*.json")):
-            for lname, st in json.loads(p.read_text()).items():
-                layers[f"{name}:{lname}"] = st
     comps = {}
     for name, (comp, cr, plans, kept, model) in components.items():
         before = sum(info.nbytes for info in cr.tensors.values())

@@ -24,12 +24,36 @@ CPU_PARAM_LIMIT = 2_000_000_000  # above this, model-level evaluation on the CPU
 
 def load_dequantized(cr, *, device="cpu", dtype=None):
     """A component's upstream module on ``device`` with quantized layers dequantized into plain linears,
-    loaded one tensor at a time; ``dtype`` defaults to fp32 (evaluation precision)."""
+    loaded one tensor at a time; ``dtype`` defaults to fp32 (evaluation precision).
+
+    On a GPU each stored tensor is moved there as read, so that its conversion to ``dtype`` and the
+    dequantization of quantized layers run on the device: done on the host, the full-size AR's 1.4 GB bf16
+    embedding table became a 2.8 GB fp32 host copy next to it (the 5.2 GB peak RSS of a CUDA conversion).
+    Host memory then holds one stored tensor at a time, in its stored dtype."""
     import torch
 
     from glmq.runtime.loader import load_component
 
+    if torch.device(device).type != "cpu":
+        cr = OnDeviceReader(cr, device)
     return load_component(cr, device=device, dtype=dtype or torch.float32, dequantize=True)
+
+
+class OnDeviceReader:
+    """A :class:`~glmq.io.reader.ComponentReader` whose :meth:`get` returns tensors on ``device`` (read into
+    host memory in their stored dtype, then copied); everything else is the wrapped reader's."""
+
+    def __init__(self, cr, device):
+        import torch
+
+        self._cr = cr
+        self.device = torch.device(device)
+
+    def get(self, name: str):
+        return self._cr.get(name).to(self.device)
+
+    def __getattr__(self, attr):
+        return getattr(self._cr, attr)
 
 
 def sqnr(ref, test) -> float:

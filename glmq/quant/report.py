@@ -141,7 +141,9 @@ def outlier_markdown(oe: dict | None) -> list[str]:
                      f"{_fmt(full['output_sqnr_db'])} |")
     w = oe.get("worst")
     if w:
-        lines += ["", f"Worst: {outlier_summary(oe)}. Evaluated in {oe['seconds']} s."]
+        # Seconds only when the section carries them: glmq quantize keeps timings out of the written report.
+        took = f" Evaluated in {oe['seconds']} s." if oe.get("seconds") is not None else ""
+        lines += ["", f"Worst: {outlier_summary(oe)}.{took}"]
     return lines
 
 
