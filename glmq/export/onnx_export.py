@@ -24,7 +24,6 @@ serializes it; benchmarks/results/onnx_full_cpu2.md has the full-size numbers.
 from __future__ import annotations
 
 import gc
-import json
 import logging
 import math
 import shutil
@@ -551,6 +550,8 @@ def read_index(path: str | Path) -> dict:
     p = Path(path) / INDEX_NAME
     if not p.is_file():
         raise GlmqError(f"{path}: not a glmq ONNX export (no {INDEX_NAME})")
-    return json.loads(p.read_text(encoding="utf-8"))
+    from glmq.io.safe_read import read_json
+
+    return read_json(p, "glmq ONNX index")
 
 

@@ -62,7 +62,11 @@ def build_model(comp: Component, config: dict[str, Any], *, device: str = "meta"
     """Instantiate a weight-bearing component from constructor arguments (or a saved ``config.json``)."""
     import torch
 
+    from glmq.models.check_config import check_config
+
     _quiet_transformers()
+    # Types and sizes first: the constructors allocate (or loop over layers) before checking anything.
+    check_config(comp.role, config, f"{comp.name}/config.json")
     config = {k: v for k, v in config.items() if k not in ("quantization_config",)}
     with torch.device(device):
         if comp.role == "ar":
