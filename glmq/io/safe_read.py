@@ -38,7 +38,7 @@ MAX_CONFIG_BYTES = 16 * MiB
 MAX_INDEX_BYTES = 64 * MiB
 MAX_SMALL_BYTES = 1 * MiB  # model_index.json, recipes, scheduler configs
 MAX_DEPTH = 64  # released configs nest 4 deep
-MAX_INT_DIGITS = 20  # 2**64 has 20 digits
+MAX_INT_DIGITS = 40  # tokenizer configs write 1e30 as "no limit"; 2**128 has 39 digits
 
 _TOKENS = re.compile(rb'"(?:[^"\\]|\\.)*"|[\[\]{}]')
 _TOKENS_STR = re.compile(r'"(?:[^"\\]|\\.)*"|[\[\]{}]')
