@@ -174,6 +174,8 @@ def test_manifest_path_escape(signed):
     ("vae", lambda c: c.update(block_out_channels=[8, 16, "16", 16]), "block_out_channels[2]"),
     ("text_encoder", lambda c: c.update(d_model=[32]), "d_model must be an integer"),
     ("vae", lambda c: c.update(quantization_config=["glmq"]), "quantization_config must be a JSON object"),
+    # found by test_fuzz_json (seed 7): transformers' multi-line validation error reached the user verbatim
+    ("text_encoder", lambda c: c.update(feed_forward_proj="gatee-gelu"), "not a valid activation function"),
 ])
 def test_config_attacks(broken, alarm, comp, edit, needle):
     cfg = json.loads((broken / comp / "config.json").read_text())

@@ -366,10 +366,9 @@ FINITE_CHUNK = 1 << 22
 
 
 def _all_finite(t) -> bool:
-    import torch
+    from glmq.io.finite import count_nonfinite  # the checker every reader and exporter shares
 
-    flat = t.reshape(-1)
-    return all(bool(torch.isfinite(c).all()) for c in flat.split(FINITE_CHUNK))
+    return count_nonfinite(t, chunk=FINITE_CHUNK) == 0
 
 
 def _to_numpy(t, tdtype, what: str):

@@ -115,7 +115,9 @@ def expected_specs(comp: Component, config: dict[str, Any]) -> dict[str, tuple[i
     try:
         model = build_model(comp, config)
     except Exception as e:
-        raise CheckpointError(f"{comp.name}/config.json does not describe a {comp.class_name} ({e})") from None
+        detail = " ".join(str(e).split())
+        detail = detail if len(detail) <= 300 else detail[:297] + "..."
+        raise CheckpointError(f"{comp.name}/config.json does not describe a {comp.class_name} ({detail})") from None
     return {n: shape for n, _, shape in tensor_specs(model, comp.dtype or "float32")}
 
 
