@@ -319,6 +319,15 @@ def test_gguf_attacks(gguf_copy, edit, needle):
     _load_fails(gguf_copy, needle)
 
 
+def test_gguf_config_layer_count(gguf_copy, alarm):
+    """A GGUF whose stored config asks for 999 DiT layers: refused before building (same-length edit)."""
+    path = _dit_gguf(gguf_copy)
+    raw = path.read_bytes()
+    assert raw.count(b'"num_layers": 2, ') == 1
+    path.write_bytes(raw.replace(b'"num_layers": 2, ', b'"num_layers":999,'))
+    _load_fails(gguf_copy, "num_layers = 999")
+
+
 def test_gguf_nonfinite(gguf_copy):
     from gguf import GGMLQuantizationType, GGUFReader
 
@@ -447,7 +456,8 @@ def test_fuzz_gguf(gguf_dir, tmp_path):
         p = tmp_path / f"m{i % 2}.gguf"
         mutated = bytearray(data)
         for _ in range(rng.randint(1, 3)):  # overwrite (sizes stay put, so offsets keep meaning)
-            j = rng.randrange(header_end)
+            # a third of the edits hit the fixed header (version, tensor and key counts)
+            j = rng.randrange(24) if rng.random() < 0.33 else rng.randrange(header_end)
             mutated[j] = rng.choice([0, 1, 0xFF, 0x7F, 0x80, rng.randrange(256)])
         p.write_bytes(bytes(mutated))
 
@@ -475,3 +485,22 @@ def test_fuzz_recipes(tmp_path):
         got, _ = _expect_clean(lambda p=p: load_recipe(p), f"seed {FUZZ_SEED + 4} iter {i}: {mutated[:300]!r}")
         if got is not None:
             assert got.rules
+
+
+def test_fuzz_load(broken):
+    """glmq.load on mutated configs and indexes: a GlmqError subclass (one line) or a pipeline that loaded."""
+    targets = ["vae/config.json", "text_encoder/config.json", f"{DIT}/config.json", f"{DIT}/{DIT_INDEX}"]
+    rng = random.Random(FUZZ_SEED + 5)
+    outcomes = {"refused": 0, "accepted": 0}
+    for i in range(max(4, FUZZ_ITERS // 6)):
+        rel = targets[i % len(targets)]
+        original = (broken / rel).read_bytes()
+        mutated = _mutate(original, rng)
+        (broken / rel).write_bytes(mutated)
+        got, err = _expect_clean(lambda: glmq.load(broken, device="cpu"),
+                                 f"seed {FUZZ_SEED + 5} iter {i} {rel}: {mutated[:300]!r}")
+        outcomes["refused" if err else "accepted"] += 1
+        if got is not None:
+            assert got.mode == "resident"
+        (broken / rel).write_bytes(original)
+    print(outcomes)
