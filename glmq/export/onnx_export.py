@@ -32,6 +32,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from glmq.io.finite import count_nonfinite
 from glmq.errors import GlmqError
 
 FORMAT_NAME = "glmq-onnx"
@@ -366,8 +367,7 @@ FINITE_CHUNK = 1 << 22
 
 
 def _all_finite(t) -> bool:
-    from glmq.io.finite import count_nonfinite  # the checker every reader and exporter shares
-
+    """The checker every reader and exporter shares (glmq.io.finite), in blocks of FINITE_CHUNK."""
     return count_nonfinite(t, chunk=FINITE_CHUNK) == 0
 
 

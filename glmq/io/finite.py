@@ -32,7 +32,9 @@ def count_nonfinite(tensor: torch.Tensor, *, chunk: int = CHUNK) -> int:
     for block in flat.split(chunk):
         if widen:
             block = block.to(torch.float32)
-        bad += int(block.numel() - torch.isfinite(block).sum())
+        ok = torch.isfinite(block)
+        if not bool(ok.all()):  # count only when needed: a bool sum would widen the mask to int64
+            bad += int(ok.numel() - torch.count_nonzero(ok))
     return bad
 
 
