@@ -153,3 +153,23 @@ def test_finite_checker_blocks_and_dtypes():
     f8.view(torch.uint8)[3] = 0x7F  # e4m3fn's NaN encoding
     assert count_nonfinite(f8) == 1
     assert count_nonfinite(torch.full((4,), 7, dtype=torch.int32)) == 0
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16, torch.float16, torch.float8_e5m2,
+                                   torch.float8_e4m3fn])
+def test_finite_bits_agree_with_isfinite(dtype):
+    """The exponent-bit check counts exactly what torch.isfinite (on an fp32/fp64 widening) reports."""
+    g = torch.Generator().manual_seed(0)
+    x = (torch.randn(3001, generator=g) * 1e3).to(torch.float64)
+    # extremes that stay finite (subnormals, max values) must not be counted
+    x[:4] = torch.tensor([1e-40, -1e-300, 57344.0, -448.0], dtype=torch.float64)
+    t = x.to(dtype)
+    bits = t.view(torch.uint8)
+    nonfinite = [float("nan"), float("inf"), float("-inf")] if dtype != torch.float8_e4m3fn else [float("nan")]
+    for i, v in enumerate(nonfinite * 5):
+        t[100 + 97 * i] = v
+    if dtype == torch.float8_e4m3fn:
+        bits[7] = 0xFF  # the negative NaN encoding
+    want = int((~torch.isfinite(t.to(torch.float64))).sum())
+    assert want >= 5
+    assert count_nonfinite(t, chunk=64) == want
