@@ -21,7 +21,7 @@ import pytest
 import torch
 
 import glmq
-from glmq.errors import CheckpointError, GlmqError
+from glmq.errors import GlmqError
 from glmq.testing import assert_one_line_error, assert_user_error, run_cli, run_cli_inprocess, tree_snapshot
 
 DIT = "transformer"
@@ -334,7 +334,7 @@ def test_gguf_nonfinite(gguf_copy):
     path = _dit_gguf(gguf_copy)
     r = GGUFReader(path)
     t = next(t for t in r.tensors if t.tensor_type == GGMLQuantizationType.F32)
-    offset, name = int(t.data_offset), t.name
+    offset = int(t.data_offset)
     del r
     raw = bytearray(path.read_bytes())
     raw[offset:offset + 4] = np.array([np.inf], dtype=np.float32).tobytes()
