@@ -13,6 +13,13 @@ class GlmqError(Exception):
 
     exit_code = 2
 
+    def __init__(self, *args):
+        # One line whatever the message quotes (an upstream library's multi-line error, a file name): the CLI
+        # prints it as the single line on stderr.
+        if len(args) == 1 and isinstance(args[0], str):
+            args = (" ".join(args[0].split()),)
+        super().__init__(*args)
+
 
 class CheckpointError(GlmqError):
     """A checkpoint folder or file that is missing, malformed, corrupt or not GLM-Image."""

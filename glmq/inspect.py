@@ -6,27 +6,27 @@ from collections import Counter
 from pathlib import Path
 
 from glmq.io.layout import COMPONENTS
-from glmq.io.manifest import verify_manifest
-from glmq.io.reader import PipelineReader
-from glmq.io.validate import check_component
+from glmq.io.validate import check_pipeline
 
 
-def inspect_pipeline(path: str | Path, *, verify_hashes: bool = True) -> dict:
+def inspect_pipeline(path: str | Path, *, verify_hashes: bool = True, check_values: bool = True) -> dict:
     """A JSON-able report: components, classes, parameter counts, dtypes, bytes, quantization, manifest.
 
-    Raises :class:`~glmq.errors.CheckpointError` for a folder that is not a sound GLM-Image pipeline.
+    Raises :class:`~glmq.errors.CheckpointError` for a folder that is not a sound GLM-Image pipeline,
+    including weights holding NaN/Inf (``check_values``: every tensor read once, block by block). The checks
+    are :func:`glmq.io.validate.check_pipeline`, the same ``glmq.load`` runs.
     """
-    reader = PipelineReader(path)
+    reader, checks, problems = check_pipeline(path, hashes=verify_hashes, values=check_values)
     report: dict = {"path": str(Path(path)), "pipeline": reader.model_index["_class_name"], "components": []}
     total_params = total_bytes = 0
     for comp in COMPONENTS:
         entry: dict = {"name": comp.name, "library": comp.library, "class": comp.class_name, "role": comp.role}
         declared = reader.model_index.get(comp.name)
-        if isinstance(declared, list) and len(declared) == 2:
+        if isinstance(declared, list) and len(declared) == 2 and all(isinstance(x, str) for x in declared):
             entry["library"], entry["class"] = declared
         if comp.has_weights:
             cr = reader.component(comp.name)
-            check = check_component(cr)
+            check = checks[comp.name]
             dtypes: Counter = Counter()
             for info in cr.tensors.values():
                 dtypes[info.dtype] += info.numel
@@ -53,12 +53,11 @@ def inspect_pipeline(path: str | Path, *, verify_hashes: bool = True) -> dict:
     if manifest is None:
         report["manifest"] = {"present": False, "verified": None, "problems": []}
     else:
-        problems = verify_manifest(reader.path, manifest, hashes=verify_hashes)
         report["manifest"] = {
             "present": True,
             "verified": not problems,
             "hashes_checked": verify_hashes,
-            "files": len(manifest.get("files", {})),
+            "files": len(manifest["files"]) if isinstance(manifest.get("files"), dict) else 0,
             "problems": problems,
         }
     reader.close()

@@ -243,7 +243,15 @@ def hf_config_from_metadata(metadata: Mapping[str, Any]) -> dict[str, Any]:
     """The model config stored by :func:`ar_metadata` or :func:`dit_metadata`, from a ``{key: value}`` view of
     a GGUF file's metadata (``GGUFReader`` fields decoded to Python values)."""
     arch = metadata.get("general.architecture")
-    key = {AR_ARCH: f"{AR_ARCH}.hf_config", DIT_ARCH: f"{DIT_ARCH}.config"}.get(arch)
+    key = {AR_ARCH: f"{AR_ARCH}.hf_config", DIT_ARCH: f"{DIT_ARCH}.config"}.get(arch) if isinstance(arch, str) else None
     if key is None or key not in metadata:
-        raise GlmqError(f"this GGUF file is not a glmq GLM-Image export (general.architecture = {arch!r})")
-    return json.loads(metadata[key])
+        raise GlmqError(f"this GGUF file is not a glmq GLM-Image export (general.architecture = {str(arch)[:60]!r})")
+    from glmq.io.safe_read import loads_json
+
+    raw = metadata[key]
+    if not isinstance(raw, str):
+        raise GlmqError(f"GGUF metadata {key} is not a string")
+    config = loads_json(raw, "GGUF metadata", key)
+    if not isinstance(config, dict):
+        raise GlmqError(f"GGUF metadata {key} is not a JSON object")
+    return config

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-from gguf import GGMLQuantizationType, GGUFReader, GGUFValueType
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFReader, GGUFValueType
 
 from glmq.errors import CheckpointError, GlmqError
 from glmq.export import gguf_names as gn
@@ -45,6 +45,39 @@ def read_metadata(reader: GGUFReader) -> dict[str, Any]:
     return out
 
 
+MAX_DIM = 1 << 40  # a single dimension; the release's largest is 168064
+
+
+def _check_layout(path: Path, reader: GGUFReader) -> None:
+    """Every tensor's dimensions positive and bounded, its byte range inside the file, no two overlapping.
+
+    gguf-py computes sizes with numpy integers (which wrap) and maps whatever range the file claims, so an
+    overlapping or out-of-file offset would otherwise load another tensor's bytes without complaint.
+    """
+    size = path.stat().st_size
+    spans = []
+    for t in reader.tensors:
+        dims = [int(d) for d in t.shape.tolist()]
+        if not dims or len(dims) > 4 or any(not 1 <= d <= MAX_DIM for d in dims):
+            raise CheckpointError(f"{path}: tensor {t.name[:80]!r} has invalid dimensions {dims[:8]}")
+        numel = 1
+        for d in dims:
+            numel *= d
+        block, type_size = GGML_QUANT_SIZES[t.tensor_type]
+        if numel % block or dims[0] % block:
+            raise CheckpointError(f"{path}: tensor {t.name[:80]!r} rows of {dims[0]} are not whole {t.tensor_type.name} blocks")
+        nbytes = numel // block * type_size
+        begin = int(t.data_offset)
+        if begin < 0 or begin + nbytes > size:
+            raise CheckpointError(f"{path}: tensor {t.name[:80]!r} byte range [{begin}, {begin + nbytes}) runs past "
+                                  f"the end of the file ({size} bytes)")
+        spans.append((begin, begin + nbytes, t.name))
+    spans.sort()
+    for (_, end, name), (begin, _, other) in zip(spans, spans[1:]):
+        if begin < end:
+            raise CheckpointError(f"{path}: tensors {name[:80]!r} and {other[:80]!r} overlap (corrupt GGUF file)")
+
+
 class GgufTensorSource:
     """The tensors and config of one glmq GGUF export file.
 
@@ -61,13 +94,17 @@ class GgufTensorSource:
             self._reader = GGUFReader(self.path)
         except Exception as e:  # gguf-py raises ValueError, struct.error, ... on malformed files
             raise CheckpointError(f"{self.path}: not a readable GGUF file ({e.__class__.__name__}: {e})") from None
-        self.metadata = read_metadata(self._reader)
+        try:
+            self.metadata = read_metadata(self._reader)
+        except (UnicodeDecodeError, ValueError, OverflowError) as e:
+            raise CheckpointError(f"{self.path}: unreadable GGUF metadata ({e.__class__.__name__})") from None
         self.architecture = self.metadata.get("general.architecture")
         try:
             self.config: dict[str, Any] = gn.hf_config_from_metadata(self.metadata)
-        except GlmqError as e:  # a GGUF file of another model
-            raise CheckpointError(f"{self.path}: {e}") from None
+        except GlmqError as e:  # a GGUF file of another model, or a config that is not JSON
+            raise CheckpointError(f"{self.path}: {str(e).removeprefix('GGUF metadata: ')}") from None
         self.component = _COMPONENT[self.architecture]
+        _check_layout(self.path, self._reader)
         to_hf = gn.ar_hf_name if self.architecture == gn.AR_ARCH else gn.dit_hf_name
         self._tensors = {}
         for t in self._reader.tensors:
@@ -119,6 +156,9 @@ class GgufTensorSource:
             raise CheckpointError(
                 f"{self.path}: tensor {name!r} has GGML type {t.tensor_type.name}; glmq reads {valid}"
             )
+        from glmq.io.finite import check_finite
+
+        check_finite(out, f"{self.path}: tensor {name!r}")
         return out if dtype is None else out.to(dtype)
 
     def close(self) -> None:

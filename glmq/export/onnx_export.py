@@ -24,7 +24,6 @@ serializes it; benchmarks/results/onnx_full_cpu2.md has the full-size numbers.
 from __future__ import annotations
 
 import gc
-import json
 import logging
 import math
 import shutil
@@ -33,6 +32,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from glmq.io.finite import count_nonfinite
 from glmq.errors import GlmqError
 
 FORMAT_NAME = "glmq-onnx"
@@ -367,10 +367,8 @@ FINITE_CHUNK = 1 << 22
 
 
 def _all_finite(t) -> bool:
-    import torch
-
-    flat = t.reshape(-1)
-    return all(bool(torch.isfinite(c).all()) for c in flat.split(FINITE_CHUNK))
+    """The checker every reader and exporter shares (glmq.io.finite), in blocks of FINITE_CHUNK."""
+    return count_nonfinite(t, chunk=FINITE_CHUNK) == 0
 
 
 def _to_numpy(t, tdtype, what: str):
@@ -551,6 +549,8 @@ def read_index(path: str | Path) -> dict:
     p = Path(path) / INDEX_NAME
     if not p.is_file():
         raise GlmqError(f"{path}: not a glmq ONNX export (no {INDEX_NAME})")
-    return json.loads(p.read_text(encoding="utf-8"))
+    from glmq.io.safe_read import read_json
+
+    return read_json(p, "glmq ONNX index")
 
 

@@ -8,7 +8,6 @@ components hold ``config.json`` and safetensors weights, sharded with a ``*.safe
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -74,17 +73,11 @@ def model_index(diffusers_version: str) -> dict:
     return index
 
 
-def read_json(path: Path, what: str) -> dict:
-    try:
-        with open(path, encoding="utf-8") as f:
-            data = json.load(f)
-    except FileNotFoundError:
-        raise CheckpointError(f"{path}: missing {what}") from None
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"{path}: {what} is not valid JSON ({e.__class__.__name__})") from None
-    if not isinstance(data, dict):
-        raise CheckpointError(f"{path}: {what} is not a JSON object")
-    return data
+def read_json(path: Path, what: str, *, max_bytes: int | None = None) -> dict:
+    """A JSON object read through :mod:`glmq.io.safe_read` (regular file, size cap, bounded nesting)."""
+    from glmq.io import safe_read
+
+    return safe_read.read_json(path, what, max_bytes=max_bytes or safe_read.MAX_CONFIG_BYTES)
 
 
 def check_pipeline_folder(path: str | Path) -> dict:
@@ -100,7 +93,9 @@ def check_pipeline_folder(path: str | Path) -> dict:
         raise CheckpointError(f"{path}: not a folder; expected a GLM-Image pipeline folder")
     if not (path / "model_index.json").is_file():
         raise CheckpointError(f"{path}: not a GLM-Image pipeline folder (no model_index.json)")
-    index = read_json(path / "model_index.json", "model_index.json")
+    from glmq.io.safe_read import MAX_SMALL_BYTES
+
+    index = read_json(path / "model_index.json", "model_index.json", max_bytes=MAX_SMALL_BYTES)
     if index.get("_class_name") != PIPELINE_CLASS:
         raise CheckpointError(
             f"{path}: not a GLM-Image pipeline folder (model_index.json names {index.get('_class_name')!r}, "

@@ -23,6 +23,7 @@ from glmq.io.layout import (
     check_pipeline_folder,
     read_json,
 )
+from glmq.io.safe_read import MAX_INDEX_BYTES, want_str_map
 from glmq.io.safetensors_io import TensorInfo, read_header, read_tensor
 
 if TYPE_CHECKING:
@@ -57,14 +58,15 @@ class ComponentReader:
         single = self.folder / f"{comp.weights_name}.safetensors"
         self._index = None
         if index_path.exists():
-            self._index = read_json(index_path, "safetensors index")
+            self._index = read_json(index_path, "safetensors index", max_bytes=MAX_INDEX_BYTES)
             weight_map = self._index.get("weight_map")
             if not isinstance(weight_map, dict) or not weight_map:
                 raise CheckpointError(f"{index_path}: safetensors index has no weight_map")
+            want_str_map(weight_map, str(index_path), "weight_map")
             names = sorted(set(weight_map.values()))
             files = []
             for n in names:
-                if "/" in n or "\\" in n or n.startswith("."):
+                if "/" in n or "\\" in n or "\0" in n or n.startswith(".") or not n:
                     raise CheckpointError(f"{index_path}: refusing shard path {n!r} outside the folder")
                 f = self.folder / n
                 if not f.is_file():
@@ -107,15 +109,24 @@ class ComponentReader:
     def names(self) -> list[str]:
         return list(self.tensors)
 
-    def get(self, name: str) -> torch.Tensor:
-        """Load one tensor into a fresh CPU tensor (plain reads: memory stays at the tensor's size)."""
+    def get(self, name: str, *, check_finite: bool = True) -> torch.Tensor:
+        """Load one tensor into a fresh CPU tensor (plain reads: memory stays at the tensor's size).
+
+        Floating-point tensors holding NaN or Inf are refused (:mod:`glmq.io.finite`, block by block), so
+        every consumer (inspect, quantize, the exporters, ``glmq.load``) is protected by this one check.
+        """
         info = self.tensors.get(name)
         if info is None:
             raise CheckpointError(f"{self.folder}: tensor {name!r} not found")
         try:
-            return read_tensor(info)
+            tensor = read_tensor(info)
         except OSError as e:
             raise CheckpointError(f"{info.file}: cannot read tensor {name!r} ({e.strerror or e})") from None
+        if check_finite:
+            from glmq.io.finite import check_finite as _check
+
+            _check(tensor, f"{info.file}: tensor {name!r}")
+        return tensor
 
     def iter_tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
         """Tensors in file order, one at a time."""
@@ -152,7 +163,7 @@ class PipelineReader:
         p = self.path / MANIFEST_NAME
         if not p.exists():
             return None
-        return read_json(p, "glmq manifest")
+        return read_json(p, "glmq manifest", max_bytes=MAX_INDEX_BYTES)
 
     def close(self) -> None:
         for r in self._readers.values():

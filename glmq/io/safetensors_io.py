@@ -81,10 +81,12 @@ def read_header(path: str | os.PathLike) -> tuple[dict[str, TensorInfo], dict[st
     has a malformed header, unknown dtypes, shapes that disagree with byte ranges, or ranges that overlap,
     leave holes or run past the end of the file.
     """
+    from glmq.io.safe_read import loads_json, open_regular, want_dict, want_int_list, want_str_map
+
     path = Path(path)
+    f, size = open_regular(path, "safetensors file")
     try:
-        size = path.stat().st_size
-        with open(path, "rb") as f:
+        with f:
             raw_len = f.read(8)
             if len(raw_len) < 8:
                 raise CheckpointError(f"{path}: truncated safetensors file ({size} bytes, no header)")
@@ -94,39 +96,43 @@ def read_header(path: str | os.PathLike) -> tuple[dict[str, TensorInfo], dict[st
                     f"{path}: corrupt or truncated safetensors file (header claims {n} bytes, file has {size})"
                 )
             raw = f.read(n)
-    except FileNotFoundError:
-        raise CheckpointError(f"{path}: file not found") from None
-    except IsADirectoryError:
-        raise CheckpointError(f"{path}: is a folder, expected a .safetensors file") from None
-    try:
-        header = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError):
-        raise CheckpointError(f"{path}: corrupt safetensors header (not valid JSON)") from None
+    except OSError as e:
+        raise CheckpointError(f"{path}: cannot read safetensors header ({e.strerror or e.__class__.__name__})") from None
+    if len(raw) != n:
+        raise CheckpointError(f"{path}: truncated safetensors file (header cut short)")
+    header = loads_json(raw, path, "safetensors header")
     if not isinstance(header, dict):
         raise CheckpointError(f"{path}: corrupt safetensors header (not a JSON object)")
-    metadata = header.pop("__metadata__", None) or {}
+    metadata = header.pop("__metadata__", None)
+    metadata = {} if metadata is None else want_str_map(metadata, str(path), "__metadata__")
     data_start = 8 + n
     data_len = size - data_start
+    where = str(path)
     tensors: dict[str, TensorInfo] = {}
     spans = []
     for name, entry in header.items():
-        try:
-            tag = entry["dtype"]
-            shape = tuple(int(d) for d in entry["shape"])
-            begin, end = (int(x) for x in entry["data_offsets"])
-        except (KeyError, TypeError, ValueError):
-            raise CheckpointError(f"{path}: corrupt safetensors header entry for {name!r}") from None
-        if tag not in DTYPES:
-            raise CheckpointError(f"{path}: tensor {name!r} has unsupported dtype {tag!r}")
+        entry = want_dict(entry, where, f"tensor {name[:80]!r}")
+        if set(entry) != {"dtype", "shape", "data_offsets"}:
+            raise CheckpointError(f"{path}: corrupt safetensors header entry for {name[:80]!r} "
+                                  "(needs exactly dtype, shape, data_offsets)")
+        tag = entry["dtype"]
+        if not isinstance(tag, str) or tag not in DTYPES:
+            shown = tag if isinstance(tag, str) else type(tag).__name__
+            raise CheckpointError(f"{path}: tensor {name[:80]!r} has unsupported dtype {shown[:40]!r}")
+        # Dimensions past 2**40 or ranks past 8 describe no real tensor; bounding them keeps products small.
+        shape = tuple(want_int_list(entry["shape"], where, f"tensor {name[:80]!r} shape", hi=1 << 40, max_len=8))
+        offsets = want_int_list(entry["data_offsets"], where, f"tensor {name[:80]!r} data_offsets", hi=1 << 62,
+                                max_len=2)
+        if len(offsets) != 2:
+            raise CheckpointError(f"{path}: tensor {name[:80]!r} data_offsets must be [begin, end]")
+        begin, end = offsets
         dtype, width = DTYPES[tag]
         numel = 1
         for d in shape:
-            if d < 0:
-                raise CheckpointError(f"{path}: tensor {name!r} has a negative dimension")
             numel *= d
         if end - begin != numel * width or begin < 0:
             raise CheckpointError(
-                f"{path}: tensor {name!r} byte range [{begin}, {end}) does not match shape {list(shape)} {tag}"
+                f"{path}: tensor {name[:80]!r} byte range [{begin}, {end}) does not match shape {list(shape)} {tag}"
             )
         tensors[name] = TensorInfo(path, name, dtype, shape, begin, end, data_start)
         spans.append((begin, end, name))
@@ -134,7 +140,7 @@ def read_header(path: str | os.PathLike) -> tuple[dict[str, TensorInfo], dict[st
     cursor = 0
     for begin, end, name in spans:
         if begin != cursor:
-            raise CheckpointError(f"{path}: corrupt safetensors file (tensor {name!r} overlaps or leaves a gap)")
+            raise CheckpointError(f"{path}: corrupt safetensors file (tensor {name[:80]!r} overlaps or leaves a gap)")
         cursor = end
     if cursor != data_len:
         if cursor > data_len:
@@ -142,7 +148,7 @@ def read_header(path: str | os.PathLike) -> tuple[dict[str, TensorInfo], dict[st
                 f"{path}: truncated safetensors file ({data_len} data bytes, header needs {cursor})"
             )
         raise CheckpointError(f"{path}: corrupt safetensors file ({data_len - cursor} trailing bytes)")
-    return tensors, {str(k): str(v) for k, v in metadata.items()}
+    return tensors, dict(metadata)
 
 
 def read_tensor(info: TensorInfo) -> torch.Tensor:

@@ -62,7 +62,11 @@ def build_model(comp: Component, config: dict[str, Any], *, device: str = "meta"
     """Instantiate a weight-bearing component from constructor arguments (or a saved ``config.json``)."""
     import torch
 
+    from glmq.models.check_config import check_config
+
     _quiet_transformers()
+    # Types and sizes first: the constructors allocate (or loop over layers) before checking anything.
+    check_config(comp.role, config, f"{comp.name}/config.json")
     config = {k: v for k, v in config.items() if k not in ("quantization_config",)}
     with torch.device(device):
         if comp.role == "ar":
@@ -111,7 +115,9 @@ def expected_specs(comp: Component, config: dict[str, Any]) -> dict[str, tuple[i
     try:
         model = build_model(comp, config)
     except Exception as e:
-        raise CheckpointError(f"{comp.name}/config.json does not describe a {comp.class_name} ({e})") from None
+        detail = " ".join(str(e).split())
+        detail = detail if len(detail) <= 300 else detail[:297] + "..."
+        raise CheckpointError(f"{comp.name}/config.json does not describe a {comp.class_name} ({detail})") from None
     return {n: shape for n, _, shape in tensor_specs(model, comp.dtype or "float32")}
 
 

@@ -27,7 +27,6 @@ pattern that matches no linear layer at all is an error (it is almost certainly 
 from __future__ import annotations
 
 import fnmatch
-import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -136,10 +135,9 @@ def load_recipe(name_or_path: str | Path) -> Recipe:
                 f"unknown recipe {str(name_or_path)!r}; valid recipes: {', '.join(available_recipes())} "
                 "(or a path to a .toml file)"
             )
-    try:
-        data = tomllib.loads(path.read_text(encoding="utf-8"))
-    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
-        raise GlmqError(f"{path}: not a valid TOML recipe ({e})") from None
+    from glmq.io.safe_read import read_toml
+
+    data = read_toml(path, "recipe")  # regular file, size cap, bounded nesting; one-line errors
     where = str(path)
     version = data.get("version")
     if version != RECIPE_VERSION:

@@ -26,6 +26,30 @@ if TYPE_CHECKING:
 _MODES = {"dynamic_per_token": "auto", "weight_only": "weight_only"}
 
 
+# Set to 1 to have glmq.load hash every file against the manifest (sha256) instead of checking sizes only.
+VERIFY_HASHES_ENV = "GLMQ_VERIFY_HASHES"
+
+
+def check_before_load(path: str | Path) -> None:
+    """Validate a folder exactly as ``glmq inspect`` does, before ``glmq.load`` allocates anything.
+
+    Layout, every config (types and sizes: :mod:`glmq.models.check_config`), every component's tensor
+    names, shapes and dtypes against its config, GGUF byte layouts, and the manifest when there is one.
+    The manifest check compares file sizes by default, which catches truncation and swapped shards at no
+    cost; sha256 hashing of every file (about 10 s per 10 GB) runs when ``GLMQ_VERIFY_HASHES=1``, as
+    ``glmq inspect`` does by default. NaN/Inf values are refused while each tensor is loaded.
+    """
+    import os
+
+    from glmq.io.validate import check_pipeline
+
+    hashes = os.environ.get(VERIFY_HASHES_ENV, "") not in ("", "0")
+    _, _, problems = check_pipeline(path, hashes=hashes, gguf=True)
+    if problems:
+        more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+        raise CheckpointError(f"{path}: does not match its glmq-manifest.json: {problems[0]}{more}")
+
+
 def quant_plan(cr: ComponentReader) -> dict[str, dict]:
     """``swap_linears`` plan for a component's glmq ``quantization_config`` (empty when unquantized)."""
     qcfg = cr.quantization_config
@@ -113,6 +137,7 @@ def load_component(cr: ComponentReader, *, device: str | torch.device = "cpu", d
             if tuple(value.shape) != tuple(target.shape):
                 raise CheckpointError(f"{cr.folder}: tensor {name!r} has shape {list(value.shape)}, "
                                       f"the model expects {list(target.shape)}")
+            _check_dtype(cr, name, value, target, quantized=isinstance(owner, QuantLinear) and attr != "bias")
             if isinstance(owner, QuantLinear) and attr != "bias":
                 target.copy_(value)  # quantized buffers keep their storage dtype
             else:
@@ -121,6 +146,23 @@ def load_component(cr: ComponentReader, *, device: str | torch.device = "cpu", d
     model.eval()
     model.requires_grad_(False)
     return model
+
+
+_FLOAT_DTYPES = ("float32", "bfloat16", "float16", "float64")
+
+
+def _check_dtype(cr, name: str, value: torch.Tensor, target: torch.Tensor, *, quantized: bool) -> None:
+    """Refuse a stored tensor whose dtype the layer would silently reinterpret.
+
+    Quantized buffers must match their storage dtype exactly; float parameters take any plain float dtype
+    (cast losslessly or to the compute dtype), never integers, booleans or fp8 codes.
+    """
+    got = str(value.dtype).removeprefix("torch.")
+    want = str(target.dtype).removeprefix("torch.")
+    ok = got == want if quantized or not target.is_floating_point() else got in _FLOAT_DTYPES
+    if not ok:
+        expected = want if quantized or not target.is_floating_point() else "a float dtype (" + ", ".join(_FLOAT_DTYPES) + ")"
+        raise CheckpointError(f"{cr.folder}: tensor {name!r} is stored as {got}; the layer expects {expected}")
 
 
 def _init_nonpersistent_buffers(model: nn.Module) -> None:
@@ -152,7 +194,8 @@ class GgufComponent:
         self.folder = Path(folder)
         self.component = comp
         cfg = read_json(self.folder / "config.json", f"{comp.name} config.json")
-        pointer = cfg.get("quantization_config", cfg)
+        pointer = cfg.get("quantization_config")
+        pointer = pointer if isinstance(pointer, dict) else cfg
         if not isinstance(pointer.get("gguf_file"), str) or "/" in pointer["gguf_file"]:
             raise CheckpointError(f"{self.folder}/config.json: quantization_config names no GGUF file")
         self.source = GgufTensorSource(self.folder.parent / pointer["gguf_file"])

@@ -731,10 +731,10 @@ def load(path: str | Path, device: str = "cuda", vram_budget_gb: float | None = 
         raise GlmqError("device cuda requested but no CUDA GPU is available (use device='cpu')")
     dtype = dtype or (torch.bfloat16 if dev.type == "cuda" else torch.float32)
     path = Path(path)
-    from glmq.io.layout import check_pipeline_folder, read_json
-    from glmq.runtime.loader import GgufComponent, open_component
+    from glmq.io.layout import read_json
+    from glmq.runtime.loader import GgufComponent, check_before_load, open_component
 
-    check_pipeline_folder(path)
+    check_before_load(path)  # validates as `glmq inspect` does (configs, tensors, manifest) before allocating
     sources = {name: open_component(path, name)
                for name in ("vision_language_encoder", "transformer", "text_encoder", "vae")}
     has_gguf = any(isinstance(s, GgufComponent) for s in sources.values())
