@@ -22,7 +22,7 @@ from glmq.io.layout import BY_NAME
 from glmq.models.build import build_model
 from glmq.models.configs import component_config
 from glmq.runtime.memory import vae_decode_bytes
-from glmq.runtime.pipeline import decode_tiled
+from glmq.runtime.vae import decode_tiled
 
 GiB = 1 << 30
 

@@ -14,7 +14,7 @@ __all__ = ["__version__", "load", "quantize", "make_tiny"]
 def __getattr__(name: str):
     # Lazy: the runtime and converters import torch, transformers and diffusers.
     if name == "load":
-        from glmq.runtime.pipeline import load
+        from glmq.runtime.load import load
 
         return load
     if name == "quantize":

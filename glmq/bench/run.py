@@ -155,7 +155,7 @@ def random_pipeline(model: str, recipe: str, device, **pipeline_kwargs):
     unless it is "bf16": what the benchmark scripts build. ``pipeline_kwargs`` go to ``from_modules``."""
     import torch
 
-    from glmq.runtime.pipeline import from_modules
+    from glmq.runtime.load import from_modules
 
     comps = _random_components(model, device, seed=0)
     if torch.device(device).type == "cpu":
@@ -432,7 +432,7 @@ def run_bench(cfg: BenchConfig, out: Path) -> dict:
     from glmq.bench.report import write_outputs
     from glmq.quant.inplace import quantize_modules
     from glmq.runtime.memory import GiB
-    from glmq.runtime.pipeline import from_modules
+    from glmq.runtime.load import from_modules
 
     device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type == "cuda" and not torch.cuda.is_available():
@@ -482,7 +482,7 @@ def run_bench(cfg: BenchConfig, out: Path) -> dict:
                         processor, tokenizer, sched = pieces
                         if device.type != "cuda" and tier is not None:
                             from glmq.runtime.memory import choose_mode
-                            from glmq.runtime.pipeline import stage_sizes_from_modules
+                            from glmq.runtime.sizes import stage_sizes_from_modules
 
                             w, h = size
                             row["estimated_mode"] = choose_mode(stage_sizes_from_modules(comps, h, w), int(tier * GiB))

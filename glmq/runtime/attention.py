@@ -17,6 +17,7 @@ from __future__ import annotations
 import torch
 
 __all__ = ["glmq_ar_attention", "register_ar_attention", "GlmqDiTAttnProcessor", "install_dit_attention",
+           "install_attention", "attention_policy", "ATTENTION_CHOICES",
            "AR_ATTENTION_NAME", "MASK_MODES"]
 
 AR_ATTENTION_NAME = "glmq"
@@ -276,3 +277,27 @@ def attention_policy(requested: str | None, transformer_config: dict, device: to
         warnings.warn("fp8 attention needs compute capability 8.9+; using int8 attention instead", stacklevel=2)
         precision = "int8"
     return precision, min_tokens
+
+
+ATTENTION_CHOICES = ("auto", "glmq", "sdpa")
+
+
+def install_attention(components: dict, device: torch.device, attention: str, precision: str | None,
+                      transformer_config: dict) -> str:
+    """Plug glmq's kernels into the AR and the DiT as ``attention`` says ("auto": on CUDA; "glmq"; "sdpa":
+    leave upstream's). Returns the DiT attention precision in words ("sdpa" when glmq's kernels are off)."""
+    from glmq.errors import GlmqError
+
+    if attention not in ATTENTION_CHOICES:
+        raise GlmqError(f"unknown attention {attention!r}; valid: {', '.join(ATTENTION_CHOICES)}")
+    use_glmq = attention == "glmq" or (attention == "auto" and device.type == "cuda")
+    if not use_glmq:
+        if precision not in (None, "bf16"):
+            raise GlmqError(f"attention precision {precision!r} needs glmq's attention kernels "
+                            f"(attention='glmq', or 'auto' on CUDA), not {attention!r} on {device.type}")
+        return "sdpa"
+    dit_precision, min_tokens = attention_policy(precision, transformer_config, device)
+    register_ar_attention()
+    components["vision_language_encoder"].model.language_model.set_attn_implementation("glmq")
+    install_dit_attention(components["transformer"], precision=dit_precision, min_tokens=min_tokens)
+    return dit_precision if not min_tokens else f"{dit_precision} (>= {min_tokens} tokens, else bf16)"

@@ -21,11 +21,31 @@ mode for that call or refuses it before any work.
 
 from __future__ import annotations
 
+import contextlib
+import enum
+import os
 from dataclasses import dataclass, field
 
 from glmq.errors import GlmqError
 
-MODES = ("resident", "staged", "offload")
+
+class MemoryMode(str, enum.Enum):
+    """Where the networks sit (module docstring), fastest first. A str, so ``mode == "staged"`` still holds."""
+
+    RESIDENT = "resident"
+    STAGED = "staged"
+    OFFLOAD = "offload"
+
+    def __str__(self) -> str:
+        return self.value
+
+    @property
+    def streams_dit(self) -> bool:
+        """The DiT's blocks visit the GPU one at a time (no compiled blocks, no CUDA graph of the DiT)."""
+        return self is MemoryMode.OFFLOAD
+
+
+MODES = tuple(m.value for m in MemoryMode)
 GiB = 1024**3
 # CUDA context, cuBLAS/cuDNN handles and loaded kernel modules: 0.79 GiB measured on an H200 with the
 # compiled runtime (benchmarks/results/memory_sequence_h200/); 1 GiB leaves a margin.
@@ -125,6 +145,7 @@ def stage_peaks(s: StageSizes, mode: str, request: Request | None = None, *,
         req = Request(req.height, req.width, (reference_tokens_for(req.height, req.width),))
     if mode not in MODES:
         raise GlmqError(f"unknown memory mode {mode!r}; valid modes: {', '.join(MODES)}")
+    mode = MemoryMode(mode)
     i2i = req.image_to_image
     vision = s.vision_weights if i2i else 0
     kv = s.dit_kv_bytes_per_token * sum(req.reference_tokens)
@@ -135,13 +156,13 @@ def stage_peaks(s: StageSizes, mode: str, request: Request | None = None, *,
                       for side in (int(t**0.5) * 16 for t in req.reference_tokens)), default=0)
     dit_act = _scaled(s.dit_activations, s, req)
     vae_act = s.vae_activations * _area(req.height, req.width) // base_area
-    if mode == "resident":
+    if mode is MemoryMode.RESIDENT:
         everything = s.ar_weights + s.vision_weights + s.glyph_weights + s.dit_weights + s.vae_weights
         ar = enc = dit = vae = everything
     else:
         ar = s.ar_weights + vision
         enc = s.glyph_weights + s.vae_weights
-        dit_w = s.dit_weights if mode == "staged" else s.largest_dit_block * 2 + s.dit_weights // 20
+        dit_w = s.largest_dit_block * 2 + s.dit_weights // 20 if mode.streams_dit else s.dit_weights
         dit = dit_w + s.vae_weights
         vae = s.vae_weights
     peaks = {"ar": ar + _scaled(s.ar_activations, s, req) + (s.ar_activations if i2i else 0),
@@ -167,14 +188,14 @@ def choose_mode(s: StageSizes, budget_bytes: int | None, *, image_to_image: bool
     if requested is not None:
         if requested not in MODES:
             raise GlmqError(f"unknown memory mode {requested!r}; valid modes: {', '.join(MODES)}")
-        return requested
+        return MemoryMode(requested)
     if budget_bytes is None:
-        return "resident"
+        return MemoryMode.RESIDENT
     if requests is None:
         requests = usual_requests(*s.size)
         if image_to_image:
             requests = (Request(*s.size, (reference_tokens_for(*s.size),)),)
-    for mode in MODES:
+    for mode in MemoryMode:
         if all(peak_bytes(s, mode, r) <= budget_bytes for r in requests):
             return mode
     need = max(peak_bytes(s, "offload", r) for r in requests)
@@ -190,9 +211,11 @@ def mode_for_request(s: StageSizes, budget_bytes: int | None, base_mode: str, re
 
     Only a staged pipeline moves down (to offload, streaming the DiT blocks from the pinned copies it already
     keeps); a resident pipeline keeps no CPU copies, so it runs resident or refuses."""
+    base_mode = MemoryMode(base_mode)
     if budget_bytes is None:
         return base_mode
-    candidates = (base_mode,) if base_mode == "resident" else MODES[MODES.index(base_mode):]
+    modes = list(MemoryMode)
+    candidates = (base_mode,) if base_mode is MemoryMode.RESIDENT else tuple(modes[modes.index(base_mode):])
     for mode in candidates:
         if peak_bytes(s, mode, request) <= budget_bytes:
             return mode
@@ -213,3 +236,19 @@ def cuda_context_bytes(device) -> int:
 
     free, total = torch.cuda.mem_get_info(device)
     return max(0, total - free - torch.cuda.memory_reserved(device))
+
+
+def prefer_expandable_segments() -> None:
+    """Under a budget, let the caching allocator grow its segments in place (PyTorch's expandable segments):
+    at the same allocations the H200 sequence run reserved 0.5 GiB less with them
+    (benchmarks/results/memory_sequence_h200/). A setting the user made in PYTORCH_CUDA_ALLOC_CONF wins."""
+    import torch
+
+    if "expandable_segments" in os.environ.get("PYTORCH_CUDA_ALLOC_CONF", ""):
+        return
+    # The accelerator-generic setter where it exists (torch >= 2.9 deprecates the CUDA one with a warning).
+    setter = (getattr(torch._C, "_accelerator_setAllocatorSettings", None)
+              or getattr(torch.cuda.memory, "_set_allocator_settings", None))
+    if setter is not None:
+        with contextlib.suppress(RuntimeError, ValueError):
+            setter("expandable_segments:True")

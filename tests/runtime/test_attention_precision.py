@@ -168,7 +168,7 @@ def test_in_place_quantization_carries_the_recipe_to_from_modules(tiny_dir):
     from glmq.io.reader import PipelineReader
     from glmq.quant.inplace import quantize_modules
     from glmq.runtime.loader import load_component
-    from glmq.runtime.pipeline import from_modules
+    from glmq.runtime.load import from_modules
 
     reader = PipelineReader(tiny_dir)
     comps = {n: load_component(reader.component(n), device="cpu", dtype=torch.float32)

@@ -186,19 +186,21 @@ def test_staging_parks_the_previous_stage_before_the_next_arrives(tiny_dir, monk
     """The GPU never holds two stages at once: moving the AR in while the DiT was still resident ran a 16 GiB
     budget out of memory on the H200 (benchmarks/results/memory_sequence_h200/). The "GPU" here is the meta
     device, and every tensor move is tallied."""
-    from glmq.runtime import pipeline as pl
+    from glmq.runtime import placement as pl
 
     p = glmq.load(tiny_dir, device="cpu")
     nets = {"ar": p.ar, "dit": p.transformer, "glyph": p.text_encoder, "vae": p.vae}
-    p.device = torch.device("meta")
-    monkeypatch.setattr(pl.GlmqPipeline, "_gpu", lambda self: True)
-    p._parked = {name: pl._Parked(m, p.device) for name, m in nets.items()}
-    owner = {(id(mod), kind, n): name for name, pk in p._parked.items() for mod, kind, n, _ in pk.slots}
-    size = {(id(mod), kind, n): cpu.numel() * cpu.element_size() for pk in p._parked.values()
+    monkeypatch.setattr(pl.Placement, "gpu", lambda self: True)
+    place = pl.Placement.__new__(pl.Placement)
+    place.nets, place.device, place.mode, place.streamers = nets, torch.device("meta"), pl.MemoryMode.STAGED, {}
+    place._vision_keys = pl.slot_keys(p.ar.model.visual) | pl.slot_keys(p.ar.model.vqmodel)
+    place.parked = {name: pl.Parked(m, place.device) for name, m in nets.items()}
+    owner = {(id(mod), kind, n): name for name, pk in place.parked.items() for mod, kind, n, _ in pk.slots}
+    size = {(id(mod), kind, n): cpu.numel() * cpu.element_size() for pk in place.parked.values()
             for mod, kind, n, cpu in pk.slots}
     on_device: dict = {}
-    peak_by_stage: dict = {}
-    real_set = pl._Parked._set
+    seen_together: dict = {}
+    real_set = pl.Parked.set
 
     def tally(mod, kind, name, value):
         if value.device.type != "meta":  # a CPU parameter cannot point at meta data: only count those moves
@@ -207,26 +209,26 @@ def test_staging_parks_the_previous_stage_before_the_next_arrives(tiny_dir, monk
         on_device.pop(key, None)
         if value.device.type == "meta":
             on_device[key] = size[key]
-        nets_on = {owner[k] for k in on_device}
-        current = peak_by_stage.setdefault(stage, set())
-        current |= {frozenset(nets_on)}
+        seen_together.setdefault(stage, set()).add(frozenset(owner[k] for k in on_device))
 
-    monkeypatch.setattr(pl._Parked, "_set", staticmethod(tally))
+    monkeypatch.setattr(pl.Parked, "set", staticmethod(tally))
     for stage, i2i in (("ar", False), ("encode", False), ("dit", False), ("vae", False), ("ar", True),
                        ("encode", True), ("dit", True)):
-        p._stage(stage, i2i)
+        place.stage(stage, i2i)
         held = {owner[k] for k in on_device}
-        assert held == pl.GlmqPipeline._STAGE_NETS[stage] & set(nets), (stage, held)
-    # At no moment of any move did the AR share the device with the DiT or the glyph encoder.
-    for stage, seen in peak_by_stage.items():
+        assert held == pl.STAGE_NETS[stage], (stage, held)
+    # At no moment of any move did the AR share the device with the DiT, the glyph encoder or the VAE.
+    for stage, seen in seen_together.items():
         for nets_on in seen:
             assert not ("ar" in nets_on and ({"dit", "glyph", "vae"} & nets_on)), (stage, set(nets_on))
-    # After the image-to-image AR stage the vision tower had come along; in the text-to-image one it had not.
-    p._stage("ar", False)
+    # The vision tower comes along for the image-to-image AR stage only.
     vision_modules = {id(m) for m in p.ar.model.visual.modules()}
+    place.stage("ar", False)
     assert not any(k[0] in vision_modules for k in on_device)
-    p._stage("ar", True)
+    place.stage("ar", True)
     assert any(k[0] in vision_modules for k in on_device)
+    place.park_all()
+    assert all(t.device.type == "cpu" for m in nets.values() for t in m.parameters())
 
 
 def test_the_output_has_diffusers_images_and_indexes_like_a_list(pipe):

@@ -7,8 +7,8 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from glmq.runtime.memory import VAE_TILE_PIXELS, activation_allowance, vae_decode_bytes
-from glmq.runtime.pipeline import GlmqPipeline, decode_tiled
+from glmq.runtime.memory import OVERHEAD_BYTES, VAE_TILE_PIXELS, activation_allowance, vae_decode_bytes
+from glmq.runtime.vae import decode_tiled, needs_tiles
 
 
 @pytest.fixture(scope="module")
@@ -63,10 +63,9 @@ def _decision(height, width, *, budget=None, allocated=0, free=0, reserved=0, mo
     monkeypatch.setattr(torch.cuda, "memory_allocated", lambda device=None: allocated)
     monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device=None: reserved)
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (free, 80 << 30))
-    fake = SimpleNamespace(device=torch.device("cuda"), vae_scale_factor=8, vram_budget=budget,
-                           vae=SimpleNamespace(config=SimpleNamespace(block_out_channels=[128, 512, 1024, 1024])))
+    fake_vae = SimpleNamespace(config=SimpleNamespace(block_out_channels=[128, 512, 1024, 1024]))
     z = torch.zeros(1, 16, height // 8, width // 8, dtype=torch.bfloat16)
-    return GlmqPipeline._vae_needs_tiles(fake, z)
+    return needs_tiles(fake_vae, z, torch.device("cuda"), budget)
 
 
 def test_tiles_only_when_the_whole_decode_does_not_fit(monkeypatch):
@@ -75,9 +74,10 @@ def test_tiles_only_when_the_whole_decode_does_not_fit(monkeypatch):
     gib = 1 << 30
     # 1024x1024 and smaller never tile, however tight the memory.
     assert not _decision(1024, 1024, budget=1, allocated=10 * gib, monkeypatch=monkeypatch)
-    # With a budget: what is left of it decides.
-    assert not _decision(2048, 2048, budget=20 * gib, allocated=20 * gib - need, monkeypatch=monkeypatch)
-    assert _decision(2048, 2048, budget=20 * gib, allocated=20 * gib - need + 1, monkeypatch=monkeypatch)
+    # With a budget: what is left of it, after the CUDA context it also holds, decides.
+    left = 20 * gib - OVERHEAD_BYTES
+    assert not _decision(2048, 2048, budget=20 * gib, allocated=left - need, monkeypatch=monkeypatch)
+    assert _decision(2048, 2048, budget=20 * gib, allocated=left - need + 1, monkeypatch=monkeypatch)
     # Without one: the card's free memory plus the allocator's unused reserve.
     assert not _decision(2048, 2048, free=need - gib, reserved=3 * gib, allocated=2 * gib, monkeypatch=monkeypatch)
     assert _decision(2048, 2048, free=need - gib, reserved=2 * gib, allocated=2 * gib, monkeypatch=monkeypatch)

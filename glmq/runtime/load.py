@@ -1,0 +1,112 @@
+"""``glmq.load``: a GLM-Image folder (or already-built modules) assembled into a :class:`GlmqPipeline`, with
+its memory mode chosen from the budget and glmq's attention installed, in one place for both entry points."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from glmq.errors import GlmqError
+from glmq.runtime.memory import GiB, MemoryMode, StageSizes, choose_mode
+from glmq.runtime.pipeline import GlmqPipeline
+
+
+def _assemble(components: dict, *, sizes: StageSizes, mode: str | None, vram_budget_gb: float | None,
+              device: torch.device, dtype: torch.dtype, transformer_config: dict, attention: str,
+              attention_precision: str | None, **pipeline_kwargs) -> GlmqPipeline:
+    """The one place a pipeline is put together (``load`` and ``from_modules``): budget, mode, attention."""
+    from glmq.runtime.attention import install_attention
+
+    budget = int(vram_budget_gb * GiB) if vram_budget_gb is not None and device.type == "cuda" else None
+    chosen = choose_mode(sizes, budget, requested=mode) if device.type == "cuda" else MemoryMode.RESIDENT
+    precision = install_attention(components, device, attention, attention_precision, transformer_config)
+    return GlmqPipeline(device=device, dtype=dtype, mode=chosen, sizes=sizes, components=components,
+                        attention=attention, attention_precision=precision, vram_budget=budget, **pipeline_kwargs)
+
+
+def _device_and_dtype(device: str, dtype: torch.dtype | None) -> tuple[torch.device, torch.dtype]:
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise GlmqError("device cuda requested but no CUDA GPU is available (use device='cpu')")
+    return dev, dtype or (torch.bfloat16 if dev.type == "cuda" else torch.float32)
+
+
+def from_modules(components: dict, *, processor, tokenizer, scheduler_config: dict, device: str = "cuda",
+                 vram_budget_gb: float | None = None, dtype: torch.dtype | None = None, mode: str | None = None,
+                 attention: str = "auto", cuda_graph: bool = True, compile: bool = False,
+                 path: Path | None = None, attention_precision: str | None = None) -> GlmqPipeline:
+    """A pipeline over already-built modules (e.g. random full-size weights built on the GPU).
+    ``attention_precision``: see :func:`load`; None reads the recipe's choice from the transformer's config."""
+    from glmq.runtime.sizes import stage_sizes_from_modules
+
+    dev, dtype = _device_and_dtype(device, dtype)
+    if attention_precision is None and path is not None:
+        from glmq.io.layout import read_json
+
+        tcfg = read_json(Path(path) / "transformer" / "config.json", "transformer config.json")
+    else:  # modules quantized in place carry their recipe (glmq.quant.inplace)
+        recipe = getattr(components["transformer"], "glmq_recipe", None)
+        tcfg = {"quantization_config": {"recipe": recipe}} if recipe else {}
+    return _assemble(components, sizes=stage_sizes_from_modules(components), mode=mode,
+                     vram_budget_gb=vram_budget_gb, device=dev, dtype=dtype, transformer_config=tcfg,
+                     attention=attention, attention_precision=attention_precision, path=path, processor=processor,
+                     tokenizer=tokenizer, scheduler_config=scheduler_config, cuda_graph=cuda_graph, compile=compile)
+
+
+def load(path: str | Path, device: str = "cuda", vram_budget_gb: float | None = None, *,
+         dtype: torch.dtype | None = None, mode: str | None = None, attention: str = "auto",
+         cuda_graph: bool = True, compile: bool = False, attention_precision: str | None = None) -> GlmqPipeline:
+    """Load a GLM-Image folder (the bf16 release, make-tiny output, ``glmq quantize`` or GGUF export output).
+
+    Args:
+        path: the pipeline folder.
+        device: "cuda" (default), "cuda:N" or "cpu".
+        vram_budget_gb: GPU memory to plan for, counted as a card counts it (the allocator's peak reserved
+            bytes plus the CUDA context); the fastest memory mode whose estimated peak fits text-to-image is
+            used (``resident``, ``staged``, ``offload``), and each call is planned again from its size and
+            references (see :mod:`glmq.runtime.memory`); None: all resident.
+        dtype: compute dtype of the unquantized parts (bf16 on GPU, fp32 on CPU by default).
+        mode: force a memory mode.
+        attention: "auto" (glmq's Triton kernels on CUDA, upstream SDPA elsewhere), "glmq", "sdpa".
+        cuda_graph: capture the AR step and DiT step in CUDA graphs (CUDA, non-offload modes only).
+        compile: ``torch.compile`` the AR decode step and (except in the offload mode) the DiT blocks (CUDA; the
+            first image pays the compilation).
+        attention_precision: DiT attention kernel precision, "bf16", "fp8" or "int8"; None (default) uses what
+            the quantizing recipe recorded (its ``[attention]`` table), bf16 for unquantized folders. Applies
+            to glmq's kernels only (``attention`` "auto" on CUDA, or "glmq").
+    """
+    from transformers import ByT5Tokenizer, GlmImageProcessor
+
+    from glmq.io.layout import read_json
+    from glmq.io.reader import PipelineReader
+    from glmq.models.build import _quiet_transformers
+    from glmq.runtime.loader import GgufComponent, check_before_load, load_component, open_component
+    from glmq.runtime.sizes import stage_sizes, stage_sizes_from_modules
+
+    _quiet_transformers()
+    dev, dtype = _device_and_dtype(device, dtype)
+    path = Path(path)
+    check_before_load(path)  # validates as `glmq inspect` does (configs, tensors, manifest) before allocating
+    sources = {name: open_component(path, name)
+               for name in ("vision_language_encoder", "transformer", "text_encoder", "vae")}
+    # Sizes straight from the safetensors headers, so a resident pipeline loads onto the GPU directly; GGUF
+    # components are dequantized on load and sized from the modules.
+    sizes = None if any(isinstance(s, GgufComponent) for s in sources.values()) else stage_sizes(PipelineReader(path))
+    budget = vram_budget_gb * GiB if vram_budget_gb is not None and dev.type == "cuda" else None
+    direct = sizes is not None and (dev.type != "cuda" or choose_mode(sizes, budget, requested=mode)
+                                    is MemoryMode.RESIDENT)
+    components = {}
+    for name, src in sources.items():
+        target_dtype = torch.float32 if name == "text_encoder" else dtype
+        if name == "vae" and dtype == torch.float16:
+            target_dtype = torch.bfloat16  # an fp16 VAE overflows to NaN
+        components[name] = load_component(src, device=dev if direct else "cpu", dtype=target_dtype)
+    return _assemble(components, sizes=sizes or stage_sizes_from_modules(components), mode=mode,
+                     vram_budget_gb=vram_budget_gb, device=dev, dtype=dtype,
+                     transformer_config=sources["transformer"].config, attention=attention,
+                     attention_precision=attention_precision, path=path,
+                     processor=GlmImageProcessor.from_pretrained(path / "processor"),
+                     tokenizer=ByT5Tokenizer.from_pretrained(path / "tokenizer"),
+                     scheduler_config=read_json(path / "scheduler" / "scheduler_config.json", "scheduler config"),
+                     cuda_graph=cuda_graph, compile=compile)

@@ -1,0 +1,188 @@
+"""Where each network's weights live during a call: on the GPU, or parked in pinned CPU memory and copied in
+for the stage that needs them (staged mode) or block by block (the DiT in offload mode).
+
+Parking is free: every parked tensor keeps one pinned CPU copy made once; moving a network off the GPU only
+points its parameters back at that copy. The plan behind the modes is :mod:`glmq.runtime.memory`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import sys
+
+import torch
+
+from glmq.runtime.memory import GiB, MemoryMode
+
+# What each stage of a call needs on the GPU (staged and offload modes; see glmq.runtime.memory).
+STAGE_NETS = {"ar": {"ar"}, "encode": {"glyph", "vae"}, "dit": {"dit", "vae"}, "vae": {"vae"}}
+
+
+def _debug(msg: str) -> None:
+    """Stage-by-stage trace on stderr when GLMQ_DEBUG=1 (for diagnosing crashes in native code)."""
+    if os.environ.get("GLMQ_DEBUG") == "1":
+        print(f"[glmq debug] {msg}", file=sys.stderr, flush=True)
+
+
+class Parked:
+    """A module whose tensors live in pinned CPU memory (copied once) and visit the GPU on demand.
+
+    ``to_gpu`` copies every parameter and buffer in (asynchronously from pinned memory); ``to_cpu`` just
+    points them back at the pinned copies, freeing the GPU copies: weights never change, so nothing is
+    copied back. A tensor that is already a pinned CPU tensor is not copied again, so a second ``Parked``
+    over the same module (a per-call block streamer) shares the first one's copies.
+    """
+
+    def __init__(self, module, device: torch.device, exclude: set | None = None):
+        self.device = device
+        self.slots = []
+        pin = torch.cuda.is_available() and os.environ.get("GLMQ_PIN_MEMORY", "1") != "0"
+        self.non_blocking = pin
+        for mod in module.modules():
+            for kind in ("_parameters", "_buffers"):
+                for name, t in getattr(mod, kind).items():
+                    if t is not None and (id(mod), kind, name) not in (exclude or ()):
+                        cpu = t.detach().to("cpu")
+                        self.slots.append((mod, kind, name, cpu.pin_memory() if pin else cpu))
+        self.to_cpu()
+
+    @staticmethod
+    def set(mod, kind, name, value):
+        if kind == "_parameters":
+            mod._parameters[name].data = value
+        else:
+            mod._buffers[name] = value
+
+    def to_gpu(self):
+        for mod, kind, name, cpu in self.slots:
+            self.set(mod, kind, name, cpu.to(self.device, non_blocking=self.non_blocking))
+
+    def to_cpu(self):
+        for mod, kind, name, cpu in self.slots:
+            self.set(mod, kind, name, cpu)
+
+
+def slot_keys(module) -> set:
+    """(module id, kind, name) of every parameter and buffer of ``module``."""
+    return {(id(m), kind, name) for m in module.modules() for kind in ("_parameters", "_buffers")
+            for name, t in getattr(m, kind).items() if t is not None}
+
+
+class BlockStreamer:
+    """Keeps a stack of blocks in pinned CPU memory and copies each to the GPU just before it runs.
+
+    ``resident``: submodule names of each block that stay with the rest of the network instead (the DiT's
+    AdaLN ``norm1``, which the loop evaluates for all timesteps up front, outside the blocks' forward).
+    """
+
+    def __init__(self, blocks, device: torch.device, resident: tuple[str, ...] = ()):
+        self.handles = []
+        self.keys = set()
+        for block in blocks:
+            keep = set()
+            for sub in resident:
+                keep |= slot_keys(block.get_submodule(sub))
+            parked = Parked(block, device, exclude=keep)
+            self.keys |= {(id(m), kind, n) for m, kind, n, _ in parked.slots}
+            self.handles.append(block.register_forward_pre_hook(lambda m, a, p=parked: p.to_gpu()))
+            self.handles.append(block.register_forward_hook(lambda m, a, o, p=parked: p.to_cpu()))
+
+    def remove(self) -> None:
+        for handle in self.handles:
+            handle.remove()
+        self.handles.clear()
+
+
+class Placement:
+    """The placement of the four networks (``nets``: "ar", "dit", "glyph", "vae") in one memory mode.
+
+    Resident: everything moves to ``device`` once. Staged and offload: every network is parked, and
+    :meth:`stage` brings in what a stage needs; offload also streams the DiT's blocks. ``vision`` is the AR's
+    vision tower and VQ, which only image-to-image stages bring in.
+    """
+
+    def __init__(self, nets: dict, device: torch.device, mode: MemoryMode, vision: tuple = ()):
+        self.nets, self.device, self.mode = nets, device, MemoryMode(mode)
+        self.parked: dict[str, Parked] = {}
+        self.streamers: dict[str, BlockStreamer] = {}
+        self._vision_keys = set().union(*(slot_keys(m) for m in vision)) if vision else set()
+        if not self.gpu() or self.mode is MemoryMode.RESIDENT:
+            for m in nets.values():
+                m.to(device)
+            return
+        streamed = set()
+        if self.mode is MemoryMode.OFFLOAD:
+            streamed = self._stream_dit().keys
+        for name, m in nets.items():
+            self.parked[name] = Parked(m, device, streamed)
+
+    def gpu(self) -> bool:
+        return self.device.type == "cuda"
+
+    def _stream_dit(self) -> BlockStreamer:
+        self.streamers["dit"] = BlockStreamer(self.nets["dit"].transformer_blocks, self.device, resident=("norm1",))
+        return self.streamers["dit"]
+
+    def stage(self, stage: str, image_to_image: bool) -> None:
+        """Put the networks ``stage`` needs on the GPU and park the others (staged/offload modes).
+
+        Everything that leaves is parked first, then what the stage needs is copied in, so the GPU never holds
+        two stages at once (the H200 sequence run, benchmarks/results/memory_sequence_h200/, ran out of memory
+        under 16 GiB moving the AR and vision tower in while the DiT was still there). The AR's vision tower
+        and VQ only visit for image-to-image. Streamed DiT blocks are left to their streamer.
+        """
+        if not self.gpu() or not self.parked:
+            return
+        keep_on_cpu = set(self.streamers["dit"].keys) if "dit" in self.streamers else set()
+        if not image_to_image:
+            keep_on_cpu |= self._vision_keys
+        wanted = STAGE_NETS[stage]
+        _debug(f"stage {stage}: moving {sorted(wanted)} to the GPU")
+        moves = []
+        for name, parked in self.parked.items():
+            for mod, kind, pname, cpu in parked.slots:
+                if name in wanted and (id(mod), kind, pname) not in keep_on_cpu:
+                    current = getattr(mod, kind)[pname]
+                    if current is None or current.device != self.device:
+                        moves.append((mod, kind, pname, cpu, parked.non_blocking))
+                else:
+                    Parked.set(mod, kind, pname, cpu)
+        torch.cuda.empty_cache()  # hand the parked stage's blocks back before the next one arrives
+        for mod, kind, pname, cpu, non_blocking in moves:
+            Parked.set(mod, kind, pname, cpu.to(self.device, non_blocking=non_blocking))
+        if os.environ.get("GLMQ_DEBUG") == "1":
+            _debug(f"stage {stage}: placed, {torch.cuda.memory_allocated(self.device) / GiB:.2f} GiB allocated")
+
+    def park_all(self) -> None:
+        """Every parked network back to its pinned CPU copy (between calls, and after a failed one)."""
+        for parked in self.parked.values():
+            parked.to_cpu()
+        if self.parked and self.gpu():
+            torch.cuda.empty_cache()
+
+    @contextlib.contextmanager
+    def call_in(self, mode: MemoryMode, runner):
+        """One call in ``mode``: a staged placement streams the DiT's blocks for a call that needs offload
+        (``runner``, the DiT loop, then runs its plain blocks: no compiled code or CUDA graph holds stale
+        weight addresses). Everything is parked again afterwards, also after a failure."""
+        streamer = None
+        try:
+            if MemoryMode(mode) is MemoryMode.OFFLOAD and self.mode is MemoryMode.STAGED:
+                self.park_all()  # the blocks' pinned copies already exist: the streamer reuses them
+                streamer = self._stream_dit()
+                with runner.eager():
+                    yield
+            else:
+                yield
+        finally:
+            if streamer is not None:
+                streamer.remove()
+                del self.streamers["dit"]
+            self.park_all()
+
+    def release(self) -> None:
+        """Remove the streaming hooks (the modules can then serve another pipeline)."""
+        for streamer in self.streamers.values():
+            streamer.remove()
+        self.streamers.clear()
