@@ -208,7 +208,7 @@ def _convert(name: str, cr: ComponentReader, prefix: str, entry: tuple, glmq_sqn
         except GlmqError as e:
             raise GlmqError(f"{name} tensor {prefix + '.weight'!r}: {e}") from None
         ref = ref.float()
-    out, exact = ctl.convert_layer(fmt, acts, tensors, shape)
+    out, exact = ctl.convert_layer(fmt, acts, tensors, shape, target=ref)
     form, _ = ctl.scheme_for(fmt, acts)
     stats: dict[str, Any] = {"shape": list(shape), "glmq_format": str(fmt), "ct_format": form, "exact": exact}
     glmq_w = fmt.dequantize(tensors, shape)

@@ -63,6 +63,8 @@ def folders(tiny_dir, tmp_path_factory):
         quantize(tiny_dir, q, recipe=rec, progress=False, evaluate=False, layer_outputs=False)
         out[rec] = (q, root / f"ct-{rec}", ctx.export_compressed_tensors(q, root / f"ct-{rec}", progress=False,
                                                                          max_shard_bytes=64 * 1024))
+    out["bf16-default"] = (tiny_dir, root / "ct-bf16-default",
+                           ctx.export_compressed_tensors(tiny_dir, root / "ct-bf16-default", progress=False))
     (root / "sym4.toml").write_text(SYM_RECIPE)
     out["sym4"] = (tiny_dir, root / "ct-sym4",
                    ctx.export_compressed_tensors(tiny_dir, root / "ct-sym4", recipe=root / "sym4.toml", progress=False))
@@ -167,6 +169,11 @@ def test_report_exact_for_rtn_rerounded_for_hqq(folders):
     sym = folders["sym4"][2]  # bf16 source: measured against the source weights, not estimated
     assert all(s["exact"] and not s["export_sqnr_estimated"] and s["glmq_sqnr_db"] == s["export_sqnr_db"] > 15
                for s in sym["layers"].values())
+    # bf16 source, HQQ: integer zero points refitted to the source weight, measured (not estimated) against it
+    hqq = [s for k, s in folders["bf16-default"][2]["layers"].items() if k.startswith(AR)]
+    print([(s["glmq_sqnr_db"], s["export_sqnr_db"]) for s in hqq])
+    assert hqq and all(not s["exact"] and not s["export_sqnr_estimated"] for s in hqq)
+    assert all(s["glmq_sqnr_db"] - 1.0 < s["export_sqnr_db"] for s in hqq)
     card = (folders["default"][1] / "README.md").read_text()
     assert "base_model_relation: quantized" in card and "Recipe: `default`" in card
     assert (folders["default"][1] / "quantization_report.md").is_file()
@@ -391,3 +398,23 @@ def test_cli_writes_the_export(folders, tmp_path):
     summary = json.loads(proc.stdout)
     assert summary["format"] == "compressed-tensors" and set(summary["components"]) == {AR, DIT}
     assert (tmp_path / "o" / "glmq-manifest.json").is_file()
+
+
+def test_refit_to_the_source_beats_rerounding_and_rtn():
+    """From a bf16 source, HQQ's float zero points are refitted to the source weight (integer zeros, least-squares
+    bf16 scales): better than re-rounding glmq's weight and than plain round-to-nearest."""
+    from glmq.quant.algorithms import get_algorithm
+    from glmq.quant.metrics import sqnr_db
+
+    fmt = get_format("int4", group_size=128, symmetric=False)
+    w = torch.randn(256, 512, generator=torch.Generator().manual_seed(3)) * 0.02
+    t = get_algorithm("hqq").quantize_weight(fmt, w)
+    plain, _ = ctl.convert_layer(fmt, "weight_only", t, (256, 512))
+    fitted, exact = ctl.convert_layer(fmt, "weight_only", t, (256, 512), target=w)
+    db = {"hqq": sqnr_db(w, fmt.dequantize(t, (256, 512))),
+          "rtn": sqnr_db(w, fmt.dequantize(get_algorithm("rtn").quantize_weight(fmt, w), (256, 512))),
+          "reround": sqnr_db(w, ctl.dequantize_ct(fmt, "weight_only", plain, (256, 512))),
+          "refit": sqnr_db(w, ctl.dequantize_ct(fmt, "weight_only", fitted, (256, 512)))}
+    print(db)
+    assert not exact and fitted["weight_scale"].dtype == torch.bfloat16
+    assert db["refit"] > max(db["reround"], db["rtn"]) + 0.2
