@@ -211,6 +211,11 @@ def _convert(name: str, cr: ComponentReader, prefix: str, entry: tuple, glmq_sqn
     out, exact = ctl.convert_layer(fmt, acts, tensors, shape, target=ref)
     form, _ = ctl.scheme_for(fmt, acts)
     stats: dict[str, Any] = {"shape": list(shape), "glmq_format": str(fmt), "ct_format": form, "exact": exact}
+    if exact and ref is None:  # a bit-exact repack of glmq's layer: its recorded SQNR stands
+        before = glmq_sqnr.get(f"{name}:{prefix}")
+        stats.update(rerounding_sqnr_db=None, glmq_sqnr_db=before, export_sqnr_db=before,
+                     export_sqnr_estimated=False, sqnr_change_db=0.0)
+        return out, stats
     glmq_w = fmt.dequantize(tensors, shape)
     ct_w = glmq_w if exact else ctl.dequantize_ct(fmt, acts, out, shape)
     extra = 0.0 if exact else float((ct_w - glmq_w).square().sum())
