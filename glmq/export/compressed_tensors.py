@@ -193,37 +193,61 @@ def _plan(name: str, cr: ComponentReader, kind: str, recipe) -> dict[str, Any]:
 # One layer
 
 
+CHUNK_ELEMENTS = 1 << 24
+"""Weights converted at once: a layer is processed in blocks of rows (a multiple of 8, so that zero points
+packed eight rows to an int32 concatenate), bounding the float32 temporaries to a few times 64 MB."""
+
+
 def _convert(name: str, cr: ComponentReader, prefix: str, entry: tuple, glmq_sqnr: dict) -> tuple[dict, dict]:
-    """compressed-tensors tensors of one layer and its statistics."""
+    """compressed-tensors tensors of one layer and its statistics, a block of rows at a time."""
+    import torch
+
     from glmq.quant.metrics import ratio_db
 
     fmt, acts, algo, shape = entry
-    ref = None
+    n, k = shape
     if algo is None:  # glmq source: its stored tensors
-        tensors = {q.removeprefix(prefix + "."): cr.get(q) for q in fmt.expected_tensors(prefix, shape)}
+        stored = {q.removeprefix(prefix + "."): cr.get(q) for q in fmt.expected_tensors(prefix, shape)}
     else:
-        ref = cr.get(f"{prefix}.weight")
-        try:
-            tensors = algo.quantize_weight(fmt, ref)
-        except GlmqError as e:
-            raise GlmqError(f"{name} tensor {prefix + '.weight'!r}: {e}") from None
-        ref = ref.float()
-    out, exact = ctl.convert_layer(fmt, acts, tensors, shape, target=ref)
+        source = cr.get(f"{prefix}.weight")
+    rows = max(8, CHUNK_ELEMENTS // k // 8 * 8)
+    parts, exact = [], True
+    sums = {"glmq": 0.0, "extra": 0.0, "ref": 0.0, "glmq_err": 0.0, "ct_err": 0.0}
+    for r0 in range(0, n, rows):
+        r1 = min(n, r0 + rows)
+        ref = None
+        if algo is None:
+            tensors = {key: t[r0:r1] for key, t in stored.items()}
+        else:
+            ref = source[r0:r1]
+            try:
+                tensors = algo.quantize_weight(fmt, ref)
+            except GlmqError as e:
+                raise GlmqError(f"{name} tensor {prefix + '.weight'!r}: {e}") from None
+            ref = ref.float()
+        out, part_exact = ctl.convert_layer(fmt, acts, tensors, (r1 - r0, k), target=ref)
+        parts.append(out)
+        exact = exact and part_exact
+        if part_exact and ref is None:
+            continue  # a bit-exact repack: nothing to measure
+        glmq_w = fmt.dequantize(tensors, (r1 - r0, k))
+        ct_w = glmq_w if part_exact else ctl.dequantize_ct(fmt, acts, out, (r1 - r0, k))
+        sums["glmq"] += float(glmq_w.square().sum())
+        sums["extra"] += 0.0 if part_exact else float((ct_w - glmq_w).square().sum())
+        if ref is not None:
+            sums["ref"] += float(ref.square().sum())
+            sums["glmq_err"] += float((glmq_w - ref).square().sum())
+            sums["ct_err"] += float((ct_w - ref).square().sum())
+    out = {key: torch.cat([p[key] for p in parts]) for key in parts[0] if key != "weight_shape"}
+    if "weight_shape" in parts[0]:
+        out["weight_shape"] = torch.tensor([n, k], dtype=torch.int64)
+
     form, _ = ctl.scheme_for(fmt, acts)
     stats: dict[str, Any] = {"shape": list(shape), "glmq_format": str(fmt), "ct_format": form, "exact": exact}
-    if exact and ref is None:  # a bit-exact repack of glmq's layer: its recorded SQNR stands
-        before = glmq_sqnr.get(f"{name}:{prefix}")
-        stats.update(rerounding_sqnr_db=None, glmq_sqnr_db=before, export_sqnr_db=before,
-                     export_sqnr_estimated=False, sqnr_change_db=0.0)
-        return out, stats
-    glmq_w = fmt.dequantize(tensors, shape)
-    ct_w = glmq_w if exact else ctl.dequantize_ct(fmt, acts, out, shape)
-    extra = 0.0 if exact else float((ct_w - glmq_w).square().sum())
-    stats["rerounding_sqnr_db"] = ratio_db(float(glmq_w.square().sum()), extra)  # None when exact
-    if ref is not None:  # bf16 source: both measured against the source weight
-        signal = float(ref.square().sum())
-        stats["glmq_sqnr_db"] = ratio_db(signal, float((glmq_w - ref).square().sum()))
-        stats["export_sqnr_db"] = ratio_db(signal, float((ct_w - ref).square().sum()))
+    stats["rerounding_sqnr_db"] = ratio_db(sums["glmq"], sums["extra"])  # None when exact
+    if algo is not None:  # bf16 source: both measured against the source weight
+        stats["glmq_sqnr_db"] = ratio_db(sums["ref"], sums["glmq_err"])
+        stats["export_sqnr_db"] = ratio_db(sums["ref"], sums["ct_err"])
         stats["export_sqnr_estimated"] = False
     else:  # glmq source: its report's SQNR; the re-rounding noise added to glmq's noise estimates the result
         before = glmq_sqnr.get(f"{name}:{prefix}")
@@ -232,8 +256,7 @@ def _convert(name: str, cr: ComponentReader, prefix: str, entry: tuple, glmq_sqn
         if before is None or exact:
             stats["export_sqnr_db"] = before
         else:
-            signal = float(glmq_w.square().sum())
-            stats["export_sqnr_db"] = ratio_db(signal, signal / 10 ** (before / 10) + extra)
+            stats["export_sqnr_db"] = ratio_db(sums["glmq"], sums["glmq"] / 10 ** (before / 10) + sums["extra"])
     before, after = stats["glmq_sqnr_db"], stats["export_sqnr_db"]
     stats["sqnr_change_db"] = 0.0 if exact else (round(after - before, 3) if None not in (before, after) else None)
     return out, stats
