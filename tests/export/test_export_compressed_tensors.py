@@ -176,6 +176,7 @@ def test_report_exact_for_rtn_rerounded_for_hqq(folders):
     assert all(s["glmq_sqnr_db"] - 1.0 < s["export_sqnr_db"] for s in hqq)
     card = (folders["default"][1] / "README.md").read_text()
     assert "base_model_relation: quantized" in card and "Recipe: `default`" in card
+    assert "dequantize=True" in card and "dequantize=True" not in (folders["sym4"][1] / "README.md").read_text()
     assert (folders["default"][1] / "quantization_report.md").is_file()
     assert "| no |" in (folders["default"][1] / "compressed_tensors_report.md").read_text()
 
