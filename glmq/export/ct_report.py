@@ -41,15 +41,30 @@ def _size(n: int) -> str:
     return f"{n / 1e9:.2f} GB" if n >= 1e8 else f"{n / 1e6:.2f} MB"
 
 
+def _ar_unloadable(report: dict) -> bool:
+    """An asymmetric AR with several config groups: transformers 5.24 loads neither way (see _ar_snippet)."""
+    groups = list(report["components"].get(AR, {}).get("config_groups", {}).values())
+    return len(groups) > 1 and any(not g["weights"]["symmetric"] for g in groups)
+
+
+def _ar_intro(report: dict) -> str:
+    if _ar_unloadable(report):
+        return ("transformers 5.24 (with compressed-tensors 0.20.1) cannot load this AR, as the snippet says; it is "
+                "for engines that read compressed-tensors:")
+    return "The AR loads with stock transformers (`compressed-tensors` installed):"
+
+
 def _ar_snippet(report: dict) -> list[str]:
     """Python lines loading the AR. transformers 5.24 with compressed-tensors 0.20.1 builds unpacked zero points
     on its compressed path and rejects the packed ones the format stores, so asymmetric W4A16 loads dequantized."""
-    groups = report["components"].get(AR, {}).get("config_groups", {}).values()
+    groups = list(report["components"].get(AR, {}).get("config_groups", {}).values())
     asym = any(not g["weights"]["symmetric"] for g in groups)
     if not asym:
         return ["from transformers import GlmImageForConditionalGeneration", "",
                 'ar = GlmImageForConditionalGeneration.from_pretrained("PATH/vision_language_encoder")']
-    return ["from transformers import CompressedTensorsConfig, GlmImageForConditionalGeneration", "",
+    mixed = ["# NOT loadable by transformers 5.24: its dequantize path applies the first config group's scheme to",
+             f"# every layer, and this AR has {len(groups)} groups (serve it with an engine instead)"] if len(groups) > 1 else []
+    return ["from transformers import CompressedTensorsConfig, GlmImageForConditionalGeneration", "", *mixed,
             "# asymmetric W4A16: transformers 5.24 loads it dequantized (its compressed path rejects packed zero points)",
             'ar = GlmImageForConditionalGeneration.from_pretrained("PATH/vision_language_encoder",',
             "                                                      quantization_config=CompressedTensorsConfig(dequantize=True))"]
@@ -107,7 +122,7 @@ def model_card(report: dict, src: Path | None = None) -> str:
         "",
         "## Use",
         "",
-        "The AR loads with stock transformers (`compressed-tensors` installed):",
+        _ar_intro(report),
         "",
         "```python",
         *_ar_snippet(report),

@@ -19,6 +19,7 @@ import subprocess
 import sys
 import textwrap
 
+import compressed_tensors
 import pytest
 import torch
 
@@ -29,7 +30,7 @@ from glmq.io.reader import PipelineReader
 from glmq.quant.formats import get_format
 from glmq.testing import assert_one_line_error, assert_user_error, run_cli_inprocess, tree_snapshot
 
-ct = pytest.importorskip("compressed_tensors")
+assert compressed_tensors.__version__  # the `test` extra installs it: these proofs must not skip in CI
 
 AR, DIT = "vision_language_encoder", "transformer"
 SYM_RECIPE = """
@@ -244,17 +245,17 @@ STOCK_DIT = textwrap.dedent(r"""
     from compressed_tensors.quantization import QuantizationConfig, QuantizationScheme
     from transformers import CompressedTensorsConfig
 
-    root, ref_path = Path(sys.argv[1]), sys.argv[2]
-    for comp in ("vision_language_encoder", "transformer"):  # compressed-tensors' own config validation
-        qcfg = json.loads((root / comp / "config.json").read_text())["quantization_config"]
+    root, ref_path, comp = Path(sys.argv[1]), sys.argv[2], sys.argv[3]
+    for name in ("vision_language_encoder", "transformer"):  # compressed-tensors' own config validation
+        qcfg = json.loads((root / name / "config.json").read_text())["quantization_config"]
         QuantizationConfig.model_validate(qcfg)
         for g in qcfg["config_groups"].values():
             QuantizationScheme.model_validate(g)  # QuantizationArgs forbid unknown keys
         CompressedTensorsConfig.from_dict(qcfg)
     tensors = {}
-    for f in sorted((root / "transformer").glob("*.safetensors")):
+    for f in sorted((root / comp).glob("*.safetensors")):
         tensors.update(load_file(f))
-    dense = CompressedTensorsDequantizer(root / "transformer", dtype=torch.float32).validate(tensors)
+    dense = CompressedTensorsDequantizer(root / comp, dtype=torch.float32).validate(tensors)
     ref = load_file(ref_path)
     print(json.dumps({
         "names_equal": set(dense) == set(ref),
@@ -357,7 +358,7 @@ def test_compressed_tensors_decompresses_every_dit_tensor_exactly(folders, rec, 
                  layer_outputs=False)
     model = load_dequantized(PipelineReader(src).component(DIT))
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp_path / "ref.safetensors"))
-    res = _stock(STOCK_DIT, out, tmp_path / "ref.safetensors", cwd=tmp_path)
+    res = _stock(STOCK_DIT, out, tmp_path / "ref.safetensors", DIT, cwd=tmp_path)
     assert res["names_equal"] and res["wrong"] == [] and res["checked"] == len(model.state_dict())
 
 
@@ -446,3 +447,36 @@ def test_row_blocks_give_the_same_layer(monkeypatch, tiny_dir):
         assert whole.keys() == blocks.keys() and all(torch.equal(whole[key], blocks[key]) for key in whole)
         print(kind, s1, s2)  # fp32 sums per block vs whole: the same figure to float32 rounding
         assert abs(s1["rerounding_sqnr_db"] - s2["rerounding_sqnr_db"]) < 0.02 and not s1["exact"]
+
+
+@pytest.mark.slow
+def test_mixed_ar_groups_decompress_in_compressed_tensors(tiny_dir, tmp_path):
+    """tier16's AR holds two config groups (int4 W4A16 text decoder and lm_head, int8 W8A16 vision tower):
+    compressed-tensors' dequantizer picks each layer's scheme from its targets and gives exactly the weights
+    this module's reference dequantization gives. (transformers 5.24's dequantize path cannot load it: it
+    applies one group's scheme to every layer; see the README.)"""
+    from safetensors.torch import save_file
+
+    out = tmp_path / "ct-tier16"
+    report = ctx.export_compressed_tensors(tiny_dir, out, recipe="tier16", progress=False)
+    groups = report["components"][AR]["config_groups"]
+    assert sorted((g["format"], g["weights"]["num_bits"]) for g in groups.values()) == [("pack-quantized", 4),
+                                                                                        ("pack-quantized", 8)]
+    cr = PipelineReader(out).component(AR)
+    ref = {}
+    for name in cr.names():
+        prefix, _, leaf = name.rpartition(".")
+        if leaf in ("weight_scale", "weight_shape", "weight_zero_point"):
+            continue
+        if leaf != "weight_packed":
+            ref[name] = cr.get(name).float()
+            continue
+        stored = {k.removeprefix(prefix + "."): cr.get(k) for k in cr.names() if k.startswith(prefix + ".weight_")}
+        shape = tuple(stored["weight_shape"].tolist())
+        int4 = stored["weight_packed"].shape[1] * 8 == shape[1]  # eight codes per int32 (int8: four)
+        fmt = get_format("int4", group_size=128, symmetric=False) if int4 else get_format("int8")
+        # compressed-tensors dequantizes in the scale's dtype (bf16 for int4, float32 for int8)
+        ref[f"{prefix}.weight"] = ctl.dequantize_ct(fmt, "weight_only", stored, shape).to(stored["weight_scale"].dtype).float()
+    save_file({k: v.contiguous() for k, v in ref.items()}, str(tmp_path / "ref.safetensors"))
+    res = _stock(STOCK_DIT, out, tmp_path / "ref.safetensors", AR, cwd=tmp_path)
+    assert res["names_equal"] and res["wrong"] == [] and res["checked"] == len(ref)
