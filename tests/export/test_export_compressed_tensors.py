@@ -214,28 +214,31 @@ STOCK_AR = textwrap.dedent(r"""
     import json, sys, torch
     from safetensors.torch import load_file
     from transformers import CompressedTensorsConfig, GlmImageForConditionalGeneration
-
-    folder, ref_path, mode = sys.argv[1:4]
-    ref = load_file(ref_path)
     from transformers.quantizers.quantizer_compressed_tensors import CompressedTensorsHfQuantizer
 
     made = []  # observe (not change) which quantizer from_pretrained builds
     init = CompressedTensorsHfQuantizer.__init__
     CompressedTensorsHfQuantizer.__init__ = lambda self, *a, **k: (made.append(1), init(self, *a, **k))[1]
-    kw = {"quantization_config": CompressedTensorsConfig(dequantize=True)} if mode == "dequantize" else {}
-    model = GlmImageForConditionalGeneration.from_pretrained(folder, dtype=torch.float32, **kw).eval()
-    with torch.no_grad():
-        logits = model(input_ids=ref["input_ids"]).logits  # a compressed model decompresses on this call
-    params = dict(model.named_parameters())
-    wrong = [n for n in ref if n.startswith("w:") and not torch.equal(params[n[2:]].float(), ref[n])]
-    ref_l, err = ref["logits"].double(), (logits.double() - ref["logits"].double())
-    print(json.dumps({
-        "quantizer built": len(made),
-        "compressed_tensors used": "compressed_tensors.compressors" in sys.modules, "checked": sum(n.startswith("w:") for n in ref), "wrong": wrong[:3],
-        "logits_sqnr_db": float(10 * torch.log10(ref_l.square().sum() / err.square().sum())) if err.any() else None,
-        "glmq imported": any(m == "glmq" or m.startswith("glmq.") for m in sys.modules),
-    }))
+    results = []
+    args = sys.argv[1:]
+    for folder, ref_path, mode in zip(args[0::3], args[1::3], args[2::3]):
+        ref = load_file(ref_path)
+        kw = {"quantization_config": CompressedTensorsConfig(dequantize=True)} if mode == "dequantize" else {}
+        before = len(made)
+        model = GlmImageForConditionalGeneration.from_pretrained(folder, dtype=torch.float32, **kw).eval()
+        with torch.no_grad():
+            logits = model(input_ids=ref["input_ids"]).logits  # a compressed model decompresses on this call
+        params = dict(model.named_parameters())
+        wrong = [n for n in ref if n.startswith("w:") and not torch.equal(params[n[2:]].float(), ref[n])]
+        ref_l, err = ref["logits"].double(), (logits.double() - ref["logits"].double())
+        results.append({
+            "quantizer built": len(made) - before, "checked": sum(n.startswith("w:") for n in ref), "wrong": wrong[:3],
+            "logits_sqnr_db": float(10 * torch.log10(ref_l.square().sum() / err.square().sum())) if err.any() else None,
+        })
+    print(json.dumps({"results": results, "compressed_tensors used": "compressed_tensors.compressors" in sys.modules,
+                      "glmq imported": any(m == "glmq" or m.startswith("glmq.") for m in sys.modules)}))
 """)
+
 
 STOCK_DIT = textwrap.dedent(r"""
     import json, sys, torch
@@ -296,33 +299,14 @@ def _ar_reference(q, out, path):
     save_file(ref, str(path))
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("rec", ["fast", "default"])
-def test_stock_transformers_loads_the_ar(folders, rec, tmp_path):
-    q, out, _ = folders[rec]
-    _ar_reference(q, out, tmp_path / "ref.safetensors")
-    # Asymmetric pack-quantized (both recipes) loads only with dequantize=True in transformers 5.24 +
-    # compressed-tensors 0.20.1: the compressed path builds an unpacked weight_zero_point and rejects the packed one.
-    res = _stock(STOCK_AR, out / AR, tmp_path / "ref.safetensors", "dequantize", cwd=tmp_path)
-    assert res["quantizer built"] == 1 and res["compressed_tensors used"]
-    assert res["checked"] == 12 and res["wrong"] == []
-    # fast: exact repack, only the bf16 scale-dtype rounding (<= 2^-9 relative per weight, 54 dB) separates the
-    # weights; default: the re-rounded zero points (27-29 dB per layer on this model) add to it.
-    floor = 40.0 if rec == "fast" else 15.0
-    assert res["logits_sqnr_db"] > floor
-
-
-@pytest.mark.slow
-def test_stock_transformers_loads_symmetric_ar_compressed(folders, tmp_path):
-    """Symmetric W4A16 needs no flag: from_pretrained keeps the layers compressed until the first forward,
-    then decompresses them in the model's dtype (fp32 here), exactly to the exported layers' values."""
+def _sym_reference(src, out, path):
+    """For the symmetric export from bf16: the exported layers' exact values (the compressed path decompresses
+    in the model's dtype, fp32 here, so nothing rounds) and the logits of glmq's model holding them."""
     from safetensors.torch import save_file
 
     from glmq.quant.fidelity import load_dequantized
 
-    src, out, _ = folders["sym4"]
     cr = PipelineReader(out).component(AR)
-    qcfg = cr.config["quantization_config"]
     ref = {"input_ids": torch.randint(0, 200, (1, 29), generator=torch.Generator().manual_seed(1))}
     fmt = get_format("int4", group_size=128, symmetric=True)
     model = load_dequantized(PipelineReader(src).component(AR))
@@ -330,32 +314,50 @@ def test_stock_transformers_loads_symmetric_ar_compressed(folders, tmp_path):
         prefix = name.removesuffix(".weight_packed")
         stored = {k.removeprefix(prefix + "."): cr.get(k) for k in cr.names() if k.startswith(prefix + ".weight")}
         w = ctl.dequantize_ct(fmt, "weight_only", stored, tuple(stored["weight_shape"].tolist()))
-        ref[f"w:{prefix}.weight"] = w  # the scale parameter takes the model's dtype (fp32): no rounding
+        ref[f"w:{prefix}.weight"] = w
         model.get_submodule(prefix).weight.data.copy_(w)  # glmq's view of the exported layers
     with torch.no_grad():
         ref["logits"] = model(input_ids=ref["input_ids"]).logits.contiguous()
-    save_file(ref, str(tmp_path / "ref.safetensors"))
-    assert qcfg["config_groups"]["group_0"]["weights"]["symmetric"] is True
-    res = _stock(STOCK_AR, out / AR, tmp_path / "ref.safetensors", "compressed", cwd=tmp_path)
-    assert res["quantizer built"] == 1 and res["compressed_tensors used"]
-    assert res["checked"] == 12 and res["wrong"] == []
-    assert res["logits_sqnr_db"] is None  # same weights, same math: bit-identical logits
+    save_file(ref, str(path))
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("rec", ["default", "sym4"])
-def test_compressed_tensors_decompresses_every_dit_tensor_exactly(folders, rec, tmp_path):
+def test_stock_transformers_loads_the_ar(folders, tmp_path):
+    """Three exports in one fresh interpreter: `fast` (RTN, exact repack) and `default` (HQQ, re-rounded), both
+    asymmetric W4A16, load with CompressedTensorsConfig(dequantize=True): transformers 5.24 + compressed-tensors
+    0.20.1 build an unpacked weight_zero_point on the compressed path and reject the packed one. The symmetric
+    export loads with no flag, compressed until its first forward."""
+    args = []
+    for rec in ("fast", "default"):
+        q, out, _ = folders[rec]
+        _ar_reference(q, out, tmp_path / f"{rec}.safetensors")
+        args += [out / AR, tmp_path / f"{rec}.safetensors", "dequantize"]
+    src, out, _ = folders["sym4"]
+    assert PipelineReader(out).component(AR).config["quantization_config"]["config_groups"]["group_0"]["weights"][
+        "symmetric"] is True
+    _sym_reference(src, out, tmp_path / "sym4.safetensors")
+    args += [out / AR, tmp_path / "sym4.safetensors", "compressed"]
+    res = _stock(STOCK_AR, *args, cwd=tmp_path)
+    fast, default, sym = res["results"]
+    assert res["compressed_tensors used"]
+    for r in (fast, default, sym):  # every layer equals the exported layer as the format dequantizes it
+        assert r["quantizer built"] == 1 and r["checked"] == 12 and r["wrong"] == []
+    # fast: exact repack, only the bf16 scale-dtype rounding (<= 2^-9 relative per weight, 54 dB) separates the
+    # weights from glmq's; default: the re-rounded zero points (27-29 dB per layer on this model) add to it.
+    assert fast["logits_sqnr_db"] > 40.0
+    assert default["logits_sqnr_db"] > 15.0
+    assert sym["logits_sqnr_db"] is None  # same weights, same math: bit-identical logits
+
+
+@pytest.mark.slow
+def test_compressed_tensors_decompresses_every_dit_tensor_exactly(folders, tmp_path):
+    """float-quantized FP8 and pack-quantized int8 (the default recipe); int-quantized int8 is checked against
+    compressed-tensors' compressor in test_8bit_layouts_decompress_exactly_in_compressed_tensors."""
     from safetensors.torch import save_file
 
     from glmq.quant.fidelity import load_dequantized
 
-    src, out, _ = folders[rec]
-    if rec == "sym4":  # bf16 source: glmq's dequantized weights are those of glmq's own quantization
-        from glmq.quant.convert import quantize
-
-        src = tmp_path / "q"
-        quantize(folders["sym4"][0], src, recipe=out.parent / "sym4.toml", progress=False, evaluate=False,
-                 layer_outputs=False)
+    src, out, _ = folders["default"]
     model = load_dequantized(PipelineReader(src).component(DIT))
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp_path / "ref.safetensors"))
     res = _stock(STOCK_DIT, out, tmp_path / "ref.safetensors", DIT, cwd=tmp_path)
