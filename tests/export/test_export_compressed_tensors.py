@@ -482,3 +482,39 @@ def test_mixed_ar_groups_decompress_in_compressed_tensors(tiny_dir, tmp_path):
     save_file({k: v.contiguous() for k, v in ref.items()}, str(tmp_path / "ref.safetensors"))
     res = _stock(STOCK_DIT, out, tmp_path / "ref.safetensors", AR, cwd=tmp_path)
     assert res["names_equal"] and res["wrong"] == [] and res["checked"] == len(ref)
+
+
+def test_ar_logits_against_bf16(folders, tiny_dir):
+    """Model-level cost of the format, against the bf16 source (the fidelity evaluation's teacher-forced grid):
+    an exact repack (fast) keeps glmq's logits; re-rounded HQQ layers (from a glmq folder or refitted from bf16)
+    lose part of HQQ's gain. Printed figures are the README's."""
+    from transformers import GlmImageProcessor
+
+    from glmq.quant.checkpoint import layer_formats
+    from glmq.quant.fidelity import ar_grid_logits, ar_grid_sequence, compare_logits, load_dequantized
+
+    def exported_model(q, out):  # glmq's model with the exported layers as the format dequantizes them
+        cr_q, cr_out = PipelineReader(q).component(AR), PipelineReader(out).component(AR)
+        model = load_dequantized(cr_q)
+        for name, (fmt, acts) in layer_formats(cr_q.quantization_config).items():
+            lin = model.get_submodule(name)
+            st = {k.removeprefix(name + "."): cr_out.get(k) for k in cr_out.names() if k.startswith(name + ".weight")}
+            lin.weight.data.copy_(ctl.dequantize_ct(fmt, acts, st, tuple(lin.weight.shape)))
+        return model
+
+    ref = load_dequantized(PipelineReader(tiny_dir).component(AR))
+    seq, plen = ar_grid_sequence(GlmImageProcessor.from_pretrained(tiny_dir / "processor"), ref.config, 0)
+    with torch.no_grad():
+        r = ar_grid_logits(ref, seq, plen)
+        db = {}
+        for rec in ("fast", "default"):
+            q, out, _ = folders[rec]
+            db[f"glmq {rec}"] = compare_logits(r, ar_grid_logits(load_dequantized(PipelineReader(q).component(AR)),
+                                                                 seq, plen))["logits_sqnr_db"]
+            db[f"export {rec}"] = compare_logits(r, ar_grid_logits(exported_model(q, out), seq, plen))["logits_sqnr_db"]
+        db["export default from bf16"] = compare_logits(
+            r, ar_grid_logits(exported_model(folders["default"][0], folders["bf16-default"][1]), seq, plen))["logits_sqnr_db"]
+    print(db)
+    assert db["export fast"] == db["glmq fast"]
+    assert db["glmq default"] - 1.5 < db["export default"] < db["glmq default"]
+    assert db["glmq default"] - 1.5 < db["export default from bf16"] < db["glmq default"]
