@@ -1,0 +1,76 @@
+"""A ComfyUI virtualenv for the ComfyUI server test, cached outside the repository.
+
+ComfyUI's requirements bring their own torch (pinning glmq's CPU torch there breaks torchvision), so the
+server runs in a virtualenv of its own: ComfyUI's requirements plus glmq (editable, so its dependencies
+come in). Building it takes minutes; it is kept under ``$GLMQ_TEST_CACHE`` (default
+``~/.cache/glmq-tests``) in a folder keyed by a hash of ComfyUI's requirements.txt and the Python
+version, and is reused while that key holds. A folder without its ready marker (an interrupted build) is
+rebuilt. Run as a script to build it ahead of the tests: ``python tests/comfyui/comfy_env.py COMFY_DIR``.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+# Bump when what the build installs changes (e.g. another package beside requirements.txt).
+SCHEMA = "1"
+READY = ".glmq-ready"
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("GLMQ_TEST_CACHE", Path.home() / ".cache" / "glmq-tests"))
+
+
+def env_key(comfy_dir: Path) -> str:
+    h = hashlib.sha256()
+    h.update((comfy_dir / "requirements.txt").read_bytes())
+    h.update(f"\npython {sys.version_info[0]}.{sys.version_info[1]}.{sys.version_info[2]}\n".encode())
+    h.update(f"schema {SCHEMA}\n".encode())
+    return h.hexdigest()[:16]
+
+
+def _run(cmd: list[str], log) -> None:
+    log.write(f"$ {' '.join(map(str, cmd))}\n")
+    log.flush()
+    subprocess.run(cmd, check=True, stdout=log, stderr=subprocess.STDOUT)
+
+
+def venv_python(venv: Path) -> Path:
+    return venv / "bin" / "python"
+
+
+def ensure_env(comfy_dir: Path, log=sys.stderr) -> Path:
+    """The cached ComfyUI virtualenv's python, with glmq from this checkout importable in it."""
+    root = cache_root()
+    root.mkdir(parents=True, exist_ok=True)
+    venv = root / f"comfyui-venv-{env_key(comfy_dir)}"
+    py = venv_python(venv)
+    with open(root / f"{venv.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # two test runs must not build the same folder at once
+        if not (venv / READY).exists():
+            if venv.exists():
+                shutil.rmtree(venv)
+            _run([sys.executable, "-m", "venv", str(venv)], log)
+            _run([str(py), "-m", "pip", "install", "-q", "-r", str(comfy_dir / "requirements.txt"),
+                  "requests"], log)
+            (venv / READY).write_text("ok\n")
+        # The cached folder may have been made from another checkout: point glmq at this one.
+        # `pip install -e` brings glmq's own dependencies (torch>=2.9 is met by ComfyUI's torch).
+        probe = subprocess.run(
+            [str(py), "-c", "import glmq, pathlib; print(pathlib.Path(glmq.__file__).resolve().parent)"],
+            capture_output=True, text=True)
+        if probe.returncode != 0 or Path(probe.stdout.strip()) != (REPO / "glmq"):
+            _run([str(py), "-m", "pip", "install", "-q", "-e", str(REPO)], log)
+    return py
+
+
+if __name__ == "__main__":
+    comfy = Path(sys.argv[1]) if len(sys.argv) > 1 else REPO.parent / "shared" / "ComfyUI"
+    print(ensure_env(comfy, log=sys.stdout))
