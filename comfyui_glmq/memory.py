@@ -26,6 +26,17 @@ MODES = ("auto", "resident", "staged", "offload")
 log = logging.getLogger("glmq.comfyui")
 
 
+class GlmImagePipelineLoaded:
+    """Stands for one load of the pipeline in ComfyUI's list (ComfyUI logs this class name).
+
+    ComfyUI holds a weak reference to ``.model`` with a finalizer that prunes its list when the object dies.
+    If that object were the pipeline, dropping the pipeline inside ``detach`` would run the finalizer in the
+    middle of ComfyUI's own unloading loop, which then pops the same entry twice (IndexError in ComfyUI's
+    prompt worker, measured with 0.3.64). This token lives until the next load or until the node's output is
+    dropped, so the pipeline can be freed at once.
+    """
+
+
 class GlmqModel:
     """One GLM-Image checkpoint as ComfyUI sees it: loaded on first use, dropped when ComfyUI unloads it."""
 
@@ -38,6 +49,7 @@ class GlmqModel:
         self.offload_device = torch.device("cpu")
         self.parent = None  # ComfyUI follows parents of cloned patchers; there are none here
         self._pipe = None
+        self._token = None  # a GlmImagePipelineLoaded per load; see there
         self._bytes = 0  # device memory the loaded pipeline holds (measured), or its weight bytes on CPU
         self._lock = threading.Lock()
 
@@ -52,7 +64,7 @@ class GlmqModel:
     @property
     def model(self):
         # ComfyUI keeps a weak reference to ``.model`` and forgets entries whose model is gone.
-        return self._pipe
+        return self._token
 
     def _mode_and_budget(self, needed: int) -> tuple[str | None, float | None]:
         dev = self.load_device
@@ -81,6 +93,7 @@ class GlmqModel:
         pipe = glmq.load(self.path, device=str(dev), vram_budget_gb=budget, mode=mode)
         self._bytes = (torch.cuda.memory_allocated(dev) - before) if dev.type == "cuda" else weight_bytes(self.path)
         self._pipe = pipe
+        self._token = GlmImagePipelineLoaded()
         log.info("glmq: loaded %s in %s mode", self.path.name, pipe.mode)
         # Registers this model in ComfyUI's loaded-model list (its size is already resident, so nothing else
         # is unloaded for it); from then on ComfyUI may unload it through detach().

@@ -65,7 +65,7 @@ def ensure_env(comfy_dir: Path, log=sys.stderr) -> Path:
         # `pip install -e` brings glmq's own dependencies (torch>=2.9 is met by ComfyUI's torch).
         probe = subprocess.run(
             [str(py), "-c", "import glmq, pathlib; print(pathlib.Path(glmq.__file__).resolve().parent)"],
-            capture_output=True, text=True)
+            capture_output=True, text=True, cwd=root)  # not the checkout: `-c` would import glmq from the cwd
         if probe.returncode != 0 or Path(probe.stdout.strip()) != (REPO / "glmq"):
             _run([str(py), "-m", "pip", "install", "-q", "-e", str(REPO)], log)
     return py

@@ -75,5 +75,5 @@ def test_from_pipeline_is_channels_last_float_on_cpu():
     assert out.shape == (1, 4, 6, 3) and out.dtype == torch.float32
     assert torch.equal(out[0, 2, 5], x[0, :, 2, 5].float())
     # Round trip through PIL: 8-bit quantization is the only loss.
-    back = images.from_pipeline(torch.from_numpy(np.asarray(images.to_pil(out)[0])).permute(2, 0, 1)[None] / 255.0)
+    back = images.from_pipeline(torch.from_numpy(np.array(images.to_pil(out)[0])).permute(2, 0, 1)[None] / 255.0)
     assert (back - out).abs().max() <= 0.5 / 255 + 1e-6
