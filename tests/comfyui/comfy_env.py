@@ -12,13 +12,18 @@ from __future__ import annotations
 
 import fcntl
 import hashlib
+import json
 import os
 import shutil
+import socket
 import subprocess
 import sys
+import time
+import urllib.request
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
+NODE_PACK = REPO / "comfyui_glmq"
 # Bump when what the build installs changes (e.g. another package beside requirements.txt).
 SCHEMA = "1"
 READY = ".glmq-ready"
@@ -69,6 +74,68 @@ def ensure_env(comfy_dir: Path, log=sys.stderr) -> Path:
         if probe.returncode != 0 or Path(probe.stdout.strip()) != (REPO / "glmq"):
             _run([str(py), "-m", "pip", "install", "-q", "-e", str(REPO)], log)
     return py
+
+
+def prepare_tree(comfy_dir: Path, work: Path, models: dict[str, Path]) -> Path:
+    """A runnable copy of the ComfyUI tree under ``work`` (ComfyUI writes user/, temp/, output/ and a database
+    beside main.py), with glmq's node pack linked into custom_nodes/ and ``models`` (name -> pipeline folder)
+    copied into models/glm_image/."""
+    root = work / "ComfyUI"
+    shutil.copytree(comfy_dir, root, ignore=shutil.ignore_patterns("__pycache__", ".git", "user", "temp", "output"))
+    (root / "custom_nodes").mkdir(exist_ok=True)  # absent from the shared tree
+    (root / "custom_nodes" / NODE_PACK.name).symlink_to(NODE_PACK, target_is_directory=True)
+    (root / "models" / "glm_image").mkdir(parents=True, exist_ok=True)
+    for name, src in models.items():
+        shutil.copytree(src, root / "models" / "glm_image" / name)
+    (root / "input").mkdir(exist_ok=True)
+    return root
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_server(python: Path, root: Path, log_path: Path, port: int | None = None,
+                 timeout: float = 240) -> tuple[subprocess.Popen, str]:
+    """Start ``main.py --cpu`` on a loopback port and wait until /system_stats answers; (process, base URL).
+    Raises RuntimeError (with the log's tail) if it exits or does not answer in time."""
+    port = port or free_port()
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    env.pop("PYTHONPATH", None)
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen([str(python), "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(port),
+                                 "--disable-auto-launch"], cwd=root, stdout=log, stderr=subprocess.STDOUT, env=env)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + timeout
+    while True:
+        if proc.poll() is not None:
+            raise RuntimeError(f"ComfyUI exited at start (code {proc.returncode}):\n{_tail(log_path)}")
+        try:
+            with urllib.request.urlopen(url + "/system_stats", timeout=5) as r:
+                if r.status == 200:
+                    json.loads(r.read())
+                    return proc, url
+        except OSError:
+            pass
+        if time.monotonic() > deadline:
+            stop_server(proc)
+            raise RuntimeError(f"ComfyUI did not answer in {timeout} s:\n{_tail(log_path)}")
+        time.sleep(0.5)
+
+
+def stop_server(proc: subprocess.Popen) -> None:
+    proc.terminate()
+    try:
+        proc.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
+def _tail(path: Path, n: int = 60) -> str:
+    return "\n".join(path.read_text(errors="replace").splitlines()[-n:])
 
 
 if __name__ == "__main__":

@@ -14,9 +14,7 @@ import io
 import json
 import os
 import shutil
-import socket
 import subprocess
-import sys
 import time
 import urllib.error
 import urllib.parse
@@ -51,12 +49,6 @@ def _load_comfy_env():
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return mod
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class Server:
@@ -126,47 +118,19 @@ def server(tmp_path_factory, tiny_dir):
             python = env_mod.ensure_env(COMFY_SRC, log=log)
         except subprocess.CalledProcessError:
             pytest.fail(f"building the ComfyUI virtualenv failed:\n{build_log.read_text()[-4000:]}")
-    # ComfyUI writes user/, temp/, output/ and a database beside main.py: run a copy.
-    root = work / "ComfyUI"
-    shutil.copytree(COMFY_SRC, root, ignore=shutil.ignore_patterns("__pycache__", ".git", "user", "temp", "output"))
-    (root / "custom_nodes").mkdir(exist_ok=True)  # absent from the shared tree
-    (root / "custom_nodes" / NODE_PACK.name).symlink_to(NODE_PACK, target_is_directory=True)
-    models = root / "models" / "glm_image"
-    models.mkdir(parents=True, exist_ok=True)
-    shutil.copytree(tiny_dir, models / TINY)
-    shutil.copytree(tiny_dir, models / BROKEN)
-    shutil.rmtree(models / BROKEN / "transformer")
-    (root / "input").mkdir(exist_ok=True)
-
-    port = _free_port()
+    broken = work / "broken"
+    shutil.copytree(tiny_dir, broken)
+    shutil.rmtree(broken / "transformer")
+    root = env_mod.prepare_tree(COMFY_SRC, work, {TINY: tiny_dir, BROKEN: broken})
     log_path = work / "server.log"
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
-    env.pop("PYTHONPATH", None)
-    with open(log_path, "w") as log:
-        proc = subprocess.Popen([str(python), "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(port),
-                                 "--disable-auto-launch"], cwd=root, stdout=log, stderr=subprocess.STDOUT, env=env)
-    srv = Server(f"http://127.0.0.1:{port}", root, log_path, proc, python)
     try:
-        deadline = time.monotonic() + START_TIMEOUT_S
-        while True:
-            if proc.poll() is not None:
-                pytest.fail(f"ComfyUI exited at start (code {proc.returncode}):\n{srv.log_tail()}")
-            try:
-                if srv.request("GET", "/system_stats", timeout=5)[0] == 200:
-                    break
-            except OSError:
-                pass
-            if time.monotonic() > deadline:
-                pytest.fail(f"ComfyUI did not answer in {START_TIMEOUT_S} s:\n{srv.log_tail()}")
-            time.sleep(0.5)
-        yield srv
+        proc, url = env_mod.start_server(python, root, log_path, timeout=START_TIMEOUT_S)
+    except RuntimeError as e:
+        pytest.fail(str(e))
+    try:
+        yield Server(url, root, log_path, proc, python)
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        env_mod.stop_server(proc)
 
 
 def example(size=(96, 64), steps=2, seed=7, batch=1, model=TINY) -> dict:
