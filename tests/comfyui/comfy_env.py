@@ -66,13 +66,18 @@ def ensure_env(comfy_dir: Path, log=sys.stderr) -> Path:
             _run([str(py), "-m", "pip", "install", "-q", "-r", str(comfy_dir / "requirements.txt"),
                   "requests"], log)
             (venv / READY).write_text("ok\n")
-        # The cached folder may have been made from another checkout: point glmq at this one.
-        # `pip install -e` brings glmq's own dependencies (torch>=2.9 is met by ComfyUI's torch).
+        # The cached folder may have been made from another checkout, or before glmq's dependencies changed:
+        # (re)install glmq, editable, whenever this checkout's path or pyproject.toml differ from the last
+        # install's. `pip install -e` brings glmq's own dependencies (torch>=2.9 is met by ComfyUI's torch).
+        stamp = venv / ".glmq-install"
+        want = f"{REPO}\n{hashlib.sha256((REPO / 'pyproject.toml').read_bytes()).hexdigest()}\n"
         probe = subprocess.run(
             [str(py), "-c", "import glmq, pathlib; print(pathlib.Path(glmq.__file__).resolve().parent)"],
             capture_output=True, text=True, cwd=root)  # not the checkout: `-c` would import glmq from the cwd
-        if probe.returncode != 0 or Path(probe.stdout.strip()) != (REPO / "glmq"):
+        if (probe.returncode != 0 or Path(probe.stdout.strip()) != (REPO / "glmq")
+                or not stamp.exists() or stamp.read_text() != want):
             _run([str(py), "-m", "pip", "install", "-q", "-e", str(REPO)], log)
+            stamp.write_text(want)
     return py
 
 
