@@ -226,6 +226,11 @@ def _cmd_export(args: argparse.Namespace) -> int:
 
         summary = export_gguf(args.src, args.out, ar_type=args.ar_type, dit_type=args.dit_type, force=args.force,
                               progress=progress)
+    elif args.format == "compressed-tensors":
+        from glmq.export.compressed_tensors import export_compressed_tensors
+
+        summary = export_compressed_tensors(args.src, args.out, recipe=args.recipe, force=args.force,
+                                            progress=progress)
     else:
         from glmq.export.onnx_export import export_onnx
 
@@ -311,7 +316,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print timings as JSON")
     p.set_defaults(func=_cmd_generate)
 
-    p = sub.add_parser("export", help="write formats other runtimes load: hf (bitsandbytes), gguf, onnx",
+    p = sub.add_parser("export", help="write formats other runtimes load: hf (bitsandbytes), gguf, onnx, compressed-tensors",
                        description="Export a bf16 GLM-Image folder for other runtimes, streaming, atomically.")
     ex = p.add_subparsers(dest="format", metavar="FORMAT", parser_class=_Parser)
     ex.required = True
@@ -337,6 +342,14 @@ def build_parser() -> argparse.ArgumentParser:
                         "standard QDQ DequantizeLinear (other runtimes)")
     q.add_argument("--group-size", type=int, default=128, help="int4 group size (default 128)")
     q.add_argument("--opset", type=int, default=18, help="ONNX opset, 18 to 21 (default 18)")
+    q = ex.add_parser("compressed-tensors",
+                      help="compressed-tensors folders (vLLM, SGLang, transformers): AR W4A16, DiT FP8/INT8",
+                      description="Write the AR as compressed-tensors W4A16 and the DiT's 8-bit layers as FP8/INT8, "
+                                  "from a glmq-quantized folder (repacked) or a bf16 one (quantized by --recipe).")
+    q.add_argument("src", help="a glmq-quantized or bf16 GLM-Image folder")
+    q.add_argument("--out", required=True)
+    q.add_argument("--recipe", default=None,
+                   help="for a bf16 source: recipe name or .toml path (default: default); not with a quantized source")
     for q in ex.choices.values():
         q.add_argument("--force", action="store_true", help="replace OUT if it exists")
         q.add_argument("--json", action="store_true", help="print a JSON summary")

@@ -321,6 +321,7 @@ class ArEngine:
         valid_vocab: int | None = None,
         grid_plan: GridPlan | None = None,
         output_logits: bool = False,
+        step_callback=None,
     ):
         """Generate like ``model.generate(**processor_inputs, max_new_tokens=..., do_sample=True)``.
 
@@ -336,6 +337,8 @@ class ArEngine:
             valid_vocab: ids allowed inside grids; default ``min(VQ codebook size, lm_head rows)``.
             grid_plan: override the plan derived from the prompt (see :meth:`plan`).
             output_logits: also return the raw float32 lm_head logits of every step.
+            step_callback: called as ``step_callback(done, total)`` after the prefill and after every decode
+                step (``total`` = max_new_tokens); an exception it raises stops the generation (a host's cancel).
 
         Returns:
             long [B, max_new_tokens] generated tokens (no prompt); a row that emitted EOS is padded with
@@ -371,11 +374,15 @@ class ArEngine:
             self._load(st, prompt_len, n_new, plan, limit, decode_pos, mask2d, generator, temperature, top_p,
                        greedy)
             self._prefill(st, key, ids, prefill_pos)
-            for _ in range(n_new - 1):
+            if step_callback is not None:
+                step_callback(1, n_new)
+            for i in range(n_new - 1):
                 if graph is not None:
                     graph.replay()
                 else:
                     self._run_step(st, key)
+                if step_callback is not None:
+                    step_callback(i + 2, n_new)
         tokens = st.out[:, :n_new].clone()
         if output_logits:
             return tokens, st.logits[:, :n_new].clone()

@@ -135,16 +135,18 @@ class GlmqPipeline:
 
     @torch.no_grad()
     def generate_prior_tokens(self, prompt: str, height: int, width: int, images: list | None = None,
-                              generator: torch.Generator | None = None, *, inputs=None):
+                              generator: torch.Generator | None = None, *, inputs=None, step_callback=None):
         """Run the AR: the DiT's prior ids (and, for image-to-image, the references' ids and grids).
-        ``inputs``: the processor's output for these arguments, when the caller already has it."""
+        ``inputs``: the processor's output for these arguments, when the caller already has it;
+        ``step_callback(done, total)``: see :meth:`ArEngine.generate`."""
         from glmq.runtime.ar_engine import prior_tokens_from_generated
 
         inputs = inputs if inputs is not None else self._ar_inputs(prompt, images, height, width)
         tokens = self._engine_for().generate(inputs["input_ids"], image_grid_thw=inputs["image_grid_thw"],
                                              attention_mask=inputs.get("attention_mask"),
                                              images_per_sample=inputs.get("images_per_sample"),
-                                             pixel_values=inputs.get("pixel_values"), generator=generator)
+                                             pixel_values=inputs.get("pixel_values"), generator=generator,
+                                             step_callback=step_callback)
         prior = prior_tokens_from_generated(tokens.cpu(), inputs["image_grid_thw"], is_text_to_image=not images)
         ref_ids = ref_grids = None
         if images:
@@ -161,7 +163,8 @@ class GlmqPipeline:
                  generator: torch.Generator | None = None, prior_token_ids: torch.Tensor | None = None,
                  latents: torch.Tensor | None = None, output_type: str = "pil", *,
                  prior_token_image_ids: torch.Tensor | None = None,
-                 source_image_grid_thw: torch.Tensor | list | None = None, progress: bool = False):
+                 source_image_grid_thw: torch.Tensor | list | None = None, progress: bool = False,
+                 callback=None):
         """Generate one image. Returns a :class:`GlmqImageOutput` (a list of one PIL image that also has
         diffusers' ``.images``) for ``output_type="pil"``, a tensor ``[1, 3, H, W]`` in [0, 1] for ``"pt"``,
         or the final latents for ``"latent"``.
@@ -169,6 +172,10 @@ class GlmqPipeline:
         ``image``: a PIL image or a list of them (image-to-image references). ``prior_token_ids``: skip the
         AR with these upsampled target-grid ids (for image-to-image also give ``prior_token_image_ids`` and
         ``source_image_grid_thw`` or let the AR's vision tower compute them). ``latents``: initial noise.
+        ``callback``: called as ``callback(stage, done, total)`` with stage "AR", "glyph", "DiT" or "VAE": once
+        when the stage starts (``done`` 0), then after every AR token and every DiT step (``total`` is the
+        stage's token or step count; 1 for glyph and VAE). An exception it raises stops the generation, which
+        is how a host (ComfyUI) cancels a running image.
 
         Under a VRAM budget the call is planned before any work: it runs in the pipeline's memory mode, or a
         leaner one when this request needs it (see :meth:`mode_for`), or raises :class:`GlmqError`.
@@ -197,16 +204,24 @@ class GlmqPipeline:
         times = StageTimes(extra={"mode": str(mode)})
         t_start = time.perf_counter()
         bar = StageProgress(enabled=progress)
+        report = callback or (lambda stage, done, total: None)
+
+        def dit_step(i, t, x):
+            bar.step()
+            report("DiT", i + 1, num_inference_steps)
+
         stage = self.placement.stage
         kv = None
         try:
             with self.placement.call_in(mode, self._runner_for()):
                 if prior_token_ids is None:
                     bar.stage("AR")
+                    report("AR", 0, 1)
                     stage("ar", i2i)
                     t0 = self._sync_time()
                     prior_token_ids, n_tokens, ref_ids, ref_grids = self.generate_prior_tokens(
-                        prompt, height, width, images, generator, inputs=inputs)
+                        prompt, height, width, images, generator, inputs=inputs,
+                        step_callback=lambda done, total: report("AR", done, total))
                     times.ar_s, times.ar_tokens = self._sync_time() - t0, n_tokens
                     self.last_prior_token_ids = prior_token_ids
                     if prior_token_image_ids is None:
@@ -217,6 +232,7 @@ class GlmqPipeline:
                         self.ar, inputs, len(images), self.device)
                 self._note_peak(times, "ar")
                 bar.stage("glyph")
+                report("glyph", 0, 1)
                 stage("encode", i2i)
                 t0 = self._sync_time()
                 prompt_embeds = self.encode_glyphs(prompt).to(self.dtype)
@@ -240,13 +256,14 @@ class GlmqPipeline:
                     gen_device = generator.device if generator is not None else torch.device("cpu")
                     latents = torch.randn(shape, generator=generator, device=gen_device, dtype=self.dtype)
                 bar.stage("DiT", total=num_inference_steps)
+                report("DiT", 0, num_inference_steps)
                 t0 = self._sync_time()
                 latents = runner.denoise(latents.to(self.device, self.dtype), prompt_embeds=prompt_embeds,
                                          negative_prompt_embeds=negative,
                                          prior_token_ids=prior_token_ids.to(self.device), height=height,
                                          width=width, num_inference_steps=num_inference_steps,
                                          guidance_scale=guidance_scale, kv_caches=kv,
-                                         callback=lambda i, t, x: bar.step())
+                                         callback=dit_step)
                 times.dit_s, times.dit_steps = self._sync_time() - t0, num_inference_steps
                 if kv is not None:
                     kv.clear()
@@ -256,10 +273,12 @@ class GlmqPipeline:
                     self.last_times = times
                     return latents
                 bar.stage("VAE")
+                report("VAE", 0, 1)
                 stage("vae", i2i)
                 t0 = self._sync_time()
                 image_out = self.decode_latents(latents)
                 times.vae_s = self._sync_time() - t0
+                report("VAE", 1, 1)
                 self._note_peak(times, "vae")
         finally:
             if kv is not None:

@@ -89,7 +89,9 @@ def test_image_to_image_with_given_reference_tokens(pipe):
     the same image, and a grid count that does not match the images is a clear error."""
     g = torch.Generator().manual_seed(0)
     refs = [Image.fromarray((torch.rand(h, w, 3, generator=g) * 255).byte().numpy()) for w, h in ((64, 64), (80, 48))]
-    ids, grids = pipe._reference_tokens(pipe._ar_inputs("x", refs, 64, 64), len(refs))
+    from glmq.runtime.conditioning import reference_tokens
+
+    ids, grids = reference_tokens(pipe.ar, pipe._ar_inputs("x", refs, 64, 64), len(refs), pipe.device)
     prior, latents = _fixed_inputs(pipe)
     kw = dict(height=64, width=64, num_inference_steps=2, prior_token_ids=prior, latents=latents, output_type="pt",
               prior_token_image_ids=ids)
