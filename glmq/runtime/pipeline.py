@@ -113,7 +113,7 @@ class GlmqPipeline:
             from glmq.runtime.ar_engine import ArEngine
 
             self._engine = ArEngine(self.ar, device=self.device, cuda_graph=self.cuda_graph, compile=self.compile)
-        elif self.mode is not MemoryMode.RESIDENT:
+        elif self.mode != MemoryMode.RESIDENT:
             self._engine.drop_graphs()
         return self._engine
 
