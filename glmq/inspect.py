@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections import Counter
 from pathlib import Path
 
-from glmq.io.layout import COMPONENTS
+from glmq.io.layout import COMPONENTS, read_json
 from glmq.io.manifest import verify_manifest
 from glmq.io.reader import PipelineReader
 from glmq.io.validate import check_component
@@ -24,7 +24,11 @@ def inspect_pipeline(path: str | Path, *, verify_hashes: bool = True) -> dict:
         declared = reader.model_index.get(comp.name)
         if isinstance(declared, list) and len(declared) == 2:
             entry["library"], entry["class"] = declared
-        if comp.has_weights:
+        gguf = _gguf_component(reader.path, comp) if comp.has_weights else None
+        if gguf is not None:  # ``glmq export gguf``: the weights are one GGUF file, verified by the manifest
+            entry.update(gguf)
+            total_bytes += gguf["bytes"]
+        elif comp.has_weights:
             cr = reader.component(comp.name)
             check = check_component(cr)
             dtypes: Counter = Counter()
@@ -65,6 +69,24 @@ def inspect_pipeline(path: str | Path, *, verify_hashes: bool = True) -> dict:
     return report
 
 
+def _gguf_component(root: Path, comp) -> dict | None:
+    """The report entry of a component whose ``config.json`` points at a GGUF file (None otherwise)."""
+    from glmq.errors import CheckpointError, GlmqError
+    from glmq.io.confine import resolve_inside
+
+    qcfg = read_json(root / comp.name / "config.json", f"{comp.name} config.json").get("quantization_config")
+    if not (isinstance(qcfg, dict) and qcfg.get("quant_method") == "gguf"):
+        return None
+    try:
+        file = resolve_inside(root, qcfg.get("gguf_file"))
+    except GlmqError as e:
+        raise CheckpointError(f"{comp.name}/config.json: gguf_file: {e}") from None
+    if not file.is_file():
+        raise CheckpointError(f"{file}: missing GGUF file named by {comp.name}/config.json")
+    return {"gguf_file": qcfg["gguf_file"], "bytes": file.stat().st_size, "dtypes": {},
+            "quantization": {"quant_method": "gguf", "type": qcfg.get("type")}, "notes": []}
+
+
 def _quant_summary(qcfg: dict | None) -> dict | None:
     if qcfg is None:
         return None
@@ -97,7 +119,10 @@ def format_report(report: dict) -> str:
     header = f"{'component':<25} {'class':<34} {'params':>9} {'size':>9} {'tensors':>7} {'shards':>6}  dtypes / quantization"
     lines += [header, "-" * len(header)]
     for c in report["components"]:
-        if "params" in c:
+        if "gguf_file" in c:
+            lines.append(f"{c['name']:<25} {c['class']:<34} {'-':>9} {_human(c['bytes']):>9} {'':>7} {1:>6}  "
+                         f"GGUF {c['quantization']['type']} ({c['gguf_file']})")
+        elif "params" in c:
             total = sum(c["dtypes"].values()) or 1
             dt = ", ".join(f"{k} {100 * v / total:.0f}%" for k, v in c["dtypes"].items())
             q = c["quantization"]
@@ -111,7 +136,9 @@ def format_report(report: dict) -> str:
         else:
             lines.append(f"{c['name']:<25} {c['class']:<34} {'-':>9} {'':>9} {'':>7} {'':>6}  {len(c['files'])} files")
     lines.append("")
-    lines.append(f"total: {_human(report['total_params'], '')} parameters, {_human(report['total_bytes'])} of weights")
+    uncounted = " (GGUF components' parameters not counted)" if any("gguf_file" in c for c in report["components"]) else ""
+    lines.append(f"total: {_human(report['total_params'], '')} parameters{uncounted}, "
+                 f"{_human(report['total_bytes'])} of weights")
     m = report["manifest"]
     if not m["present"]:
         lines.append("manifest: none (folder not written by glmq)")
