@@ -110,6 +110,8 @@ def expected_specs(comp: Component, config: dict[str, Any]) -> dict[str, tuple[i
     """Name -> shape of every tensor a component with this ``config.json`` must store."""
     try:
         model = build_model(comp, config)
+    except ImportError:  # a broken installation or an interrupted import, not the checkpoint's fault
+        raise
     except Exception as e:
         raise CheckpointError(f"{comp.name}/config.json does not describe a {comp.class_name} ({e})") from None
     return {n: shape for n, _, shape in tensor_specs(model, comp.dtype or "float32")}
