@@ -58,7 +58,7 @@ def rel_problem(rel: object) -> str | None:
     if pure.is_absolute():
         return "an absolute path; manifests and configs hold paths relative to the folder"
     if any(part in ("..", ".") for part in rel.split("/")) or "" in rel.split("/"):
-        return "leaves the folder or is not normalized ('..', '.' or empty parts)"
+        return "not normalized or leaves the folder ('..', '.' or empty parts)"
     return None
 
 
