@@ -10,6 +10,10 @@ tensor (header first), never holding more than one tensor. A shard is written as
 complete; its sha256 then goes into a journal. A rerun of the same job after a crash, SIGKILL or Ctrl-C
 finds the journal, re-checks each finished shard's sha256 and skips it, so only unfinished shards are
 produced again, and the result is byte-identical to an uninterrupted run (files contain no timestamps).
+
+One run at a time writes a given ``OUT`` (an exclusive lock, :mod:`glmq.io.lock`); glmq deletes only
+folders it marked as its own when it made them; files copied from a source folder are confined to it
+(:mod:`glmq.io.confine`).
 """
 
 from __future__ import annotations
@@ -143,6 +147,8 @@ class OutputFolder:
         self.old = self.out.with_name(self.out.name + OLD_SUFFIX)
         self.job_hash = hashlib.sha256(json.dumps(job, sort_keys=True).encode()).hexdigest()
         self.journal_path = self.partial / JOURNAL_NAME
+        if os.path.lexists(self.out) and not force:  # before the lock: no lock file for a refused run
+            raise OutputExistsError(f"{self.out} already exists; pass --force to replace it")
         self.lock = OutputLock(self.out)
         try:
             if os.path.lexists(self.out):
