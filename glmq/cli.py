@@ -36,10 +36,11 @@ class _Parser(argparse.ArgumentParser):
 class _Interrupts:
     """Ctrl-C while a command runs, from the first line of :func:`main` on (imports included).
 
-    The first SIGINT raises KeyboardInterrupt as Python does, and starts the grace period: should library
-    code swallow the exception (or turn it into another error), the watchdog prints the interrupted line
-    and exits with code 2. A second SIGINT exits at once. :func:`main` reports any error of an interrupted
-    run as the interruption it is, never as a problem with the user's files.
+    The first SIGINT raises KeyboardInterrupt as Python does (unless it lands inside an import: then the
+    process ends at once), and starts the grace period: should library code swallow the exception (or turn
+    it into another error), the watchdog prints the interrupted line and exits with code 2. A second SIGINT
+    exits at once. :func:`main` reports any error of an interrupted run as the interruption it is, never as
+    a problem with the user's files.
     """
 
     last_interrupted = False  # whether the latest run in this process was interrupted
@@ -72,7 +73,11 @@ class _Interrupts:
         _Interrupts.last_interrupted = True
         if self._done.is_set():  # the command is over; main is returning its result
             return
-        if self.count > 1:
+        if self.count > 1 or _in_import(frame):
+            # An exception raised inside an import can leave half-initialized modules behind, and inside
+            # torch's import it can reach C++ code that cannot pass it on: the process aborts
+            # ("terminate called after throwing an instance of 'python_error'", measured). Writes are
+            # safe against SIGKILL at any moment, so ending the process loses nothing a resume does not redo.
             self._hard_exit()
         self._wake.set()
         raise KeyboardInterrupt
@@ -91,6 +96,15 @@ class _Interrupts:
         if self._reported.acquire(blocking=False):
             os.write(2, (INTERRUPTED + "\n").encode())
         os._exit(EXIT_USER_ERROR)
+
+
+def _in_import(frame) -> bool:
+    """Whether the interrupted Python frame runs inside an ``import`` (importlib's frames are on its stack)."""
+    while frame is not None:
+        if frame.f_code.co_filename.startswith("<frozen importlib"):
+            return True
+        frame = frame.f_back
+    return False
 
 
 def _int_at_least(low: int, high: int | None = None):
