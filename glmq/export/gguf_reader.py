@@ -60,7 +60,9 @@ class GgufTensorSource:
         try:
             self._reader = GGUFReader(self.path)
         except Exception as e:  # gguf-py raises ValueError, struct.error, ... on malformed files
-            raise CheckpointError(f"{self.path}: not a readable GGUF file ({e.__class__.__name__}: {e})") from None
+            # Only the class: gguf-py's messages quote what it read (the version field, tensor names), and a
+            # linked file may be anything.
+            raise CheckpointError(f"{self.path}: not a readable GGUF file ({e.__class__.__name__})") from None
         self.metadata = read_metadata(self._reader)
         self.architecture = self.metadata.get("general.architecture")
         try:

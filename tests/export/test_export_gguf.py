@@ -371,3 +371,15 @@ def test_gguf_pointer_out_of_the_folder_is_refused(exported, tmp_path):
     with pytest.raises(CheckpointError) as e:
         inspect_pipeline(dst)
     assert_one_line_error(e.value, "gguf_file", "leaves the folder")
+
+
+def test_unreadable_gguf_error_quotes_nothing_from_the_file(tmp_path):
+    import struct
+
+    path = tmp_path / "linked.gguf"
+    version = struct.unpack("<I", b"pw=1")[0]  # gguf-py's message would quote these 4 bytes as a version
+    path.write_bytes(b"GGUF" + b"pw=1" + b"\0" * 32)
+    with pytest.raises(CheckpointError) as e:
+        GgufTensorSource(path)
+    assert_one_line_error(e.value, "not a readable GGUF file")
+    assert str(version) not in str(e.value)

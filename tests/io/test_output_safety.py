@@ -249,3 +249,17 @@ def test_inspect_refuses_a_manifest_with_dotdot(tiny_dir, tmp_path):
     proc = run_cli_inprocess("inspect", str(dst))
     assert_user_error(proc, "manifest verification failed", "etc/passwd", "leaves the folder")
     assert "manifest: OK" not in proc.stdout
+
+
+def test_shard_error_does_not_echo_the_file_s_first_bytes(tmp_path):
+    from glmq.errors import CheckpointError
+    from glmq.io.safetensors_io import read_header
+
+    secret = tmp_path / "netrc"
+    secret.write_bytes(b"password hunter2\n")
+    shard = tmp_path / "model.safetensors"
+    shard.symlink_to(secret)
+    with pytest.raises(CheckpointError) as e:
+        read_header(shard)
+    assert_one_line_error(e.value, "model.safetensors", "corrupt or truncated")
+    assert str(int.from_bytes(b"password", "little")) not in str(e.value)
