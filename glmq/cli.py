@@ -11,17 +11,12 @@ import errno
 import json
 import math
 import os
-import signal
 import sys
-import threading
 from pathlib import Path
 
+from glmq.interrupt import Interrupts, exit_interrupted
+
 EXIT_USER_ERROR = 2
-INTERRUPTED = "glmq: interrupted; any .partial output is kept and the same command resumes it"
-# After the first Ctrl-C the command unwinds (deleting half-written *.tmp files) in milliseconds. If it is
-# still running this much later, library code swallowed the KeyboardInterrupt: glmq exits anyway. Writes are
-# safe against SIGKILL at any moment, so exiting there loses nothing a resume does not redo.
-INTERRUPT_GRACE_S = 3.0
 DEVICE_KINDS = ("cpu", "cuda")
 
 
@@ -31,80 +26,6 @@ class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> None:  # type: ignore[override]
         print(f"{self.prog}: error: {message} (see '{self.prog} --help')", file=sys.stderr)
         raise SystemExit(EXIT_USER_ERROR)
-
-
-class _Interrupts:
-    """Ctrl-C while a command runs, from the first line of :func:`main` on (imports included).
-
-    The first SIGINT raises KeyboardInterrupt as Python does (unless it lands inside an import: then the
-    process ends at once), and starts the grace period: should library code swallow the exception (or turn
-    it into another error), the watchdog prints the interrupted line and exits with code 2. A second SIGINT
-    exits at once. :func:`main` reports any error of an interrupted run as the interruption it is, never as
-    a problem with the user's files.
-    """
-
-    last_interrupted = False  # whether the latest run in this process was interrupted
-
-    def __init__(self):
-        self.count = 0
-        _Interrupts.last_interrupted = False
-        self._reported = threading.Lock()
-        self._wake = threading.Event()
-        self._done = threading.Event()
-        self._previous = None
-        self._installed = False
-
-    def install(self) -> None:
-        if threading.current_thread() is not threading.main_thread():
-            return  # signal handlers belong to the main thread; elsewhere Ctrl-C is the caller's business
-        self._previous = signal.signal(signal.SIGINT, self._on_sigint)
-        self._installed = True
-        threading.Thread(target=self._watch, name="glmq-interrupt-watchdog", daemon=True).start()
-
-    def uninstall(self) -> None:
-        self._done.set()
-        self._wake.set()
-        if self._installed:
-            signal.signal(signal.SIGINT, self._previous)
-            self._installed = False
-
-    def _on_sigint(self, signum, frame) -> None:
-        self.count += 1
-        _Interrupts.last_interrupted = True
-        if self._done.is_set():  # the command is over; main is returning its result
-            return
-        if self.count > 1 or _in_import(frame):
-            # An exception raised inside an import can leave half-initialized modules behind, and inside
-            # torch's import it can reach C++ code that cannot pass it on: the process aborts
-            # ("terminate called after throwing an instance of 'python_error'", measured). Writes are
-            # safe against SIGKILL at any moment, so ending the process loses nothing a resume does not redo.
-            self._hard_exit()
-        self._wake.set()
-        raise KeyboardInterrupt
-
-    def _watch(self) -> None:
-        self._wake.wait()
-        if not self._done.wait(INTERRUPT_GRACE_S):
-            self._hard_exit()
-
-    def report(self) -> None:
-        """Print the interrupted line, once."""
-        if self._reported.acquire(blocking=False):
-            print(INTERRUPTED, file=sys.stderr, flush=True)
-
-    def _hard_exit(self) -> None:
-        if self._reported.acquire(blocking=False):
-            os.write(2, (INTERRUPTED + "\n").encode())
-        os._exit(EXIT_USER_ERROR)
-
-
-def _in_import(frame) -> bool:
-    """Whether the interrupted Python frame runs inside an ``import`` (importlib's frames are on its stack)."""
-    while frame is not None:
-        if frame.f_code.co_filename.startswith("<frozen importlib"):
-            return True
-        frame = frame.f_back
-    return False
 
 
 def _int_at_least(low: int, high: int | None = None):
@@ -523,23 +444,13 @@ def main(argv: list[str] | None = None) -> int:
     ``sys.exit`` was given.
     """
     code = _main(argv)
-    if argv is None and code == EXIT_USER_ERROR and _Interrupts.last_interrupted:
+    if argv is None and code == EXIT_USER_ERROR and Interrupts.last_interrupted:
         exit_interrupted()
     return code
 
 
-def exit_interrupted() -> None:
-    """End the process with exit code 2 after an interruption was reported (stdio flushed)."""
-    for stream in (sys.stdout, sys.stderr):
-        try:
-            stream.flush()
-        except (OSError, ValueError):
-            pass
-    os._exit(EXIT_USER_ERROR)
-
-
 def _main(argv: list[str] | None) -> int:
-    interrupts = _Interrupts()
+    interrupts = Interrupts()
     try:
         interrupts.install()  # first: a Ctrl-C while the model libraries import is an interruption too
         try:

@@ -136,7 +136,8 @@ def format_report(report: dict) -> str:
         else:
             lines.append(f"{c['name']:<25} {c['class']:<34} {'-':>9} {'':>9} {'':>7} {'':>6}  {len(c['files'])} files")
     lines.append("")
-    uncounted = " (GGUF components' parameters not counted)" if any("gguf_file" in c for c in report["components"]) else ""
+    has_gguf = any("gguf_file" in c for c in report["components"])
+    uncounted = " (GGUF components' parameters not counted)" if has_gguf else ""
     lines.append(f"total: {_human(report['total_params'], '')} parameters{uncounted}, "
                  f"{_human(report['total_bytes'])} of weights")
     m = report["manifest"]

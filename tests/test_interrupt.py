@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from glmq.cli import INTERRUPTED
+from glmq.interrupt import INTERRUPTED
 from glmq.errors import CheckpointError
 from glmq.io.layout import BY_NAME
 from glmq.io.writer import JOURNAL_NAME
@@ -80,7 +80,7 @@ sys.exit(glmq.cli.main(["inspect", "x"]))
 
 
 def test_swallowed_ctrl_c_still_stops_the_run():
-    from glmq.cli import INTERRUPT_GRACE_S
+    from glmq.interrupt import INTERRUPT_GRACE_S
 
     p = subprocess.Popen([sys.executable, "-c", SWALLOWER], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     assert p.stdout.readline().strip() == "ready"
