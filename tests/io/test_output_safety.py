@@ -263,3 +263,14 @@ def test_shard_error_does_not_echo_the_file_s_first_bytes(tmp_path):
         read_header(shard)
     assert_one_line_error(e.value, "model.safetensors", "corrupt or truncated")
     assert str(int.from_bytes(b"password", "little")) not in str(e.value)
+
+
+def test_partial_that_is_a_link_is_refused_even_to_a_marked_folder(tmp_path):
+    target = tmp_path / "elsewhere"
+    target.mkdir()
+    (target / OWNED_MARKER).touch()  # looks like glmq's, but is reached through a link
+    (target / "data.bin").write_bytes(b"keep")
+    (tmp_path / "out.partial").symlink_to(target)
+    with pytest.raises(GlmqError, match="not created by glmq"):
+        _write(tmp_path / "out")
+    assert (target / "data.bin").read_bytes() == b"keep"
