@@ -9,10 +9,15 @@ from __future__ import annotations
 import argparse
 import errno
 import json
+import math
+import os
 import sys
 from pathlib import Path
 
+from glmq.interrupt import Interrupts, exit_interrupted
+
 EXIT_USER_ERROR = 2
+DEVICE_KINDS = ("cpu", "cuda")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -21,6 +26,63 @@ class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> None:  # type: ignore[override]
         print(f"{self.prog}: error: {message} (see '{self.prog} --help')", file=sys.stderr)
         raise SystemExit(EXIT_USER_ERROR)
+
+
+def _int_at_least(low: int, high: int | None = None):
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if value < low or (high is not None and value > high):
+            bound = f"between {low} and {high}" if high is not None else f"at least {low}"
+            raise argparse.ArgumentTypeError(f"must be {bound}, got {value}")
+        return value
+
+    parse.__name__ = "integer"
+    return parse
+
+
+def _finite_float(*, positive: bool = False):
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+        if not math.isfinite(value):
+            raise argparse.ArgumentTypeError(f"must be a finite number, got {text!r}")
+        if positive and value <= 0:
+            raise argparse.ArgumentTypeError(f"must be positive, got {text!r}")
+        return value
+
+    parse.__name__ = "number"
+    return parse
+
+
+def _device(text: str) -> str:
+    """``cpu``, ``cuda`` or ``cuda:N``; whether the device exists is checked by :func:`_check_device`."""
+    kind, sep, index = text.partition(":")
+    if kind not in DEVICE_KINDS or (sep and (kind != "cuda" or not index.isdigit())):
+        raise argparse.ArgumentTypeError(f"unknown device {text!r}; valid: cpu, cuda, cuda:N")
+    return text
+
+
+def _check_device(device: str) -> None:
+    """Refuse a CUDA device this machine does not have (one line instead of a CUDA traceback)."""
+    from glmq.errors import GlmqError
+
+    if not device.startswith("cuda"):
+        return
+    import torch
+
+    if not torch.cuda.is_available():
+        raise GlmqError(f"--device {device} was given but no CUDA GPU is available (use --device cpu)")
+    index = int(device.partition(":")[2] or 0)
+    if index >= torch.cuda.device_count():
+        raise GlmqError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+
+
+SEED = _int_at_least(0, 2**64 - 1)
 
 
 def _cmd_make_tiny(args: argparse.Namespace) -> int:
@@ -52,6 +114,7 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
     from glmq.quant.convert import quantize
     from glmq.quant.report import layer_summary, outlier_summary
 
+    _check_device(args.device)
     report = quantize(args.src, args.out, recipe=args.recipe, device=args.device, calib_prompts=args.calib_prompts,
                       force=args.force, progress=not args.json, evaluate=not args.no_eval,
                       layer_outputs=not args.no_layer_outputs)
@@ -85,7 +148,24 @@ def _parse_size(text: str) -> tuple[int, int]:
         w, h = (int(x) for x in text.lower().split("x"))
     except ValueError:
         raise GlmqError(f"--size must look like 1024x1024 (WIDTHxHEIGHT), got {text!r}") from None
+    if w <= 0 or h <= 0 or w % 32 or h % 32:
+        raise GlmqError(f"--size {text}: width and height must be positive multiples of 32 (GLM-Image works "
+                        f"on a 32-pixel token grid)")
     return w, h
+
+
+def _image_format(out: Path) -> str:
+    """The PIL format that ``out``'s suffix names (checked before the minutes of generation)."""
+    from PIL import Image
+
+    from glmq.errors import GlmqError
+
+    if out.name in ("", ".", ".."):
+        raise GlmqError(f"--out {str(out)!r} must name an image file, e.g. out.png")
+    fmt = Image.registered_extensions().get(out.suffix.lower())
+    if fmt is None or fmt not in Image.SAVE:
+        raise GlmqError(f"--out {out}: unknown image type {out.suffix or '(no suffix)'!r}; use .png, .jpg or .webp")
+    return fmt
 
 
 def _cmd_generate(args: argparse.Namespace) -> int:
@@ -96,7 +176,10 @@ def _cmd_generate(args: argparse.Namespace) -> int:
 
     width, height = _parse_size(args.size)
     out = Path(args.out)
-    if out.exists() and not args.force:
+    image_format = _image_format(out)
+    if out.is_dir():
+        raise GlmqError(f"{out} is a folder; --out names the image file to write")
+    if os.path.lexists(out) and not args.force:
         raise GlmqError(f"{out} already exists; pass --force to replace it")
     if not out.parent.is_dir():
         raise GlmqError(f"{out.parent}: output folder does not exist")
@@ -109,15 +192,20 @@ def _cmd_generate(args: argparse.Namespace) -> int:
         except (OSError, UnidentifiedImageError) as e:
             raise GlmqError(f"{ref}: cannot read image ({e.__class__.__name__})") from None
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    _check_device(device)
     pipe = glmq.load(args.path, device=device, vram_budget_gb=args.vram_budget_gb, mode=args.memory_mode,
                      attention=args.attention, attention_precision=args.attention_precision)
     generator = torch.Generator(device="cpu").manual_seed(args.seed)
     result = pipe(args.prompt, image=images or None, height=height, width=width,
                   num_inference_steps=args.steps, guidance_scale=args.guidance, generator=generator,
                   progress=not args.json)
-    partial = out.with_name(out.name + ".partial" + out.suffix)
-    result[0].save(partial)
-    partial.replace(out)
+    # A name of this process's own: two runs writing the same --out cannot mix their bytes.
+    partial = out.with_name(f".{out.name}.{os.getpid()}.partial")
+    try:
+        result[0].save(partial, format=image_format)
+        os.replace(partial, out)
+    finally:
+        partial.unlink(missing_ok=True)
     t = pipe.last_times
     summary = {"out": str(out), "size": [width, height], "steps": args.steps, "seed": args.seed,
                "device": device, "memory_mode": pipe.mode, "dit_attention": pipe.attention_precision,
@@ -191,6 +279,10 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         tiers = tuple(float(t) for t in args.tiers.split(",")) if args.tiers else None
     except ValueError:
         raise GlmqError(f"--tiers must be comma-separated GiB numbers, got {args.tiers!r}") from None
+    if tiers is not None and not all(math.isfinite(t) and t > 0 for t in tiers):
+        raise GlmqError(f"--tiers must be positive GiB numbers, got {args.tiers!r}")
+    if args.device is not None:
+        _check_device(args.device)
     sizes = tuple(_parse_size(s) for s in (args.size or ["1024x1024"]))
     edits = _parse_edits(args.edits)
     cfg = BenchConfig(path=Path(args.path) if args.path else None, model=args.model,
@@ -260,7 +352,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "(about 36 GB, streamed).")
     p.add_argument("out", help="output folder (must not exist unless --force)")
     p.add_argument("--size", choices=SIZES, default="tiny", help="tiny (default) or full (the released sizes)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the random weights (default 0)")
+    p.add_argument("--seed", type=SEED, default=0, help="seed of the random weights (default 0)")
     p.add_argument("--force", action="store_true", help="replace OUT if it exists")
     p.add_argument("--json", action="store_true", help="print the new folder's inspect report as JSON")
     p.set_defaults(func=_cmd_make_tiny)
@@ -281,7 +373,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output folder (must not exist unless --force)")
     p.add_argument("--recipe", default="default",
                    help="recipe name (default, fast, ampere, quality, tier16) or a path to a .toml recipe")
-    p.add_argument("--device", default="cpu", help="where quantization math runs: cpu (default) or cuda")
+    p.add_argument("--device", type=_device, default="cpu",
+                   help="where quantization math runs: cpu (default), cuda or cuda:N")
     p.add_argument("--calib-prompts", default=None, metavar="FILE",
                    help="text file, one prompt per line, for calibrated algorithms (GPTQ) and the per-layer "
                         "output SQNR")
@@ -300,11 +393,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt", required=True, help="the prompt; quoted text in it is rendered by the glyph encoder")
     p.add_argument("--image", action="append", metavar="REF", help="reference image (repeat for several)")
     p.add_argument("--size", default="1024x1024", help="WIDTHxHEIGHT, multiples of 32 (default 1024x1024)")
-    p.add_argument("--steps", type=int, default=50, help="denoising steps (default 50)")
-    p.add_argument("--guidance", type=float, default=1.5, help="classifier-free guidance scale (default 1.5)")
-    p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
-    p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
-    p.add_argument("--vram-budget-gb", type=float, default=None, help="plan memory for this many GiB")
+    p.add_argument("--steps", type=_int_at_least(1), default=50, help="denoising steps (default 50)")
+    p.add_argument("--guidance", type=_finite_float(), default=1.5, help="classifier-free guidance scale (default 1.5)")
+    p.add_argument("--seed", type=SEED, default=0, help="random seed (default 0)")
+    p.add_argument("--device", type=_device, default=None, help="cuda, cuda:N or cpu (default: cuda when available)")
+    p.add_argument("--vram-budget-gb", type=_finite_float(positive=True), default=None,
+                   help="plan memory for this many GiB")
     p.add_argument("--memory-mode", choices=("resident", "staged", "offload"), default=None,
                    help="force a memory mode (default: chosen from the budget)")
     p.add_argument("--attention", choices=("auto", "glmq", "sdpa"), default="auto",
@@ -340,8 +434,8 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--int8-layout", choices=("matmulnbits", "qdq"), default="matmulnbits",
                    help="8-bit weights as ONNX Runtime MatMulNBits bits=8 (default: loads in bounded memory) or "
                         "standard QDQ DequantizeLinear (other runtimes)")
-    q.add_argument("--group-size", type=int, default=128, help="int4 group size (default 128)")
-    q.add_argument("--opset", type=int, default=18, help="ONNX opset, 18 to 21 (default 18)")
+    q.add_argument("--group-size", type=_int_at_least(1), default=128, help="int4 group size (default 128)")
+    q.add_argument("--opset", type=_int_at_least(1), default=18, help="ONNX opset, 18 to 21 (default 18)")
     q = ex.add_parser("compressed-tensors",
                       help="compressed-tensors folders (vLLM, SGLang, transformers): AR W4A16, DiT FP8/INT8",
                       description="Write the AR as compressed-tensors W4A16 and the DiT's 8-bit layers as FP8/INT8, "
@@ -365,9 +459,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--recipe", action="append", help="recipe to benchmark (repeatable; 'bf16' for none); default: default")
     p.add_argument("--tiers", default=None, help="GPU memory tiers in GiB, comma-separated (default 80,32,24,16,12)")
     p.add_argument("--size", action="append", help="WIDTHxHEIGHT (repeatable; default 1024x1024)")
-    p.add_argument("--steps", type=int, default=50, help="denoising steps (default 50)")
-    p.add_argument("--images", type=int, default=1, help="timed images per configuration (default 1)")
-    p.add_argument("--warmup-steps", type=int, default=None,
+    p.add_argument("--steps", type=_int_at_least(1), default=50, help="denoising steps (default 50)")
+    p.add_argument("--images", type=_int_at_least(1), default=1, help="timed images per configuration (default 1)")
+    p.add_argument("--warmup-steps", type=_int_at_least(1), default=None,
                    help="denoising steps of the untimed warm-up image (default: --steps; fewer can leave "
                         "compilation for the full schedule to the timed image)")
     p.add_argument("--baseline", action="store_true", help="also run stock diffusers GlmImagePipeline in bf16")
@@ -375,8 +469,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="image-to-image rows after each tier's text-to-image, in the same process: comma-separated "
                         "reference counts (1 or 2; default 1,2), or 'none'")
     p.add_argument("--profile", action="store_true", help="add the top kernels of one short run per configuration")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
+    p.add_argument("--seed", type=SEED, default=0)
+    p.add_argument("--device", type=_device, default=None, help="cuda, cuda:N or cpu (default: cuda when available)")
     p.add_argument("--no-compile", action="store_true",
                    help="do not torch.compile the DiT blocks and the AR decode step")
     p.add_argument("--no-cuda-graph", action="store_true", help="run the AR and DiT steps without CUDA graphs")
@@ -397,28 +491,72 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run ``glmq ARGV``; returns the exit code. User errors and Ctrl-C print one line (exit code 2).
+
+    Run as the program (``argv`` None: the console script, ``python -m glmq``), an interrupted run ends the
+    process here with exit code 2: Python would otherwise turn the exit status of a process in which a
+    KeyboardInterrupt crossed code run by ``exec`` (dataclasses, for one) into a death by SIGINT, whatever
+    ``sys.exit`` was given.
+    """
+    code = _main(argv)
+    if argv is None and code == EXIT_USER_ERROR and Interrupts.last_interrupted:
+        exit_interrupted()
+    return code
+
+
+def _main(argv: list[str] | None) -> int:
+    interrupts = Interrupts()
+    try:
+        interrupts.install()  # first: a Ctrl-C while the model libraries import is an interruption too
+        try:
+            parser = build_parser()
+            args = parser.parse_args(argv)
+            from glmq.bench.provenance import set_command
+
+            set_command(["glmq", *(sys.argv[1:] if argv is None else argv)])  # the command results files record
+            code = args.func(args)
+        except SystemExit:  # argparse: --help, --version, usage errors (already printed)
+            if interrupts.count:
+                interrupts.report()
+                return EXIT_USER_ERROR
+            raise
+        except BaseException as e:
+            if interrupts.count or isinstance(e, KeyboardInterrupt):
+                # Whatever an interrupted import or computation turned into, the cause is the Ctrl-C.
+                interrupts.report()
+                return EXIT_USER_ERROR
+            message = _user_error(e)
+            if message is None:
+                raise  # a bug in glmq: keep the traceback
+            print(f"glmq: error: {message}".replace("\n", " "), file=sys.stderr)
+            return EXIT_USER_ERROR
+        if interrupts.count:
+            interrupts.report()
+            return EXIT_USER_ERROR
+        return code
+    except KeyboardInterrupt:  # a Ctrl-C while reporting
+        interrupts.report()
+        return EXIT_USER_ERROR
+    finally:
+        interrupts.uninstall()
+
+
+def _user_error(e: BaseException) -> str | None:
+    """The one line for an exception that is the user's or the environment's business, else None."""
     from glmq.errors import GlmqError
 
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    from glmq.bench.provenance import set_command
-
-    set_command(["glmq", *(sys.argv[1:] if argv is None else argv)])  # what results files record as the command
-    try:
-        return args.func(args)
-    except GlmqError as e:
-        print(f"glmq: error: {e}", file=sys.stderr)
-    except KeyboardInterrupt:
-        print("glmq: interrupted; any .partial output is kept and the same command resumes it", file=sys.stderr)
-    except MemoryError:
-        print("glmq: error: out of memory", file=sys.stderr)
-    except OSError as e:
+    if isinstance(e, GlmqError):
+        return str(e)
+    if isinstance(e, MemoryError):
+        return "out of memory"
+    if isinstance(e, ImportError):  # a broken or partial installation, not the user's checkpoint
+        return f"a library failed to import ({e.__class__.__name__}: {e}); check the installation"
+    if isinstance(e, OSError):
         if e.errno == errno.ENOSPC:
-            print(f"glmq: error: no space left on the device ({e.filename or 'writing output'})", file=sys.stderr)
-        else:
-            where = f"{e.filename}: " if e.filename else ""
-            print(f"glmq: error: {where}{e.strerror or e}", file=sys.stderr)
-    return EXIT_USER_ERROR
+            return f"no space left on the device ({e.filename or 'writing output'})"
+        where = f"{e.filename}: " if e.filename else ""
+        return f"{where}{e.strerror or e}"
+    return None
 
 
 if __name__ == "__main__":  # pragma: no cover

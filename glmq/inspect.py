@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections import Counter
 from pathlib import Path
 
-from glmq.io.layout import COMPONENTS
+from glmq.io.layout import COMPONENTS, read_json
 from glmq.io.validate import check_pipeline
 
 
@@ -14,9 +14,10 @@ def inspect_pipeline(path: str | Path, *, verify_hashes: bool = True, check_valu
 
     Raises :class:`~glmq.errors.CheckpointError` for a folder that is not a sound GLM-Image pipeline,
     including weights holding NaN/Inf (``check_values``: every tensor read once, block by block). The checks
-    are :func:`glmq.io.validate.check_pipeline`, the same ``glmq.load`` runs.
+    are :func:`glmq.io.validate.check_pipeline`, the same ``glmq.load`` runs; a ``glmq export gguf`` folder
+    is checked through its GGUF files and its manifest.
     """
-    reader, checks, problems = check_pipeline(path, hashes=verify_hashes, values=check_values)
+    reader, checks, problems = check_pipeline(path, hashes=verify_hashes, values=check_values, gguf=True)
     report: dict = {"path": str(Path(path)), "pipeline": reader.model_index["_class_name"], "components": []}
     total_params = total_bytes = 0
     for comp in COMPONENTS:
@@ -24,7 +25,11 @@ def inspect_pipeline(path: str | Path, *, verify_hashes: bool = True, check_valu
         declared = reader.model_index.get(comp.name)
         if isinstance(declared, list) and len(declared) == 2 and all(isinstance(x, str) for x in declared):
             entry["library"], entry["class"] = declared
-        if comp.has_weights:
+        gguf = _gguf_component(reader.path, comp) if comp.has_weights else None
+        if gguf is not None:  # ``glmq export gguf``: the weights are one GGUF file, verified by the manifest
+            entry.update(gguf)
+            total_bytes += gguf["bytes"]
+        elif comp.has_weights:
             cr = reader.component(comp.name)
             check = checks[comp.name]
             dtypes: Counter = Counter()
@@ -64,6 +69,24 @@ def inspect_pipeline(path: str | Path, *, verify_hashes: bool = True, check_valu
     return report
 
 
+def _gguf_component(root: Path, comp) -> dict | None:
+    """The report entry of a component whose ``config.json`` points at a GGUF file (None otherwise)."""
+    from glmq.errors import CheckpointError, GlmqError
+    from glmq.io.confine import resolve_inside
+
+    qcfg = read_json(root / comp.name / "config.json", f"{comp.name} config.json").get("quantization_config")
+    if not (isinstance(qcfg, dict) and qcfg.get("quant_method") == "gguf"):
+        return None
+    try:
+        file = resolve_inside(root, qcfg.get("gguf_file"))
+    except GlmqError as e:
+        raise CheckpointError(f"{comp.name}/config.json: gguf_file: {e}") from None
+    if not file.is_file():
+        raise CheckpointError(f"{file}: missing GGUF file named by {comp.name}/config.json")
+    return {"gguf_file": qcfg["gguf_file"], "bytes": file.stat().st_size, "dtypes": {},
+            "quantization": {"quant_method": "gguf", "type": qcfg.get("type")}, "notes": []}
+
+
 def _quant_summary(qcfg: dict | None) -> dict | None:
     if qcfg is None:
         return None
@@ -96,7 +119,10 @@ def format_report(report: dict) -> str:
     header = f"{'component':<25} {'class':<34} {'params':>9} {'size':>9} {'tensors':>7} {'shards':>6}  dtypes / quantization"
     lines += [header, "-" * len(header)]
     for c in report["components"]:
-        if "params" in c:
+        if "gguf_file" in c:
+            lines.append(f"{c['name']:<25} {c['class']:<34} {'-':>9} {_human(c['bytes']):>9} {'':>7} {1:>6}  "
+                         f"GGUF {c['quantization']['type']} ({c['gguf_file']})")
+        elif "params" in c:
             total = sum(c["dtypes"].values()) or 1
             dt = ", ".join(f"{k} {100 * v / total:.0f}%" for k, v in c["dtypes"].items())
             q = c["quantization"]
@@ -110,7 +136,10 @@ def format_report(report: dict) -> str:
         else:
             lines.append(f"{c['name']:<25} {c['class']:<34} {'-':>9} {'':>9} {'':>7} {'':>6}  {len(c['files'])} files")
     lines.append("")
-    lines.append(f"total: {_human(report['total_params'], '')} parameters, {_human(report['total_bytes'])} of weights")
+    has_gguf = any("gguf_file" in c for c in report["components"])
+    uncounted = " (GGUF components' parameters not counted)" if has_gguf else ""
+    lines.append(f"total: {_human(report['total_params'], '')} parameters{uncounted}, "
+                 f"{_human(report['total_bytes'])} of weights")
     m = report["manifest"]
     if not m["present"]:
         lines.append("manifest: none (folder not written by glmq)")

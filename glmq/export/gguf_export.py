@@ -26,7 +26,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -223,8 +222,8 @@ def export_gguf(src: str | Path, out: str | Path, *, ar_type: str = "Q4_K_M", di
         files[name] = (gguf_file_name(name, type_names[name]), arch, metadata, entries)
 
     job = {"command": "export-gguf", "glmq": __version__, "types": type_names, "source": source_fingerprint(src)}
-    folder = OutputFolder(out, job=job, force=force)
-    shutil.copy2(src / "model_index.json", folder.path("model_index.json"))
+    folder = OutputFolder(out, job=job, force=force, sources=(src,))
+    folder.copy_in(src, "model_index.json")
     for comp in COMPONENTS:
         if comp.name not in kinds:
             copy_component(src, folder, comp.name)

@@ -93,7 +93,9 @@ class GgufTensorSource:
         try:
             self._reader = GGUFReader(self.path)
         except Exception as e:  # gguf-py raises ValueError, struct.error, ... on malformed files
-            raise CheckpointError(f"{self.path}: not a readable GGUF file ({e.__class__.__name__}: {e})") from None
+            # Only the class: gguf-py's messages quote what it read (the version field, tensor names), and a
+            # linked file may be anything.
+            raise CheckpointError(f"{self.path}: not a readable GGUF file ({e.__class__.__name__})") from None
         try:
             self.metadata = read_metadata(self._reader)
         except (UnicodeDecodeError, ValueError, OverflowError) as e:

@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import json
 import re
-import shutil
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -119,16 +118,16 @@ def converted_linears(comp: Component, model: nn.Module, skip: Iterable[str]) ->
 
 
 def copy_component(src: Path, folder: OutputFolder, name: str) -> None:
-    """Copy a component folder (config, weights, tokenizer files, ...) unchanged."""
-    shutil.copytree(src / name, folder.path(name), dirs_exist_ok=True)
+    """Copy a component folder (config, weights, tokenizer files, ...) unchanged (confined: see
+    :meth:`~glmq.io.writer.OutputFolder.copy_in`)."""
+    folder.copy_in(src, name)
 
 
 def copy_side_files(cr: ComponentReader, folder: OutputFolder) -> None:
     """Copy a component's files other than ``config.json`` and its weights (e.g. ``generation_config.json``)."""
     comp = cr.component
-    for extra in sorted(cr.folder.iterdir()):
-        if extra.is_file() and extra.name != "config.json" and not extra.name.startswith(comp.weights_name):
-            shutil.copy2(extra, folder.path(f"{comp.name}/{extra.name}"))
+    folder.copy_side_files(cr.folder, comp.name,
+                           skip=lambda n: n == "config.json" or n.startswith(comp.weights_name))
 
 
 def check_choice(value: str, valid: Iterable[str], what: str) -> str:
@@ -269,8 +268,8 @@ def export_hf(src: str | Path, out: str | Path, *, ar: str = "nf4", dit: str = "
 
     job = {"command": "export-hf", "glmq": __version__, "modes": modes, "source": source_fingerprint(src),
            "shard": max_shard_bytes}
-    folder = OutputFolder(out, job=job, force=force)
-    shutil.copy2(src / "model_index.json", folder.path("model_index.json"))
+    folder = OutputFolder(out, job=job, force=force, sources=(src,))
+    folder.copy_in(src, "model_index.json")
     for comp in COMPONENTS:
         if comp.name not in modes:
             copy_component(src, folder, comp.name)

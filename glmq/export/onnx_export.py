@@ -26,7 +26,6 @@ from __future__ import annotations
 import gc
 import logging
 import math
-import shutil
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -97,7 +96,7 @@ def export_onnx(src: str | Path, out: str | Path, *, component: str = "all", wei
     job = {"command": "export-onnx", "glmq": __version__, "graphs": graphs, "weights": weights, "opset": opset,
            "group_size": group_size, "symmetric": symmetric, "float_dtype": float_dtype,
            "external_data": external_data, "int8_layout": int8_layout}
-    folder = OutputFolder(out, job=job, force=force)
+    folder = OutputFolder(out, job=job, force=force, sources=(src,))
     results = {}
     for g in graphs:
         dtype = graph_dtype(g, weights, float_dtype)
@@ -109,7 +108,7 @@ def export_onnx(src: str | Path, out: str | Path, *, component: str = "all", wei
         results[g] = info
         gc.collect()
     for name in COPIED_FOLDERS:
-        shutil.copytree(src / name, folder.path(name), dirs_exist_ok=True)
+        folder.copy_in(src, name)
     index = {
         "format": FORMAT_NAME,
         "version": FORMAT_VERSION,

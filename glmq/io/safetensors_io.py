@@ -93,7 +93,8 @@ def read_header(path: str | os.PathLike) -> tuple[dict[str, TensorInfo], dict[st
             (n,) = struct.unpack("<Q", raw_len)
             if n > MAX_HEADER_BYTES or 8 + n > size:
                 raise CheckpointError(
-                    f"{path}: corrupt or truncated safetensors file (header claims {n} bytes, file has {size})"
+                    f"{path}: corrupt or truncated safetensors file (its declared header length does not fit the "
+                    f"{size}-byte file)"
                 )
             raw = f.read(n)
     except OSError as e:

@@ -114,6 +114,8 @@ def expected_specs(comp: Component, config: dict[str, Any]) -> dict[str, tuple[i
     """Name -> shape of every tensor a component with this ``config.json`` must store."""
     try:
         model = build_model(comp, config)
+    except ImportError:  # a broken installation or an interrupted import, not the checkpoint's fault
+        raise
     except Exception as e:
         detail = " ".join(str(e).split())
         detail = detail if len(detail) <= 300 else detail[:297] + "..."

@@ -130,7 +130,7 @@ def quantize(src: str | Path, out: str | Path, *, recipe: str | Path = "default"
         # Results depend on the device's arithmetic, so a resume must use the same kind of device.
         "device": device.split(":")[0],
     }
-    folder = OutputFolder(out, job=job, force=force)
+    folder = OutputFolder(out, job=job, force=force, sources=(src,))
     timings: dict = {}
     outliers = None
     if evaluate:
@@ -144,11 +144,10 @@ def quantize(src: str | Path, out: str | Path, *, recipe: str | Path = "default"
     converting = time.perf_counter()
 
     # Weightless components and the pipeline index are copied as they are.
-    shutil.copy2(src / "model_index.json", folder.path("model_index.json"))
+    folder.copy_in(src, "model_index.json")
     for comp in COMPONENTS:
         if not comp.has_weights:
-            dst = folder.path(comp.name)
-            shutil.copytree(src / comp.name, dst, dirs_exist_ok=True)
+            folder.copy_in(src, comp.name)
 
     writers = []
     for name, (comp, cr, plans, kept, model) in components.items():
@@ -157,9 +156,8 @@ def quantize(src: str | Path, out: str | Path, *, recipe: str | Path = "default"
             layers = {p.name: (p.fmt, p.algo, p.activations) for p in plans.values()}
             config["quantization_config"] = make_quantization_config(rec.summary(), layers, kept)
         folder.write_json(f"{comp.name}/config.json", config)
-        for extra in sorted(cr.folder.iterdir()):
-            if extra.is_file() and extra.name != "config.json" and not extra.name.startswith(comp.weights_name):
-                shutil.copy2(extra, folder.path(f"{comp.name}/{extra.name}"))
+        folder.copy_side_files(cr.folder, comp.name,
+                               skip=lambda n, comp=comp: n == "config.json" or n.startswith(comp.weights_name))
         by_weight = {f"{p.name}.weight": p for p in plans.values()}
         specs = []
         for tname, _, shape in tensor_specs(model, comp.dtype):

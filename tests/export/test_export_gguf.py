@@ -328,3 +328,58 @@ def test_reader_refuses_foreign_and_broken_files(tmp_path):
     assert_one_line_error(e.value, "not a readable GGUF file")
     with pytest.raises(CheckpointError):
         GgufTensorSource(tmp_path / "missing.gguf")
+
+
+# --- verifying a GGUF export (issue #21: no glmq command could) ------------------------------------------
+
+
+def test_inspect_verifies_a_gguf_export_through_its_manifest(exported, tmp_path):
+    from glmq.inspect import format_report, inspect_pipeline
+    from glmq.testing import assert_user_error, run_cli_inprocess
+
+    out, summary = exported
+    report = inspect_pipeline(out)
+    print(format_report(report))
+    assert report["manifest"]["verified"] is True
+    by_name = {c["name"]: c for c in report["components"]}
+    for name in (AR, DIT):
+        assert by_name[name]["gguf_file"] == summary["files"][name]["file"]
+        assert by_name[name]["bytes"] == summary["files"][name]["bytes_after"]
+    manifest = json.loads((out / "glmq-manifest.json").read_text())
+    assert summary["files"][AR]["file"] in manifest["files"]
+
+    dst = tmp_path / "copy"
+    shutil.copytree(out, dst)
+    gguf_path = dst / summary["files"][AR]["file"]
+    data = bytearray(gguf_path.read_bytes())
+    data[len(data) // 2] ^= 0x01  # one bit of one quantized block
+    gguf_path.write_bytes(bytes(data))
+    proc = run_cli_inprocess("inspect", str(dst))
+    assert_user_error(proc, "manifest verification failed", summary["files"][AR]["file"], "sha256")
+
+
+def test_gguf_pointer_out_of_the_folder_is_refused(exported, tmp_path):
+    from glmq.inspect import inspect_pipeline
+
+    out, _ = exported
+    dst = tmp_path / "copy"
+    shutil.copytree(out, dst)
+    cfg_path = dst / DIT / "config.json"
+    cfg = json.loads(cfg_path.read_text())
+    cfg["quantization_config"]["gguf_file"] = "../../../../etc/passwd"
+    cfg_path.write_text(json.dumps(cfg))
+    with pytest.raises(CheckpointError) as e:
+        inspect_pipeline(dst)
+    assert_one_line_error(e.value, "gguf_file", "leaves the folder")
+
+
+def test_unreadable_gguf_error_quotes_nothing_from_the_file(tmp_path):
+    import struct
+
+    path = tmp_path / "linked.gguf"
+    version = struct.unpack("<I", b"pw=1")[0]  # gguf-py's message would quote these 4 bytes as a version
+    path.write_bytes(b"GGUF" + b"pw=1" + b"\0" * 32)
+    with pytest.raises(CheckpointError) as e:
+        GgufTensorSource(path)
+    assert_one_line_error(e.value, "not a readable GGUF file")
+    assert str(version) not in str(e.value)
