@@ -134,7 +134,7 @@ def test_update_readme_rewrites_only_the_given_readme_between_its_markers(tmp_pa
     text = readme.read_text()
     print(text)
     assert text.startswith("# a project\n\nintro\n\n<!-- glmq-bench:start -->\n") and "old table" not in text
-    assert text.endswith("<!-- glmq-bench:end -->\n\nafter\n") and "| glmq | default | 80 GiB | 1024x1024 |" in text
+    assert text.endswith("<!-- glmq-bench:end -->\n\nafter\n") and "| glmq | default | 80 GiB | t2i | 1024x1024 |" in text
 
     monkeypatch.chdir(tmp_path)  # no value: README.md in the current directory
     (tmp_path / "README.md").write_text(_README)
