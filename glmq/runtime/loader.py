@@ -196,9 +196,16 @@ class GgufComponent:
         cfg = read_json(self.folder / "config.json", f"{comp.name} config.json")
         pointer = cfg.get("quantization_config")
         pointer = pointer if isinstance(pointer, dict) else cfg
-        if not isinstance(pointer.get("gguf_file"), str) or "/" in pointer["gguf_file"]:
+        if not isinstance(pointer.get("gguf_file"), str):
             raise CheckpointError(f"{self.folder}/config.json: quantization_config names no GGUF file")
-        self.source = GgufTensorSource(self.folder.parent / pointer["gguf_file"])
+        from glmq.errors import GlmqError
+        from glmq.io.confine import resolve_inside
+
+        try:  # relative to the pipeline folder, and staying inside it (also through links)
+            file = resolve_inside(self.folder.parent, pointer["gguf_file"])
+        except GlmqError as e:
+            raise CheckpointError(f"{self.folder}/config.json: gguf_file: {e}") from None
+        self.source = GgufTensorSource(file)
         self.config = self.source.config
         self.quantization_config = None
 

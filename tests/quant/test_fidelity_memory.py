@@ -17,7 +17,9 @@ from glmq.io.reader import PipelineReader
 from glmq.quant import convert
 from glmq.quant.fidelity import load_dequantized
 
-READ_OPS = {"aten.empty.memory_format", "aten.view.default", "aten.view.dtype", "aten.detach.default"}
+# Reads and views. split: the NaN/Inf check (glmq.io.finite) walks each stored tensor in views of 4M values.
+READ_OPS = {"aten.empty.memory_format", "aten.view.default", "aten.view.dtype", "aten.detach.default",
+            "aten.split.Tensor"}
 
 
 class HostTensors(TorchDispatchMode):
