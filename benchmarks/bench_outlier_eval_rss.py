@@ -57,6 +57,9 @@ def main() -> None:
         "peak_rss_gb": round(_peak_rss_gb(), 3),
         "seconds": round(time.perf_counter() - t0, 1),
     }
+    from glmq.bench.provenance import provenance
+
+    result["provenance"] = provenance()
     with open(args.out, "w") as f:
         json.dump(result, f, indent=2)
         f.write("\n")

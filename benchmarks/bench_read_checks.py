@@ -79,6 +79,9 @@ def main() -> None:
     print(config_ms)
     result = {"device": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
               "torch": torch.__version__, "finite_scan": rows, "check_config_ms": config_ms}
+    from glmq.bench.provenance import provenance
+
+    result["provenance"] = provenance()
     with open(args.out, "w") as f:
         json.dump(result, f, indent=2)
 

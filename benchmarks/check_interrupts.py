@@ -74,6 +74,9 @@ def main() -> None:
               "counts": dict(counts), "python": sys.version.split()[0], "each": runs}
     print(json.dumps(result["counts"]))
     if a.out:
+        from glmq.bench.provenance import provenance
+
+        result["provenance"] = provenance()
         with open(a.out, "w", encoding="utf-8") as f:
             json.dump(result, f, indent=2)
             f.write("\n")

@@ -148,7 +148,7 @@ def test_weight_map_value_not_a_string(broken):
     _load_fails(broken, "must be a string")
 
 
-@pytest.mark.parametrize("entry, needle", [("abc", "malformed entry"), ({"bytes": "1", "sha256": "x"}, "malformed"),
+@pytest.mark.parametrize("entry, needle", [("abc", "malformed manifest entry"), ({"bytes": "1", "sha256": "x"}, "malformed"),
                                            (None, "malformed")])
 def test_manifest_entry_types(signed, entry, needle):
     m = json.loads((signed / "glmq-manifest.json").read_text())
@@ -162,7 +162,7 @@ def test_manifest_path_escape(signed):
     m = json.loads((signed / "glmq-manifest.json").read_text())
     m["files"]["../../etc/passwd"] = {"bytes": 1, "sha256": "0" * 64}
     (signed / "glmq-manifest.json").write_text(json.dumps(m))
-    _inspect_fails(signed, "points outside the folder")
+    _inspect_fails(signed, "leaves the folder")
 
 
 # ---- configs: types and sizes before any build ---------------------------------------------------------------
