@@ -50,6 +50,12 @@ class Fp8Format(PerChannelFormat):
     name: ClassVar[str] = "fp8_e4m3"
     code_dtype: ClassVar[torch.dtype] = torch.float8_e4m3fn
     qmax: ClassVar[float] = FP8_MAX
+    kernel_alignment: ClassVar[int] = 16
+
+    def _kernels(self) -> tuple[Any, Any, Any]:
+        from glmq.kernels.w8a8_linear import fp8_linear, fp8_linear_ref, fp8_supported
+
+        return fp8_linear, fp8_linear_ref, fp8_supported
 
     def config(self) -> dict[str, Any]:
         return {

@@ -181,8 +181,24 @@ class Int4Format(QuantFormat):
 
     def dequantize(self, tensors: dict[str, torch.Tensor], shape: Shape) -> torch.Tensor:
         self.validate_tensors(tensors, shape)
-        n, k = shape
+        return self._dequantize_stored(tensors)
+
+    def _dequantize_stored(self, tensors: dict[str, torch.Tensor]) -> torch.Tensor:
+        n, k = self._stored_shape(tensors)
         q = self._groups(unpack_int4(tensors["weight"]).float())
         zero = tensors.get("weight_zero")
         w = self._deq(q, tensors["weight_scale"].unsqueeze(-1), None if zero is None else zero.unsqueeze(-1))
         return w.reshape(n, k)
+
+    # ---- runtime: the W4A16 Triton kernels (glmq.kernels.int4_matmul), imported on first use -------------
+
+    def kernel_runs(self, x: torch.Tensor, shape: Shape) -> bool:
+        return x.device.type == "cuda" and x.dtype in (torch.bfloat16, torch.float16)
+
+    def matmul(
+        self, x: torch.Tensor, tensors: dict[str, torch.Tensor], bias: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        from glmq.kernels.int4_matmul import int4_matmul
+
+        return int4_matmul(x, tensors["weight"], tensors["weight_scale"], tensors.get("weight_zero"),
+                           group_size=self.group_size, bias=bias)

@@ -25,6 +25,12 @@ class Int8Format(PerChannelFormat):
     name: ClassVar[str] = "int8"
     code_dtype: ClassVar[torch.dtype] = torch.int8
     qmax: ClassVar[float] = 127.0
+    kernel_alignment: ClassVar[int] = 8
+
+    def _kernels(self) -> tuple[Any, Any, Any]:
+        from glmq.kernels.w8a8_linear import int8_linear, int8_linear_ref, int8_supported
+
+        return int8_linear, int8_linear_ref, int8_supported
 
     def config(self) -> dict[str, Any]:
         return {**self._base_config(), "code_range": [-127, 127], "rounding": "round half to even"}
