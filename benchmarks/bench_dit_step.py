@@ -339,7 +339,7 @@ def main() -> int:
         plan = {}
         for i in range(len(model.transformer_blocks)):
             for leaf in ("attn1.to_q", "attn1.to_k", "attn1.to_v", "attn1.to_out.0", "ff.net.0.proj", "ff.net.2"):
-                plan[f"transformer_blocks.{i}.{leaf}"] = {"fmt_name": "fp8_e4m3"}
+                plan[f"transformer_blocks.{i}.{leaf}"] = {"format": "fp8_e4m3"}
         swap_linears(model, plan)
         return model
 

@@ -526,11 +526,10 @@ def dequantize(raw: np.ndarray, qtype: GGMLQuantizationType) -> np.ndarray:
 
 
 def sqnr_db(reference: np.ndarray, approx: np.ndarray) -> float:
-    """Signal-to-quantization-noise ratio in dB: ``10 log10(sum x^2 / sum (x - y)^2)``."""
-    x = np.asarray(reference, dtype=np.float64)
-    e = x - np.asarray(approx, dtype=np.float64)
-    noise = float(np.sum(e * e))
-    return float("inf") if noise == 0 else 10.0 * np.log10(float(np.sum(x * x)) / noise)
+    """Signal-to-quantization-noise ratio in dB of numpy arrays: :func:`glmq.quant.metrics.sqnr_db`."""
+    from glmq.quant.metrics import sqnr_db as _sqnr_db
+
+    return _sqnr_db(np.asarray(reference), np.asarray(approx))
 
 
 # ----------------------------------------------------------------------------------------------------------

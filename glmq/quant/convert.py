@@ -18,7 +18,6 @@ from __future__ import annotations
 import json
 import shutil
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -29,58 +28,20 @@ from glmq.io.source import open_unquantized_source, source_fingerprint
 from glmq.io.writer import DEFAULT_MAX_SHARD_BYTES, OutputFolder
 from glmq.progress import ByteProgress
 from glmq.quant.checkpoint import make_quantization_config
+from glmq.quant.plan import LayerPlan, module_linears, plan_layers
 from glmq.quant.recipe import Recipe, load_recipe
 
 STATS_DIR = ".glmq-stats"
 FLOAT_DTYPES = ("float32", "bfloat16", "float16", "float64")
 
 
-@dataclass
-class LayerPlan:
-    name: str  # module name
-    shape: tuple[int, int]
-    fmt: Any
-    algo: Any
-    activations: str
-    rule: int
-
-
 def plan_component(comp: Component, cr: ComponentReader, recipe: Recipe) -> tuple[dict[str, LayerPlan], list[str], Any]:
-    """Which linear layers of ``comp`` get which format; also the linears kept as they are."""
-    from torch import nn
-
+    """Which linear layers of ``comp`` get which format (:func:`glmq.quant.plan.plan_layers`); also the
+    linears kept as they are, and the component's module (built on the meta device)."""
     from glmq.models.build import build_model
-    from glmq.quant.algorithms import get_algorithm
-    from glmq.quant.formats import get_format
 
     model = build_model(comp, cr.config)
-    linears = {n: m for n, m in model.named_modules() if isinstance(m, nn.Linear)}
-    plans: dict[str, LayerPlan] = {}
-    kept = []
-    used = [False] * len(recipe.rules)
-    for name, mod in linears.items():
-        idx = next((i for i, r in enumerate(recipe.rules) if r.matches(comp.name, name)), None)
-        if idx is None:
-            kept.append(name)
-            continue
-        used[idx] = True
-        rule = recipe.rules[idx]
-        if rule.format == "none":
-            kept.append(name)
-            continue
-        fmt = get_format(rule.format, **rule.params)
-        shape = (mod.out_features, mod.in_features)
-        try:
-            fmt.check(shape)
-        except GlmqError as e:
-            raise GlmqError(f"recipe {recipe.name}: cannot quantize {comp.name} layer {name}: {e}") from None
-        plans[name] = LayerPlan(name, shape, fmt, get_algorithm(rule.algorithm, **rule.algorithm_params),
-                                rule.activations, idx)
-    for i, rule in enumerate(recipe.rules):
-        if rule.component == comp.name and not used[i]:
-            raise GlmqError(
-                f"{recipe.source}: rule {i + 1} ({', '.join(rule.modules)}) matches no linear layer of {comp.name}"
-            )
+    plans, kept = plan_layers(recipe, comp.name, module_linears(model))
     return plans, kept, model
 
 

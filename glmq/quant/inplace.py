@@ -13,41 +13,33 @@ from glmq.errors import GlmqError
 
 
 def quantize_modules(components: dict, recipe: str = "default") -> dict[str, int]:
-    """Quantize ``components`` (model_index name -> module) in place; returns layers swapped per component."""
-    import torch
-    from torch import nn
+    """Quantize ``components`` (model_index name -> module) in place; returns layers swapped per component.
 
-    from glmq.quant.algorithms import get_algorithm
-    from glmq.quant.formats import get_format
+    Layers, formats, algorithms and runtime modes come from the planner (:mod:`glmq.quant.plan`), as in
+    ``glmq quantize`` and the loader."""
+    import torch
+
+    from glmq.quant.plan import module_linears, plan_layers
     from glmq.quant.recipe import load_recipe
-    from glmq.runtime.loader import _MODES
     from glmq.runtime.qlinear import QuantLinear
 
     rec = load_recipe(recipe)
     counts = {}
     for comp_name, model in components.items():
-        swapped = 0
-        for name, mod in list(model.named_modules()):
-            if not isinstance(mod, nn.Linear):
-                continue
-            rule = rec.rule_for(comp_name, name)
-            if rule is None or rule.format == "none":
-                continue
-            algo = get_algorithm(rule.algorithm, **rule.algorithm_params)
-            if algo.needs_hessian:
-                raise GlmqError(f"recipe {rec.name}: {algo.name} needs calibration; use glmq quantize for it")
-            fmt = get_format(rule.format, **rule.params)
+        plans, _ = plan_layers(rec, comp_name, module_linears(model), strict=False)
+        for plan in plans.values():
+            if plan.algo.needs_hessian:
+                raise GlmqError(f"recipe {rec.name}: {plan.algo.name} needs calibration; use glmq quantize for it")
+        for plan in plans.values():
+            parent_name, _, child = plan.name.rpartition(".")
+            parent = model.get_submodule(parent_name) if parent_name else model
+            mod = getattr(parent, child)
             with torch.no_grad():
-                tensors = algo.quantize_weight(fmt, mod.weight)
-            params = {"mode": _MODES.get(rule.activations, "auto") if fmt.name != "int4" else "auto"}
-            if fmt.name == "int4":
-                params.update(group_size=fmt.group_size, symmetric=fmt.symmetric)
-            new = QuantLinear.from_linear(mod, fmt.name, tensors={k: v.to(mod.weight.device) for k, v in tensors.items()},
-                                          **params)
-            parent_name, _, child = name.rpartition(".")
-            setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
-            swapped += 1
+                tensors = plan.algo.quantize_weight(plan.fmt, mod.weight)
+            new = QuantLinear.from_linear(mod, plan.fmt, tensors={k: v.to(mod.weight.device) for k, v in tensors.items()},
+                                          mode=plan.mode)
+            setattr(parent, child, new)
             del mod
-        counts[comp_name] = swapped
+        counts[comp_name] = len(plans)
         model.glmq_recipe = rec.summary()  # what glmq.runtime reads, as from a quantized folder's config
     return counts

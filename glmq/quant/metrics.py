@@ -1,6 +1,7 @@
 """Fidelity metrics for quantized weights, logits and images.
 
-All take a reference and a test tensor of the same shape, compute in fp64 and return a Python float.
+All take a reference and a test tensor of the same shape (torch tensors, or numpy arrays: the GGUF and
+ONNX exporters' numbers), compute in fp64 and return a Python float. This is glmq's one SQNR.
 """
 
 from __future__ import annotations
@@ -10,10 +11,19 @@ import math
 import torch
 
 
-def _pair(ref: torch.Tensor, test: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def _tensor(a) -> torch.Tensor:
+    if isinstance(a, torch.Tensor):
+        return a.detach()
+    import numpy as np
+
+    return torch.from_numpy(np.ascontiguousarray(a))
+
+
+def _pair(ref, test) -> tuple[torch.Tensor, torch.Tensor]:
+    ref, test = _tensor(ref), _tensor(test)
     if ref.shape != test.shape:
         raise ValueError(f"shapes differ: reference {list(ref.shape)}, test {list(test.shape)}.")
-    return ref.detach().double(), test.detach().double()
+    return ref.double(), test.double()
 
 
 def sqnr_db(ref: torch.Tensor, test: torch.Tensor) -> float:

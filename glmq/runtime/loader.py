@@ -21,11 +21,6 @@ if TYPE_CHECKING:
 
     from glmq.io.reader import ComponentReader
 
-# Recipe activation modes -> QuantLinear modes: W8A8 kernels where the recipe asks for dynamic per-token
-# activation scales, dequantize-then-matmul where it asks for weight-only.
-_MODES = {"dynamic_per_token": "auto", "weight_only": "weight_only"}
-
-
 # Set to 1 to have glmq.load hash every file against the manifest (sha256) instead of checking sizes only.
 VERIFY_HASHES_ENV = "GLMQ_VERIFY_HASHES"
 
@@ -61,14 +56,9 @@ def quant_plan(cr: ComponentReader) -> dict[str, dict]:
             "checkpoints (stock diffusers loads bitsandbytes folders)"
         )
     from glmq.quant.checkpoint import layer_formats
+    from glmq.quant.plan import runtime_mode
 
-    plan = {}
-    for name, (fmt, acts) in layer_formats(qcfg).items():
-        spec = {"fmt_name": fmt.name, "mode": _MODES.get(acts, "auto") if fmt.name != "int4" else "auto"}
-        if fmt.name == "int4":
-            spec.update(group_size=fmt.group_size, symmetric=fmt.symmetric)
-        plan[name] = spec
-    return plan
+    return {name: {"format": fmt, "mode": runtime_mode(fmt, acts)} for name, (fmt, acts) in layer_formats(qcfg).items()}
 
 
 def load_component(cr: ComponentReader, *, device: str | torch.device = "cpu", dtype=None,

@@ -14,13 +14,12 @@ import torch
 
 from glmq.kernels.int4_matmul import (GemmConfig, GemvConfig, GemvTcConfig, _launch, int4_dequantize,
                                       int4_matmul, int4_matmul_ref)
+from glmq.quant.formats import Int4Format, pack_int4
 
 K = 256
 
 
-def _pack(q: torch.Tensor) -> torch.Tensor:
-    """codes uint8 [N, K] in 0..15 -> [N, K // 2], low nibble = even k (the stored layout)."""
-    return (q[:, 0::2] | (q[:, 1::2] << 4)).contiguous()
+_pack = pack_int4  # glmq's one int4 packer: codes [N, K] in 0..15 -> [N, K // 2], low nibble = even k
 
 
 def _case(m, n, group, symmetric, bias, dtype=torch.bfloat16, k=K, seed=0):
@@ -135,3 +134,20 @@ def test_custom_op_has_fake_impl():
     with FakeTensorMode() as mode:
         y = int4_matmul(mode.from_tensor(x3), mode.from_tensor(qweight), mode.from_tensor(scale), group_size=64)
     assert y.shape == (1, 3, 96) and y.dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("symmetric", [True, False], ids=["sym", "asym"])
+@pytest.mark.parametrize("group", [32, 128])
+def test_kernel_dequantize_equals_the_format_bit_for_bit(group, symmetric):
+    # kernels/ keeps its own host-side unpacking (it imports nothing from glmq): it must read glmq's int4
+    # layout exactly as glmq.quant.formats.Int4Format does, nibble order and zero point included.
+    n, k = 40, 4 * group
+    _, qweight, scale, zero, _, q = _case(1, n, group, symmetric, False, k=k, seed=3)
+    fmt = Int4Format(group_size=group, symmetric=symmetric)
+    stored = {"weight": qweight, "weight_scale": scale} | ({} if symmetric else {"weight_zero": zero})
+    ours = int4_dequantize(qweight, scale, zero, group_size=group)
+    theirs = fmt.dequantize(stored, (n, k))
+    print(f"group {group} symmetric {symmetric}: max |kernel - format| = {(ours - theirs).abs().max()}")
+    assert torch.equal(ours.view(torch.int32), theirs.view(torch.int32))
+    # random codes differ between neighbours, so a swapped nibble order or a wrong zero point fails above
+    assert (q[:, 0::2] != q[:, 1::2]).any()

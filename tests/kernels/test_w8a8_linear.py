@@ -12,6 +12,7 @@ import torch
 
 from glmq.kernels.w8a8_linear import (fp8_linear, fp8_linear_ref, fp8_supported, int8_linear, int8_linear_ref,
                                       quantize_rows, quantize_rows_ref, weight_only_linear)
+from glmq.quant.metrics import sqnr_db
 
 # SQNR (dB) of a W8A8 reference against the float32 linear of the same dequantized weights, i.e. the cost
 # of quantizing activations per row, measured on Gaussian activations: fp8 e4m3 31.6, int8 42.3.
@@ -19,8 +20,7 @@ SQNR_FP8_ACT_DB = 29.0
 SQNR_INT8_ACT_DB = 40.0
 
 
-def _sqnr(ref: torch.Tensor, y: torch.Tensor) -> float:
-    return (10 * torch.log10(ref.pow(2).sum() / (y.float() - ref).pow(2).sum())).item()
+_sqnr = sqnr_db  # glmq's one SQNR: (reference, test)
 
 
 def _weights(n, k, fmt, seed=0):

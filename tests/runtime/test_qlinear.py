@@ -12,7 +12,10 @@ import pytest
 import torch
 from torch import nn
 
-from glmq.runtime.qlinear import QuantLinear, rtn_quantize, swap_linears
+from glmq.errors import GlmqError
+from glmq.quant.formats import Int4Format, get_format
+from glmq.quant.metrics import sqnr_db
+from glmq.runtime.qlinear import QuantLinear, swap_linears
 
 IN, OUT = 256, 96  # in_features a multiple of every group size; OUT awkward for the kernels' tiles
 
@@ -28,8 +31,7 @@ FORMATS = [("int4", dict(group_size=128)), ("int4", dict(group_size=64, symmetri
 IDS = ["int4-g128-sym", "int4-g64-asym", "int4-g32-asym", "fp8", "int8"]
 
 
-def _sqnr(ref: torch.Tensor, y: torch.Tensor) -> float:
-    return (10 * torch.log10(ref.pow(2).sum() / (y.float() - ref).pow(2).sum())).item()
+_sqnr = sqnr_db
 
 
 def _linear(seed=0, bias=True, in_features=IN, out_features=OUT):
@@ -112,19 +114,22 @@ def test_dtype_moves_keep_quantized_buffers():
 
 def test_from_linear_with_given_tensors_and_checks():
     lin = _linear(bias=False)
-    tensors = rtn_quantize(lin.weight, "int4", 64, symmetric=False)
-    q = QuantLinear.from_linear(lin, "int4", tensors=tensors, group_size=64, symmetric=False, mode="reference")
+    fmt = Int4Format(group_size=64, symmetric=False)
+    tensors = fmt.quantize(lin.weight)
+    q = QuantLinear.from_linear(lin, fmt, tensors=tensors, mode="reference")
     assert q.bias is None and q.mode == "reference" and torch.equal(q.weight, tensors["weight"])
+    assert q.format is fmt and q.fmt_name == "int4"
     bad = dict(tensors, weight_scale=tensors["weight_scale"][:, :2])
-    with pytest.raises(ValueError, match="weight_scale.*must be torch.bfloat16 \\[96, 4\\]"):
-        QuantLinear.from_linear(lin, "int4", tensors=bad, group_size=64, symmetric=False)
-    with pytest.raises(ValueError, match="missing \\['weight_zero'\\]"):
-        QuantLinear.from_linear(lin, "int4", tensors={k: v for k, v in tensors.items() if k != "weight_zero"},
-                                group_size=64, symmetric=False)
-    with pytest.raises(ValueError, match="valid formats: int4, fp8_e4m3, int8"):
+    with pytest.raises(GlmqError, match="weight_scale' should be bfloat16 \\[96, 4\\]"):
+        QuantLinear.from_linear(lin, fmt, tensors=bad)
+    with pytest.raises(GlmqError, match="expects tensors \\['weight', 'weight_scale', 'weight_zero'\\]"):
+        QuantLinear.from_linear(lin, fmt, tensors={k: v for k, v in tensors.items() if k != "weight_zero"})
+    with pytest.raises(GlmqError, match="valid formats: int4, fp8_e4m3, int8"):
         QuantLinear.from_linear(lin, "nf4")
-    with pytest.raises(ValueError, match="group_size must be one of"):
+    with pytest.raises(GlmqError, match="group_size must be one of"):
         QuantLinear.from_linear(lin, "int4", group_size=100)
+    with pytest.raises(ValueError, match="format parameters"):
+        QuantLinear.from_linear(lin, fmt, group_size=32)
     with pytest.raises(ValueError, match="valid modes"):
         q.mode = "fast"
 
@@ -135,22 +140,70 @@ def test_swap_linears():
     model = model.to(torch.bfloat16)
     x = torch.randn(4, IN).to(torch.bfloat16)
     ref = model(x).float()
-    plan = {"0": {"fmt_name": "int8"}, "2.0": {"fmt_name": "int4", "group_size": 32, "symmetric": False}}
+    plan = {"0": {"format": "int8"}, "2.0": {"format": get_format("int4", group_size=32, symmetric=False),
+                                             "mode": "reference"}}
     assert swap_linears(model, plan) is model
-    assert isinstance(model[0], QuantLinear) and model[0].fmt_name == "int8"
-    assert isinstance(model[2][0], QuantLinear) and model[2][0].group_size == 32 and model[2][0].bias is None
+    assert isinstance(model[0], QuantLinear) and model[0].fmt_name == "int8" and model[0].mode == "auto"
+    assert isinstance(model[2][0], QuantLinear) and model[2][0].format.group_size == 32
+    assert model[2][0].bias is None and model[2][0].mode == "reference"
     sqnr = _sqnr(ref, model(x))
     print(f"swapped model output SQNR {sqnr:.1f} dB")
     assert sqnr >= RTN_SQNR_DB["int4"] - 3
 
     with torch.device("meta"):
         skeleton = nn.Sequential(nn.Linear(IN, 128))
-    swap_linears(skeleton, {"0": {"fmt_name": "fp8_e4m3"}})
+    swap_linears(skeleton, {"0": get_format("fp8_e4m3")})
     assert isinstance(skeleton[0], QuantLinear) and skeleton[0].weight.is_meta
     assert skeleton[0].weight.dtype == torch.float8_e4m3fn
 
-    for bad_plan, message in [({"1": {"fmt_name": "int8"}}, "GELU, not an nn.Linear"),
-                              ({"5": {"fmt_name": "int8"}}, "no such submodule"),
-                              ({"2.0": {"fmt": "int8"}}, "needs 'fmt_name'")]:
+    for bad_plan, message in [({"1": {"format": "int8"}}, "GELU, not an nn.Linear"),
+                              ({"5": {"format": "int8"}}, "no such submodule"),
+                              ({"2.0": {"fmt_name": "int8"}}, "needs 'format'")]:
         with pytest.raises(ValueError, match=message):
             swap_linears(nn.Sequential(nn.Linear(8, 8), nn.GELU(), nn.Sequential(nn.Linear(8, 8))), bad_plan)
+
+
+@pytest.mark.parametrize("group", [32, 128])
+def test_symmetric_int4_scale_is_the_formats(group):
+    # glmq issue #19: the runtime kept its own RTN with s = amax / 7, while Int4Format uses
+    # s = max(-min / 8, max / 7) (the code -8 is used when the negative side dominates). One format now.
+    lin = nn.Linear(IN, OUT, bias=False)
+    with torch.no_grad():
+        lin.weight[0, :group] = torch.linspace(-1.0, 0.5, group)  # -min/8 = 0.125; amax/7 = 0.143
+    fmt = Int4Format(group_size=group, symmetric=True)
+    q = QuantLinear.from_linear(lin, fmt)
+    want = fmt.quantize(lin.weight)
+    assert torch.equal(q.weight_scale, want["weight_scale"]) and torch.equal(q.weight, want["weight"])
+    s = q.weight_scale[0, 0].float().item()
+    print(f"group {group}: scale of the negative-heavy group {s:.6f} (amax/7 would be {1 / 7:.6f})")
+    assert s == torch.tensor(1.0 / 8).to(torch.bfloat16).item()  # -min / 8, not amax / 7
+    by_name = QuantLinear.from_linear(lin, "int4", group_size=group, symmetric=True)
+    assert torch.equal(by_name.weight_scale, want["weight_scale"])
+
+
+def test_runtime_defines_no_format_tables():
+    # The runtime holds no layouts of its own: no format tables, no RTN, no activation-mode map; qlinear
+    # takes its formats from glmq.quant.formats.
+    import ast
+    from pathlib import Path
+
+    import glmq.runtime
+
+    banned = {"FORMATS", "_stored_specs", "rtn_quantize", "_MODES", "_check_format", "GROUP_SIZES"}
+    for path in Path(glmq.runtime.__file__).parent.glob("*.py"):
+        tree = ast.parse(path.read_text(encoding="utf-8"))
+        defined = set()
+        for node in ast.walk(tree):
+            if isinstance(node, (ast.FunctionDef, ast.ClassDef)):
+                defined.add(node.name)
+            elif isinstance(node, (ast.Assign, ast.AnnAssign)):
+                for t in node.targets if isinstance(node, ast.Assign) else [node.target]:
+                    defined |= {n.id for n in ast.walk(t) if isinstance(n, ast.Name)}
+            elif isinstance(node, ast.ImportFrom) and path.name == "qlinear.py":
+                assert node.module is None or not node.module.startswith(("glmq.kernels", "kernels")), \
+                    f"qlinear imports {node.module}: kernels are the formats' business"
+                defined |= {a.asname or a.name for a in node.names if a.name in banned}
+        assert not defined & banned, f"{path.name} defines {sorted(defined & banned)}"
+    tree = ast.parse((Path(glmq.runtime.__file__).parent / "qlinear.py").read_text(encoding="utf-8"))
+    sources = {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
+    assert "glmq.quant.formats" in sources

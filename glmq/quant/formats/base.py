@@ -193,6 +193,44 @@ class QuantFormat(ABC):
             y = y + bias.float()
         return y.to(x.dtype)
 
+    # ---- runtime: what QuantLinear.forward calls ------------------------------------------------------
+
+    kernel_quantizes_activations: ClassVar[bool] = False
+    """True when :meth:`matmul` quantizes ``x`` as well (W8A8); the planner then maps a recipe's
+    ``activations = "weight_only"`` to the dequantize-then-matmul path instead."""
+
+    def kernel_runs(self, x: torch.Tensor, shape: Shape) -> bool:
+        """Whether :meth:`matmul` can run for input ``x`` and a weight of ``shape`` here (device, dtype,
+        alignment). False for formats without a kernel."""
+        return False
+
+    def matmul(
+        self, x: torch.Tensor, tensors: dict[str, torch.Tensor], bias: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Kernel matmul ``x @ W^T + bias`` through ``glmq.kernels`` (the fast path), ``x`` ``[..., K]`` ->
+        ``[..., N]`` in ``x.dtype``. W8A8 formats quantize ``x`` per token first. Raises where the kernel
+        cannot run; :meth:`kernel_runs` says where it can."""
+        raise GlmqError(f"{self.name} has no kernel; use matmul_dequantized or matmul_ref.")
+
+    def matmul_kernel_ref(
+        self, x: torch.Tensor, tensors: dict[str, torch.Tensor], bias: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Pure-torch reference of :meth:`matmul`, the same numbers in fp32 (the kernel's ``*_ref``): for a
+        weight-only kernel this is :meth:`matmul_ref`; W8A8 formats quantize ``x`` as the kernel does."""
+        return self.matmul_ref(x, tensors, bias)
+
+    def matmul_dequantized(
+        self, x: torch.Tensor, tensors: dict[str, torch.Tensor], bias: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Weight-only fallback for any device: dequantize to ``x.dtype``, then ``F.linear`` (the stored
+        tensors are not validated here: this runs on every forward)."""
+        w = self._dequantize_stored(tensors).to(x.dtype)
+        return torch.nn.functional.linear(x, w, None if bias is None else bias.to(x.dtype))
+
+    @abstractmethod
+    def _dequantize_stored(self, tensors: dict[str, torch.Tensor]) -> torch.Tensor:
+        """:meth:`dequantize` without validation: the fp32 weight ``[N, K]`` of well-formed ``tensors``."""
+
     @abstractmethod
     def _stored_shape(self, tensors: dict[str, torch.Tensor]) -> tuple[int, int]:
         """The logical weight shape ``(N, K)`` recovered from stored tensors."""
@@ -296,4 +334,33 @@ class PerChannelFormat(QuantFormat):
 
     def dequantize(self, tensors: dict[str, torch.Tensor], shape: Shape) -> torch.Tensor:
         self.validate_tensors(tensors, shape)
+        return self._dequantize_stored(tensors)
+
+    def _dequantize_stored(self, tensors: dict[str, torch.Tensor]) -> torch.Tensor:
         return tensors["weight"].float() * tensors["weight_scale"]
+
+    # ---- runtime: W8A8 kernels (glmq.kernels.w8a8_linear), imported on first use ------------------------
+
+    kernel_quantizes_activations: ClassVar[bool] = True
+    kernel_alignment: ClassVar[int]
+    """K and N must be multiples of this for the kernel's GEMM (``torch._scaled_mm``: 16, ``_int_mm``: 8)."""
+
+    @abstractmethod
+    def _kernels(self) -> tuple[Any, Any, Any]:
+        """``(linear, linear_ref, supported)`` from ``glmq.kernels.w8a8_linear`` for this format."""
+
+    def kernel_runs(self, x: torch.Tensor, shape: Shape) -> bool:
+        if x.device.type != "cuda":
+            return False
+        a = self.kernel_alignment
+        return self._kernels()[2](x.device) and shape[0] % a == 0 and shape[1] % a == 0
+
+    def matmul(
+        self, x: torch.Tensor, tensors: dict[str, torch.Tensor], bias: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        return self._kernels()[0](x, tensors["weight"], tensors["weight_scale"], bias)
+
+    def matmul_kernel_ref(
+        self, x: torch.Tensor, tensors: dict[str, torch.Tensor], bias: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        return self._kernels()[1](x, tensors["weight"], tensors["weight_scale"], bias)

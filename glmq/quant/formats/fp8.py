@@ -7,10 +7,11 @@ Stored under a linear's prefix, for a weight ``W`` ``[N, K]``:
 
 ``q = float8_e4m3fn(clamp(w / s, -448, 448))`` (round to nearest even), ``w ~= q.float() * s``.
 
-At runtime the activations are quantized per token (per row of ``x``) the same way,
-:func:`quantize_activation_per_token`, and the product is ``(xq @ q^T) * x_scale * s^T`` with fp32
-accumulation: :meth:`Fp8Format.matmul_w8a8_ref` is the reference for such kernels, while
-:meth:`Fp8Format.matmul_ref` (the contract shared by every format) multiplies unquantized ``x``.
+At runtime the activations are quantized per token (per row of ``x``) the same way and the product is
+``(xq @ q^T) * x_scale * s^T`` with fp32 accumulation: :meth:`Fp8Format.matmul` runs it on fp8 tensor cores
+(``glmq.kernels.w8a8_linear.fp8_linear``) and :meth:`Fp8Format.matmul_kernel_ref` is its pure-torch
+reference, while :meth:`Fp8Format.matmul_ref` (the contract shared by every format) multiplies unquantized
+``x``.
 """
 
 from __future__ import annotations
@@ -20,8 +21,7 @@ from typing import Any, ClassVar
 
 import torch
 
-from glmq.errors import GlmqError
-from glmq.quant.formats.base import PerChannelFormat, guard_scale
+from glmq.quant.formats.base import PerChannelFormat
 
 FP8_MAX = 448.0
 
@@ -32,15 +32,7 @@ def _to_fp8(x: torch.Tensor) -> torch.Tensor:
     return x.clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
 
 
-def quantize_activation_per_token(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Dynamic per-token fp8 quantization of activations ``x`` ``[..., K]``.
-
-    Returns ``(xq, x_scale)``: float8_e4m3fn ``[..., K]`` and float32 ``[..., 1]`` with
-    ``x ~= xq.float() * x_scale`` and ``x_scale = amax(|x_row|) / 448`` (1 for an all-zero row).
-    """
-    xf = x.float()
-    scale = guard_scale(xf.abs().amax(dim=-1, keepdim=True) / FP8_MAX)
-    return _to_fp8(xf / scale), scale
+_KERNELS: dict[str, tuple[Any, Any, Any]] = {}
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -50,6 +42,15 @@ class Fp8Format(PerChannelFormat):
     name: ClassVar[str] = "fp8_e4m3"
     code_dtype: ClassVar[torch.dtype] = torch.float8_e4m3fn
     qmax: ClassVar[float] = FP8_MAX
+    kernel_alignment: ClassVar[int] = 16
+
+    def _kernels(self) -> tuple[Any, Any, Any]:
+        fns = _KERNELS.get(self.name)
+        if fns is None:  # on first use: the kernels import triton; afterwards a dict lookup per forward
+            from glmq.kernels.w8a8_linear import fp8_linear, fp8_linear_ref, fp8_supported
+
+            fns = _KERNELS[self.name] = (fp8_linear, fp8_linear_ref, fp8_supported)
+        return fns
 
     def config(self) -> dict[str, Any]:
         return {
@@ -60,19 +61,3 @@ class Fp8Format(PerChannelFormat):
 
     def _codes(self, w: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
         return _to_fp8(w / scale)
-
-    def matmul_w8a8_ref(
-        self, x: torch.Tensor, tensors: dict[str, torch.Tensor], bias: torch.Tensor | None = None
-    ) -> torch.Tensor:
-        """Reference of the W8A8 runtime: ``x`` ``[..., K]`` quantized per token to fp8, an fp8 x fp8
-        product accumulated in fp32, then scaled by ``x_scale * weight_scale^T``; bias added in fp32;
-        returned in ``x.dtype``."""
-        n, k = self._stored_shape(tensors)
-        if x.shape[-1] != k:
-            raise GlmqError(f"matmul_w8a8_ref: x has {x.shape[-1]} input features, the weight expects K={k}.")
-        self.validate_tensors(tensors, (n, k))
-        xq, xs = quantize_activation_per_token(x)
-        y = (xq.float() @ tensors["weight"].float().T) * xs * tensors["weight_scale"].T
-        if bias is not None:
-            y = y + bias.float()
-        return y.to(x.dtype)
