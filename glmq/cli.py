@@ -539,6 +539,9 @@ def _main(argv: list[str] | None) -> int:
         return EXIT_USER_ERROR
     finally:
         interrupts.uninstall()
+        from glmq.bench.provenance import set_command
+
+        set_command(None)  # an in-process caller's later results must not inherit this command
 
 
 def _user_error(e: BaseException) -> str | None:

@@ -54,11 +54,11 @@ def _is_code(porcelain_line: str) -> bool:
 _COMMAND: list[str] | None = None
 
 
-def set_command(args: list[str]) -> None:
+def set_command(args: list[str] | None) -> None:
     """The command line to record from now on (the ``glmq`` CLI sets its own argv, which callers that run it
-    in-process do not have in ``sys.argv``)."""
+    in-process do not have in ``sys.argv``, and clears it with None when it returns)."""
     global _COMMAND
-    _COMMAND = list(args)
+    _COMMAND = list(args) if args is not None else None
 
 
 def _command(argv: list[str] | None) -> str:
