@@ -16,7 +16,7 @@ Variants (all time the whole step: forward(s), guidance, Euler update):
   batched_graph    ... plus a CUDA graph of the forward
   *_cudnn          the same under SDPA's cuDNN attention backend
   *_triton_attn    with glmq's Triton attention processor (glmq.runtime.attention), when it imports
-  fp8_*            attn1.to_* / ff.net.* swapped to fp8 QuantLinear (glmq.runtime.qlinear), when it imports
+  fp8_*            attn1.to_* / ff.net.* swapped to fp8 QuantLinear (glmq.quant.formats.linear), when it imports
   compile_*        torch.compile of every block (last: it is the slowest to prepare)
 
 Correctness: one step of each main variant against an fp32 copy of the same weights (stock loop), as the
@@ -333,7 +333,7 @@ def main() -> int:
             print(f"rel err vs fp32, {name}: {err:.3e}", flush=True)
 
     def fp8_copy():
-        from glmq.runtime.qlinear import swap_linears
+        from glmq.quant.formats.linear import swap_linears
 
         model = copy.deepcopy(dit)
         plan = {}

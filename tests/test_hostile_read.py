@@ -443,7 +443,7 @@ def test_fuzz_manifest_and_model_index(signed):
 def test_fuzz_gguf(gguf_dir, tmp_path):
     from gguf import GGUFReader
 
-    from glmq.export.gguf_reader import GgufTensorSource
+    from glmq.quant.formats.gguf.reader import GgufTensorSource
 
     src = _dit_gguf(gguf_dir)
     data = src.read_bytes()

@@ -33,10 +33,6 @@ KNOWN = {
     ("glmq/io/validate.py", "glmq.runtime.loader"),  # GGUF components: with the GGUF reader, below runtime
     # model-level evaluation and reports belong in their own folder above runtime and quant
     ("glmq/quant/fidelity.py", "glmq.runtime.loader"),
-    # in-memory quantization swaps in QuantLinear, which could live with the formats
-    ("glmq/quant/inplace.py", "glmq.runtime.qlinear"),
-    # the GGUF reader (names and dequantization) should sit with io and the formats, not in export
-    ("glmq/runtime/loader.py", "glmq.export.gguf_reader"),
     # exporting a bf16 source quantizes it by recipe: the conversion should be reachable below export
     ("glmq/export/compressed_tensors.py", "glmq.quant.convert"),
     ("glmq/export/compressed_tensors.py", "glmq.quant.recipe"),

@@ -2,11 +2,11 @@
 
 ``OUT/`` (built in ``OUT.partial`` and renamed when complete, with a sha256 manifest):
 
-- ``glm-image-ar-<TYPE>.gguf``: the AR, llama.cpp tensor names and metadata (:mod:`glmq.export.gguf_names`,
+- ``glm-image-ar-<TYPE>.gguf``: the AR, llama.cpp tensor names and metadata (:mod:`glmq.quant.formats.gguf.names`,
   including the full Hugging Face config as JSON), types by plan (``Q4_K_M``: llama.cpp's mix,
-  :func:`glmq.export.gguf_quants.q4_k_m_plan`).
+  :func:`glmq.quant.formats.gguf.blocks.q4_k_m_plan`).
 - ``glm-image-dit-<TYPE>.gguf``: the DiT, ComfyUI-GGUF conventions (diffusers tensor names), types by
-  :func:`glmq.export.gguf_quants.dit_plan`.
+  :func:`glmq.quant.formats.gguf.blocks.dit_plan`.
 - the other components as in the source (glyph encoder and VAE safetensors, tokenizer, processor,
   scheduler), ``model_index.json``, and ``vision_language_encoder/`` / ``transformer/`` holding only their
   ``config.json`` (plus ``generation_config.json``) with a ``quantization_config`` naming the GGUF file:
@@ -35,8 +35,8 @@ import numpy as np
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, LlamaFileType
 
 from glmq.errors import GlmqError
-from glmq.export import gguf_names as gn
-from glmq.export import gguf_quants as gq
+from glmq.quant.formats.gguf import names as gn
+from glmq.quant.formats.gguf import blocks as gq
 from glmq.export.hf import (
     check_choice,
     copy_component,
@@ -94,7 +94,7 @@ DIT_TYPES: dict[str, GgufType] = {
     "Q4_K_S": GgufType(lambda s: gq.dit_plan(s, T.Q4_K), LlamaFileType.MOSTLY_Q4_K_S),
 }
 """DiT export types (ComfyUI-GGUF's names): one block type for every quantized linear weight, the
-conditioning embedders and output layer in BF16 (:func:`glmq.export.gguf_quants.dit_plan`)."""
+conditioning embedders and output layer in BF16 (:func:`glmq.quant.formats.gguf.blocks.dit_plan`)."""
 
 
 def gguf_file_name(component: str, type_name: str) -> str:

@@ -1,7 +1,7 @@
 """Quantize live modules by a recipe, in place (no checkpoint on disk).
 
 ``quantize_modules({"vision_language_encoder": ar, "transformer": dit}, "default")`` swaps every linear
-layer the recipe selects for a :class:`~glmq.runtime.qlinear.QuantLinear` holding exactly the tensors
+layer the recipe selects for a :class:`~glmq.quant.formats.linear.QuantLinear` holding exactly the tensors
 ``glmq quantize`` would have written (same formats, same data-free algorithms). Used by ``glmq bench
 --model full-random``, which builds the released architecture directly on the GPU; calibrated algorithms
 (GPTQ) need ``glmq quantize`` and its calibration pass instead.
@@ -21,7 +21,7 @@ def quantize_modules(components: dict, recipe: str = "default") -> dict[str, int
 
     from glmq.quant.plan import module_linears, plan_layers
     from glmq.quant.recipe import load_recipe
-    from glmq.runtime.qlinear import QuantLinear
+    from glmq.quant.formats.linear import QuantLinear
 
     rec = load_recipe(recipe)
     counts = {}

@@ -1,7 +1,7 @@
 """The planner: which linear layer gets which format, algorithm and runtime mode, by recipe.
 
 One place maps a recipe's rules to a component's linear layers (the first matching rule decides a layer;
-``format = "none"`` keeps it) and a recipe's ``activations`` to the :class:`~glmq.runtime.qlinear.QuantLinear`
+``format = "none"`` keeps it) and a recipe's ``activations`` to the :class:`~glmq.quant.formats.linear.QuantLinear`
 mode the runtime runs it in. ``glmq quantize`` (``glmq.quant.convert``), in-memory quantization
 (``glmq.quant.inplace``) and the loader (``glmq.runtime.loader``, from a checkpoint's
 ``quantization_config``) all plan through this module, so they cannot disagree.

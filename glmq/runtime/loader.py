@@ -1,7 +1,7 @@
 """Load GLM-Image components into the upstream classes, quantized layers as :class:`QuantLinear`.
 
 Each component is built on the meta device from its ``config.json``; the linear layers a glmq
-``quantization_config`` lists are swapped for empty :class:`~glmq.runtime.qlinear.QuantLinear` modules;
+``quantization_config`` lists are swapped for empty :class:`~glmq.quant.formats.linear.QuantLinear` modules;
 then the module is materialized on the target device and every stored tensor is copied in, one at a time,
 straight from the memory-mapped safetensors. Nothing is ever held twice, and nothing is randomly
 initialized only to be overwritten. Works for the bf16 release, make-tiny folders and ``glmq quantize``
@@ -72,7 +72,7 @@ def load_component(cr: ComponentReader, *, device: str | torch.device = "cpu", d
     import torch
 
     from glmq.models.build import build_model
-    from glmq.runtime.qlinear import QuantLinear, swap_linears
+    from glmq.quant.formats.linear import QuantLinear, swap_linears
 
     model = build_model(cr.component, cr.config)
     plan = quant_plan(cr)
@@ -178,7 +178,7 @@ class GgufComponent:
     """A component exported by ``glmq export gguf``: its config.json points at a GGUF file."""
 
     def __init__(self, folder: Path, comp):
-        from glmq.export.gguf_reader import GgufTensorSource
+        from glmq.quant.formats.gguf.reader import GgufTensorSource
         from glmq.io.layout import read_json
 
         self.folder = Path(folder)

@@ -19,9 +19,9 @@ from gguf import GGMLQuantizationType as T
 
 from glmq.errors import CheckpointError, GlmqError, OutputExistsError
 from glmq.export import gguf_export as ge
-from glmq.export import gguf_names as gn
-from glmq.export import gguf_quants as gq
-from glmq.export.gguf_reader import GgufTensorSource, read_metadata
+from glmq.quant.formats.gguf import names as gn
+from glmq.quant.formats.gguf import blocks as gq
+from glmq.quant.formats.gguf.reader import GgufTensorSource, read_metadata
 from glmq.io.layout import BY_NAME
 from glmq.io.reader import PipelineReader
 from glmq.testing import assert_one_line_error, tree_snapshot

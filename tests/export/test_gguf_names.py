@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from glmq.errors import GlmqError
-from glmq.export import gguf_names as gn
+from glmq.quant.formats.gguf import names as gn
 
 # The released AR: GlmImageConfig defaults plus the text rope parameters (GLM_IMAGE.md).
 ROPE = {"rope_type": "default", "rope_theta": 10000, "partial_rotary_factor": 0.5, "mrope_section": [8, 12, 12]}

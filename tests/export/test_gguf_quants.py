@@ -14,7 +14,7 @@ import pytest
 from gguf import GGMLQuantizationType as T
 
 from glmq.errors import GlmqError
-from glmq.export import gguf_quants as gq
+from glmq.quant.formats.gguf import blocks as gq
 
 ALL_TYPES = list(gq.QUANT_TYPES)
 REFERENCE_RULE_TYPES = [T.Q8_0, T.Q5_0, T.Q5_1]  # bytes must equal gguf-py's own quantizer

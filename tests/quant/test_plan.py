@@ -60,7 +60,7 @@ def test_convert_inplace_and_loader_plan_alike(tiny_dir):
     loader's swap plan from the quantization_config convert writes: the same, layer for layer."""
     from glmq.quant.inplace import quantize_modules
     from glmq.runtime.loader import load_component, open_component, quant_plan
-    from glmq.runtime.qlinear import QuantLinear
+    from glmq.quant.formats.linear import QuantLinear
 
     rec = load_recipe("fast")
     reader = PipelineReader(tiny_dir)

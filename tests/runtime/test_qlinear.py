@@ -15,7 +15,7 @@ from torch import nn
 from glmq.errors import GlmqError
 from glmq.quant.formats import Int4Format, get_format
 from glmq.quant.metrics import sqnr_db
-from glmq.runtime.qlinear import QuantLinear, swap_linears
+from glmq.quant.formats.linear import QuantLinear, swap_linears
 
 IN, OUT = 256, 96  # in_features a multiple of every group size; OUT awkward for the kernels' tiles
 
@@ -182,15 +182,16 @@ def test_symmetric_int4_scale_is_the_formats(group):
 
 
 def test_runtime_defines_no_format_tables():
-    # The runtime holds no layouts of its own: no format tables, no RTN, no activation-mode map; qlinear
-    # takes its formats from glmq.quant.formats.
+    # The runtime holds no layouts of its own: no format tables, no RTN, no activation-mode map; QuantLinear
+    # (glmq.quant.formats.linear) takes its formats from the registry and leaves the kernels to them.
     import ast
     from pathlib import Path
 
+    import glmq.quant.formats.linear as linear
     import glmq.runtime
 
     banned = {"FORMATS", "_stored_specs", "rtn_quantize", "_MODES", "_check_format", "GROUP_SIZES"}
-    for path in Path(glmq.runtime.__file__).parent.glob("*.py"):
+    for path in [*Path(glmq.runtime.__file__).parent.glob("*.py"), Path(linear.__file__)]:
         tree = ast.parse(path.read_text(encoding="utf-8"))
         defined = set()
         for node in ast.walk(tree):
@@ -199,11 +200,11 @@ def test_runtime_defines_no_format_tables():
             elif isinstance(node, (ast.Assign, ast.AnnAssign)):
                 for t in node.targets if isinstance(node, ast.Assign) else [node.target]:
                     defined |= {n.id for n in ast.walk(t) if isinstance(n, ast.Name)}
-            elif isinstance(node, ast.ImportFrom) and path.name == "qlinear.py":
+            elif isinstance(node, ast.ImportFrom) and path.name == "linear.py":
                 assert node.module is None or not node.module.startswith(("glmq.kernels", "kernels")), \
-                    f"qlinear imports {node.module}: kernels are the formats' business"
+                    f"QuantLinear imports {node.module}: kernels are the formats' business"
                 defined |= {a.asname or a.name for a in node.names if a.name in banned}
         assert not defined & banned, f"{path.name} defines {sorted(defined & banned)}"
-    tree = ast.parse((Path(glmq.runtime.__file__).parent / "qlinear.py").read_text(encoding="utf-8"))
+    tree = ast.parse(Path(linear.__file__).read_text(encoding="utf-8"))
     sources = {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
     assert "glmq.quant.formats" in sources

@@ -3,7 +3,7 @@
 :class:`GgufTensorSource` opens a ``glm-image-ar-*.gguf`` or ``glm-image-dit-*.gguf`` file written by
 :mod:`glmq.export.gguf_export` (memory-mapped by gguf-py's ``GGUFReader``: opening costs the header only),
 rebuilds the model config stored in its metadata and serves each tensor under its transformers/diffusers
-name, dequantized by :mod:`glmq.export.gguf_quants`. ``glmq.load`` uses it to accept GGUF files:
+name, dequantized by :mod:`glmq.quant.formats.gguf.blocks`. ``glmq.load`` uses it to accept GGUF files:
 
     src = GgufTensorSource("glm-image-ar-Q4_K_M.gguf")
     model = build_model(BY_NAME[src.component], src.config, device="cpu")
@@ -20,8 +20,8 @@ import numpy as np
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFReader, GGUFValueType
 
 from glmq.errors import CheckpointError, GlmqError
-from glmq.export import gguf_names as gn
-from glmq.export import gguf_quants as gq
+from glmq.quant.formats.gguf import names as gn
+from glmq.quant.formats.gguf import blocks as gq
 
 if TYPE_CHECKING:
     import torch

@@ -568,7 +568,7 @@ def _fit_row_length(qtype: GGMLQuantizationType, cols: int) -> GGMLQuantizationT
 def q4_k_m_plan(shapes: Mapping[str, Sequence[int]]) -> dict[str, GGMLQuantizationType]:
     """GGUF type per tensor for a Q4_K_M export of the AR, following llama.cpp's Q4_K_M mix.
 
-    ``shapes`` maps GGUF tensor names (see :mod:`glmq.export.gguf_names`) to PyTorch shapes
+    ``shapes`` maps GGUF tensor names (see :mod:`glmq.quant.formats.gguf.names`) to PyTorch shapes
     ``(rows, cols)``; ``cols`` is the contiguous dimension that blocks run along. Rules:
 
     - 1-D tensors (norms, biases) stay F32; so does anything named ``*_norm.weight``.
