@@ -290,7 +290,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
                       images=args.images, baseline=args.baseline, profile=args.profile, seed=args.seed,
                       device=args.device, compile=not args.no_compile, attention=args.attention,
                       cuda_graph=not args.no_cuda_graph, warmup_steps=args.warmup_steps,
-                      attention_precision=args.attention_precision, edits=edits)
+                      attention_precision=args.attention_precision, edits=edits, guidance=args.guidance)
     if args.baseline_only:
         cfg.baseline, cfg.recipes = True, ()
     if cfg.path is None and args.model == "tiny":
@@ -465,6 +465,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="denoising steps of the untimed warm-up image (default: --steps; fewer can leave "
                         "compilation for the full schedule to the timed image)")
     p.add_argument("--baseline", action="store_true", help="also run stock diffusers GlmImagePipeline in bf16")
+    p.add_argument("--guidance", type=_finite_float(), default=1.5,
+                   help="classifier-free guidance scale, for glmq and stock diffusers alike (default 1.5)")
     p.add_argument("--edits", default="1,2",
                    help="image-to-image rows after each tier's text-to-image, in the same process: comma-separated "
                         "reference counts (1 or 2; default 1,2), or 'none'")

@@ -41,6 +41,11 @@ def test_bench_on_cpu_writes_json_markdown_and_png(tiny_dir, tmp_path):
         assert row["checks"]["same_seed_prior_tokens_equal"] == 1.0
         assert row["checks"]["same_seed_image_max_abs_diff"] == 0.0
         assert "speedup_vs_stock" not in row  # stock diffusers ran no edit to compare with
+    # What ran, read from the run, and figures that agree with each other.
+    assert result["consistency_problems"] == [], result["consistency_problems"]
+    for row in (stock, big_tier, edit1, edit2):
+        assert row["ran"]["steps"] == 2 and row["ran"]["guidance"] == 1.5 and row["ran"]["size"] == "64x64", row
+    assert big_tier["ran"]["ar_tokens"] == 261 and edit1["ran"]["ar_tokens"] < 261  # an edit fills only the target
     # Where it came from: commit and command.
     assert env["command"] == f"glmq bench {tiny_dir} --out {out} --size 64x64 --steps 2 --recipe default " \
                              "--baseline --tiers 0.5,80 --json"
@@ -90,3 +95,32 @@ def test_merged_results_recompute_speedups_and_refuse_mixed_cards():
     assert merged["environment"]["date"] == "2026-01-02"
     with pytest.raises(GlmqError, match="different cards"):
         merge_results([result("H100", "d", []), result("H200", "d", [])])
+
+
+def _consistent_result():
+    def row(provider, task="t2i"):
+        return {"provider": provider, "tier_gib": None, "task": task, "size": "1024x1024", "fit": True,
+                "seconds_per_image": {"median": 20.0, "min": 20.0, "max": 20.0},
+                "stages": {"ar_s": 6.4, "ar_ms_per_token": 5.0, "glyph_s": 0.1, "dit_s": 8.5, "dit_ms_per_step": 170.0,
+                           "vae_s": 0.2},
+                "ran": {"steps": 50, "guidance": 1.5, "size": "1024x1024", "ar_tokens": 1280}}
+    return {"config": {"steps": 50, "guidance": 1.5}, "rows": [row("stock diffusers bf16"), row("glmq")]}
+
+
+@pytest.mark.parametrize("fault, needle", [
+    (lambda r: r["rows"][1]["stages"].update(ar_ms_per_token=50.0), "tokens x"),    # ms/token off by 10x
+    (lambda r: r["rows"][1]["stages"].update(dit_ms_per_step=17.0), "steps x"),
+    (lambda r: r["rows"][0]["ran"].update(steps=25), "ran 25 steps"),             # stock with half the steps
+    (lambda r: r["rows"][0]["ran"].update(guidance=1.0), "guidance 1.0"),         # stock without guidance
+    (lambda r: r["rows"][1]["stages"].update(dit_s=85.0, dit_ms_per_step=1700.0), "add up to"),
+    (lambda r: r["rows"][1].pop("ran"), "records nothing"),
+])
+def test_consistency_check_catches_figures_that_disagree(fault, needle):
+    from glmq.bench.report import check_consistency
+
+    result = _consistent_result()
+    assert check_consistency(result) == []
+    fault(result)
+    problems = check_consistency(result)
+    print(problems)
+    assert any(needle in p for p in problems), problems

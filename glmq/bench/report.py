@@ -60,7 +60,8 @@ def markdown(result: dict) -> str:
     lines = [f"# glmq bench: {env.get('card')}", "",
              f"{env['date']}; torch {env['torch']}, transformers {env['transformers']}, diffusers {env['diffusers']}, "
              f"glmq {env['glmq']}" + (f", CUDA {env['cuda']}" if env.get("cuda") else ""), "",
-             f"Model: {cfg['model']}; {cfg['steps']} steps, guidance 1.5, {cfg['images']} image(s) per row after "
+             f"Model: {cfg['model']}; {cfg['steps']} steps, guidance {cfg.get('guidance', 1.5):g}, {cfg['images']} "
+             "image(s) per row after "
              "one warm-up (stock: no warm-up); prompt: \"" + cfg["prompt"] + "\"", "",
              "| " + " | ".join(HEADER) + " |", "|" + "---|" * len(HEADER)]
     for row in table_rows(result):
@@ -152,6 +153,44 @@ def update_readme(result: dict, readme: Path) -> None:
     head, rest = text.split(README_START, 1)
     _, tail = rest.split(README_END, 1)
     readme.write_text(head + readme_table(result) + tail, encoding="utf-8")
+
+
+def check_consistency(result: dict, rel_tol: float = 0.02) -> list[str]:
+    """Problems in a result's own figures (empty when none): per-unit figures that do not multiply back to
+    their stage's seconds, stages that add up to more than the image, rows that did not run what the
+    configuration asked (steps, guidance, size), and stock rows that ran other steps or guidance than the glmq
+    rows they are compared with. A result whose figures disagree cannot be trusted, whatever they say."""
+    problems = []
+    cfg = result.get("config", {})
+    want_steps, want_guidance = cfg.get("steps"), cfg.get("guidance")
+
+    def close(a, b):
+        return abs(a - b) <= rel_tol * max(abs(a), abs(b)) + 1e-3
+
+    for i, r in enumerate(result.get("rows", [])):
+        if not r.get("fit"):
+            continue
+        name = f"row {i} ({r['provider']}, {r.get('tier_gib')} GiB, {r.get('task', 't2i')}, {r['size']})"
+        st, ran = r.get("stages", {}), r.get("ran")
+        if ran is None:
+            problems.append(f"{name}: records nothing of what ran")
+            continue
+        tokens = ran.get("ar_tokens")
+        if tokens and not close(st["ar_s"], tokens * st["ar_ms_per_token"] / 1000):
+            problems.append(f"{name}: AR {st['ar_s']} s is not {tokens} tokens x {st['ar_ms_per_token']} ms")
+        if not close(st["dit_s"], ran["steps"] * st["dit_ms_per_step"] / 1000):
+            problems.append(f"{name}: DiT {st['dit_s']} s is not {ran['steps']} steps x {st['dit_ms_per_step']} ms")
+        staged = st["ar_s"] + st["dit_s"] + st.get("glyph_s", 0) + st.get("vae_s", 0)
+        if staged > r["seconds_per_image"]["max"] * (1 + rel_tol) + 1e-3:
+            problems.append(f"{name}: its stages add up to {staged:.3f} s, more than the image's "
+                            f"{r['seconds_per_image']['max']} s")
+        if want_steps is not None and ran["steps"] != want_steps:
+            problems.append(f"{name}: ran {ran['steps']} steps, the configuration asked for {want_steps}")
+        if want_guidance is not None and ran.get("guidance") != want_guidance:
+            problems.append(f"{name}: ran guidance {ran.get('guidance')}, the configuration asked for {want_guidance}")
+        if ran.get("size") not in (None, r["size"]):
+            problems.append(f"{name}: ran {ran['size']}, the row says {r['size']}")
+    return problems
 
 
 def add_speedups(rows: list[dict]) -> list[dict]:

@@ -39,6 +39,7 @@ class BenchConfig:
     tiers: tuple[float, ...] | None = None
     sizes: tuple[tuple[int, int], ...] = ((1024, 1024),)
     steps: int = 50
+    guidance: float = 1.5
     images: int = 1
     baseline: bool = False
     profile: bool = False
@@ -259,6 +260,7 @@ def _run_baseline(comps, pieces, cfg: BenchConfig, size, device, valid_vocab) ->
 
     def on_step(p, i, t, kw):
         marks["dit_end"] = _now(device)
+        marks["steps"] = marks.get("steps", 0) + 1
         return kw
 
     w, h = size
@@ -266,7 +268,8 @@ def _run_baseline(comps, pieces, cfg: BenchConfig, size, device, valid_vocab) ->
     try:
         for i in range(cfg.images):
             t0 = _now(device)
-            pipe(cfg.prompt, height=h, width=w, num_inference_steps=cfg.steps,
+            marks["steps"] = 0
+            pipe(cfg.prompt, height=h, width=w, num_inference_steps=cfg.steps, guidance_scale=cfg.guidance,
                  generator=torch.Generator(device="cpu").manual_seed(cfg.seed + i), callback_on_step_end=on_step)
             times.append(_now(device) - t0)
     finally:
@@ -282,6 +285,9 @@ def _run_baseline(comps, pieces, cfg: BenchConfig, size, device, valid_vocab) ->
                    "dit_s": round(dit, 3), "dit_ms_per_step": round(1000 * dit / cfg.steps, 2),
                    "glyph_and_vae_s": round(times[-1] - marks.get("ar", 0) - dit, 3)},
         "peak_allocated_gib": alloc, "peak_reserved_gib": reserved,
+        # What ran, read from the run: the steps the callback counted, the guidance the pipeline used.
+        "ran": {"steps": marks.get("steps", 0), "guidance": float(getattr(pipe, "guidance_scale", float("nan"))),
+                "size": f"{w}x{h}"},
     }
 
 
@@ -309,7 +315,7 @@ def _run_glmq(pipe, cfg: BenchConfig, size, device) -> tuple[list[float], list]:
     if cfg.warmup:
         warm_steps = min(cfg.steps, cfg.warmup_steps or cfg.steps)
         t0 = time.perf_counter()
-        warm = pipe(cfg.prompt, height=h, width=w, num_inference_steps=warm_steps,
+        warm = pipe(cfg.prompt, height=h, width=w, num_inference_steps=warm_steps, guidance_scale=cfg.guidance,
                     generator=torch.Generator().manual_seed(cfg.seed), output_type="pt")
         checks["warmup_s"] = round(time.perf_counter() - t0, 3)  # compilation, graph capture, autotuning
         warm_prior = pipe.last_prior_token_ids
@@ -319,7 +325,7 @@ def _run_glmq(pipe, cfg: BenchConfig, size, device) -> tuple[list[float], list]:
             torch.cuda.reset_peak_memory_stats(device)
     seconds, stages = [], []
     for i in range(cfg.images):
-        out = pipe(cfg.prompt, height=h, width=w, num_inference_steps=cfg.steps,
+        out = pipe(cfg.prompt, height=h, width=w, num_inference_steps=cfg.steps, guidance_scale=cfg.guidance,
                    generator=torch.Generator().manual_seed(cfg.seed + i), output_type="pt")
         seconds.append(pipe.last_times.total_s)
         stages.append(pipe.last_times)
@@ -354,13 +360,14 @@ def _run_edit(pipe, cfg: BenchConfig, size, device, tier, recipe: str, n_refs: i
         _reset_peaks(device)
         t0 = time.perf_counter()
         warm = pipe(EDIT_PROMPT, image=refs, height=h, width=w, num_inference_steps=cfg.steps,
-                    generator=torch.Generator().manual_seed(cfg.seed), output_type="pt")
+                    guidance_scale=cfg.guidance, generator=torch.Generator().manual_seed(cfg.seed), output_type="pt")
         checks = {"warmup_s": round(time.perf_counter() - t0, 3), "warmup_mode": pipe.last_times.extra.get("mode")}
         warm_prior = pipe.last_prior_token_ids
         seconds, stages = [], []
         for i in range(cfg.images):
             got = pipe(EDIT_PROMPT, image=refs, height=h, width=w, num_inference_steps=cfg.steps,
-                       generator=torch.Generator().manual_seed(cfg.seed + i), output_type="pt")
+                       guidance_scale=cfg.guidance, generator=torch.Generator().manual_seed(cfg.seed + i),
+                       output_type="pt")
             seconds.append(pipe.last_times.total_s)
             stages.append(pipe.last_times)
             if i == 0:
@@ -369,7 +376,7 @@ def _run_edit(pipe, cfg: BenchConfig, size, device, tier, recipe: str, n_refs: i
                 checks["same_seed_image_max_abs_diff"] = round(float((got.float() - warm.float()).abs().max()), 5)
         alloc, reserved = _peak(device)
         row.update(fit=True, mode=stages[-1].extra.get("mode", pipe.mode), checks=checks,
-                   seconds_per_image=_summary(seconds), stages=stage_dict(stages[-1]),
+                   seconds_per_image=_summary(seconds), stages=stage_dict(stages[-1]), ran=ran_dict(stages[-1]),
                    peak_allocated_gib=alloc, peak_reserved_gib=reserved,
                    stage_peaks_reserved_gib=stages[-1].extra.get("peak_reserved_gib_after"),
                    **_device_peak(device, tier))
@@ -387,6 +394,12 @@ def _reset_peaks(device) -> None:
 
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
+
+
+def ran_dict(t) -> dict:
+    """What a glmq call ran, as the pipeline recorded it (:class:`~glmq.runtime.pipeline.StageTimes`)."""
+    return {"steps": t.dit_steps, "guidance": t.extra.get("guidance_scale"), "size": t.extra.get("size"),
+            "mode": t.extra.get("mode"), "ar_tokens": t.ar_tokens}
 
 
 def stage_dict(t) -> dict:
@@ -499,6 +512,7 @@ def run_bench(cfg: BenchConfig, out: Path) -> dict:
                         _log(f"{recipe} tier {tier}: {seconds} s")
                         alloc, reserved = _peak(device)
                         row.update(fit=True, seconds_per_image=_summary(seconds), stages=stage_dict(stages[-1]),
+                                   ran=ran_dict(stages[-1]),
                                    peak_allocated_gib=alloc, peak_reserved_gib=reserved, task="t2i",
                                    stage_peaks_reserved_gib=stages[-1].extra.get("peak_reserved_gib_after"),
                                    **_device_peak(device, tier))
@@ -533,15 +547,18 @@ def run_bench(cfg: BenchConfig, out: Path) -> dict:
 
 
 def _result(env: dict, cfg: BenchConfig, tiers, rows: list[dict]) -> dict:
-    from glmq.bench.report import add_speedups
+    from glmq.bench.report import add_speedups, check_consistency
 
     add_speedups(rows)
-    return {"environment": env, "config": {"model": cfg.model if cfg.path is None else str(cfg.path),
+    result = {"environment": env, "config": {"model": cfg.model if cfg.path is None else str(cfg.path),
                                            "recipes": list(cfg.recipes), "tiers": tiers,
                                            "sizes": [f"{w}x{h}" for w, h in cfg.sizes], "steps": cfg.steps,
+                                           "guidance": cfg.guidance,
                                            "warmup_steps": cfg.warmup_steps or cfg.steps, "images": cfg.images,
                                            "prompt": cfg.prompt, "seed": cfg.seed},
             "rows": rows}
+    result["consistency_problems"] = check_consistency(result)
+    return result
 
 
 def _valid_vocab(comps) -> int:

@@ -201,7 +201,8 @@ class GlmqPipeline:
             plan_grids = inputs["image_grid_thw"][:len(images)].clone()
             plan_grids[:, 1:] *= 2
         mode = self.mode_for(self.request_for(height, width, plan_grids))
-        times = StageTimes(extra={"mode": str(mode)})
+        times = StageTimes(extra={"mode": str(mode), "guidance_scale": float(guidance_scale),
+                                  "size": f"{width}x{height}"})
         t_start = time.perf_counter()
         bar = StageProgress(enabled=progress)
         report = callback or (lambda stage, done, total: None)
