@@ -265,6 +265,10 @@ def guard_scale(scale: torch.Tensor) -> torch.Tensor:
     return torch.where(scale > 0, scale, one).clamp_min(torch.finfo(torch.float32).tiny)
 
 
+# The W8A8 kernel functions of each per-channel format, looked up once (see PerChannelFormat._kernels).
+_W8A8_KERNELS: dict[str, tuple[Any, Any, Any]] = {}
+
+
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class PerChannelFormat(QuantFormat):
     """Shared body of the symmetric per-output-channel formats (int8, fp8): ``weight`` ``[N, K]`` of
@@ -345,9 +349,16 @@ class PerChannelFormat(QuantFormat):
     kernel_alignment: ClassVar[int]
     """K and N must be multiples of this for the kernel's GEMM (``torch._scaled_mm``: 16, ``_int_mm``: 8)."""
 
-    @abstractmethod
+    kernel_names: ClassVar[tuple[str, str, str]]
+    """``(linear, linear_ref, supported)``: this format's functions in ``glmq.kernels.w8a8_linear``."""
+
     def _kernels(self) -> tuple[Any, Any, Any]:
-        """``(linear, linear_ref, supported)`` from ``glmq.kernels.w8a8_linear`` for this format."""
+        fns = _W8A8_KERNELS.get(self.name)
+        if fns is None:  # on first use: the kernels import triton; afterwards a dict lookup per forward
+            from glmq.kernels import w8a8_linear
+
+            fns = _W8A8_KERNELS[self.name] = tuple(getattr(w8a8_linear, n) for n in self.kernel_names)
+        return fns
 
     def kernel_runs(self, x: torch.Tensor, shape: Shape) -> bool:
         if x.device.type != "cuda":

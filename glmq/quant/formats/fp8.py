@@ -32,9 +32,6 @@ def _to_fp8(x: torch.Tensor) -> torch.Tensor:
     return x.clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
 
 
-_KERNELS: dict[str, tuple[Any, Any, Any]] = {}
-
-
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class Fp8Format(PerChannelFormat):
     """float8_e4m3fn per-output-channel format; see the module docstring for the exact layout."""
@@ -43,14 +40,7 @@ class Fp8Format(PerChannelFormat):
     code_dtype: ClassVar[torch.dtype] = torch.float8_e4m3fn
     qmax: ClassVar[float] = FP8_MAX
     kernel_alignment: ClassVar[int] = 16
-
-    def _kernels(self) -> tuple[Any, Any, Any]:
-        fns = _KERNELS.get(self.name)
-        if fns is None:  # on first use: the kernels import triton; afterwards a dict lookup per forward
-            from glmq.kernels.w8a8_linear import fp8_linear, fp8_linear_ref, fp8_supported
-
-            fns = _KERNELS[self.name] = (fp8_linear, fp8_linear_ref, fp8_supported)
-        return fns
+    kernel_names: ClassVar[tuple[str, str, str]] = ("fp8_linear", "fp8_linear_ref", "fp8_supported")
 
     def config(self) -> dict[str, Any]:
         return {

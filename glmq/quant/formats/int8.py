@@ -18,9 +18,6 @@ import torch
 from glmq.quant.formats.base import PerChannelFormat
 
 
-_KERNELS: dict[str, tuple[Any, Any, Any]] = {}
-
-
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class Int8Format(PerChannelFormat):
     """8-bit integer per-output-channel format; see the module docstring for the exact layout."""
@@ -29,14 +26,7 @@ class Int8Format(PerChannelFormat):
     code_dtype: ClassVar[torch.dtype] = torch.int8
     qmax: ClassVar[float] = 127.0
     kernel_alignment: ClassVar[int] = 8
-
-    def _kernels(self) -> tuple[Any, Any, Any]:
-        fns = _KERNELS.get(self.name)
-        if fns is None:  # on first use: the kernels import triton; afterwards a dict lookup per forward
-            from glmq.kernels.w8a8_linear import int8_linear, int8_linear_ref, int8_supported
-
-            fns = _KERNELS[self.name] = (int8_linear, int8_linear_ref, int8_supported)
-        return fns
+    kernel_names: ClassVar[tuple[str, str, str]] = ("int8_linear", "int8_linear_ref", "int8_supported")
 
     def config(self) -> dict[str, Any]:
         return {**self._base_config(), "code_range": [-127, 127], "rounding": "round half to even"}
