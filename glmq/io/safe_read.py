@@ -134,8 +134,8 @@ def _parse_constant(s: str):
     raise _Refused(f"the non-standard constant {s}")
 
 
-def loads_json(data: bytes | str, where: str | os.PathLike, what: str, *, max_depth: int = MAX_DEPTH) -> Any:
-    """Parse JSON text from ``where`` (a path or a description) into Python values; one-line errors."""
+def _bounded_text(data: bytes | str, where, what: str, max_depth: int) -> str:
+    """UTF-8 text nested at most ``max_depth`` levels (checked before any recursive parser sees it)."""
     try:
         text = data.decode("utf-8") if isinstance(data, (bytes, bytearray)) else data
     except UnicodeDecodeError:
@@ -143,6 +143,12 @@ def loads_json(data: bytes | str, where: str | os.PathLike, what: str, *, max_de
     depth = nesting_depth(text)
     if depth > max_depth:
         raise CheckpointError(f"{where}: {what} nests {depth} levels deep, more than the {max_depth} glmq accepts")
+    return text
+
+
+def loads_json(data: bytes | str, where: str | os.PathLike, what: str, *, max_depth: int = MAX_DEPTH) -> Any:
+    """Parse JSON text from ``where`` (a path or a description) into Python values; one-line errors."""
+    text = _bounded_text(data, where, what, max_depth)
     try:
         return json.loads(text, parse_int=_parse_int, parse_float=_parse_float, parse_constant=_parse_constant)
     except _Refused as e:
@@ -164,14 +170,7 @@ def read_toml(path: str | os.PathLike, what: str, *, max_bytes: int = MAX_SMALL_
     """A TOML document from a regular file of at most ``max_bytes``; :class:`CheckpointError` otherwise."""
     import tomllib
 
-    raw = read_bytes(path, what, max_bytes)
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError:
-        raise CheckpointError(f"{path}: {what} is not valid UTF-8") from None
-    depth = nesting_depth(text)
-    if depth > MAX_DEPTH:
-        raise CheckpointError(f"{path}: {what} nests {depth} levels deep, more than the {MAX_DEPTH} glmq accepts")
+    text = _bounded_text(read_bytes(path, what, max_bytes), path, what, MAX_DEPTH)
     try:
         return tomllib.loads(text, parse_float=_parse_float)
     except _Refused as e:

@@ -8,6 +8,7 @@ describes every quantized layer precisely); formats glmq does not own are report
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 from glmq.errors import CheckpointError
@@ -28,18 +29,18 @@ def _first(problems: list[str]) -> str:
     return problems[0] + more
 
 
+def _param_count(expected: dict) -> int:
+    """Values in all the tensors of ``{name: shape}``."""
+    return sum(math.prod(shape) for shape in expected.values())
+
+
 def check_component(reader: ComponentReader) -> ComponentCheck:
     """Raise :class:`CheckpointError` naming the first problem; return counts when the component is sound."""
     from glmq.models.build import expected_specs
 
     comp = reader.component
     expected = expected_specs(comp, reader.config)
-    params = 0
-    for shape in expected.values():
-        n = 1
-        for d in shape:
-            n *= d
-        params += n
+    params = _param_count(expected)
     qcfg = reader.quantization_config
     if qcfg is not None:
         where = f"{reader.folder}/config.json"
@@ -191,10 +192,5 @@ def _check_gguf_component(folder, comp, *, values: bool) -> ComponentCheck:
     if values:
         for name in stored:
             src.get(name)
-    params = 0
-    for shape in expected.values():
-        n = 1
-        for d in shape:
-            n *= d
-        params += n
+    params = _param_count(expected)
     return ComponentCheck(params, True)
