@@ -8,6 +8,28 @@ import sys
 from pathlib import Path
 
 
+def fail_if_blocked(seconds: int, what: str):
+    """Context manager: raise AssertionError (naming ``what``) instead of hanging when the block takes longer
+    than ``seconds`` (SIGALRM; main thread only). For reads of FIFOs and other things that could block."""
+    import contextlib
+    import signal
+
+    @contextlib.contextmanager
+    def guard():
+        def _timeout(signum, frame):
+            raise AssertionError(what)
+
+        old = signal.signal(signal.SIGALRM, _timeout)
+        signal.alarm(seconds)
+        try:
+            yield
+        finally:
+            signal.alarm(0)
+            signal.signal(signal.SIGALRM, old)
+
+    return guard()
+
+
 def run_cli(*args: str, cwd: str | Path | None = None, env: dict | None = None,
             timeout: float = 600) -> subprocess.CompletedProcess:
     """Run ``glmq ARGS`` in a fresh interpreter, as a user would, capturing text output."""

@@ -13,7 +13,6 @@ import json
 import os
 import random
 import shutil
-import signal
 import struct
 
 import numpy as np
@@ -22,7 +21,8 @@ import torch
 
 import glmq
 from glmq.errors import GlmqError
-from glmq.testing import assert_one_line_error, assert_user_error, run_cli, run_cli_inprocess, tree_snapshot
+from glmq.testing import (assert_one_line_error, assert_user_error, fail_if_blocked, run_cli, run_cli_inprocess,
+                          tree_snapshot)
 
 DIT = "transformer"
 DIT_INDEX = "diffusion_pytorch_model.safetensors.index.json"
@@ -33,23 +33,20 @@ FUZZ_SEED = int(os.environ.get("GLMQ_FUZZ_SEED", "21"))
 @pytest.fixture
 def alarm():
     """Fail instead of hanging if anything blocks (a FIFO, an endless build) for more than 60 s."""
-    def _timeout(signum, frame):
-        raise AssertionError("hung: no answer within 60 s")
+    with fail_if_blocked(60, "hung: no answer within 60 s"):
+        yield
 
-    old = signal.signal(signal.SIGALRM, _timeout)
-    signal.alarm(60)
-    yield
-    signal.alarm(0)
-    signal.signal(signal.SIGALRM, old)
+
+def _copy_to_damage(src, dst):
+    """A private copy of ``src`` to damage, its manifest removed so that the checks themselves must catch it."""
+    shutil.copytree(src, dst)
+    (dst / "glmq-manifest.json").unlink()
+    return dst
 
 
 @pytest.fixture
 def broken(tiny_dir, tmp_path):
-    """A private copy of the tiny folder to damage (manifest removed, so the checks themselves must catch it)."""
-    dst = tmp_path / "model"
-    shutil.copytree(tiny_dir, dst)
-    (dst / "glmq-manifest.json").unlink()
-    return dst
+    return _copy_to_damage(tiny_dir, tmp_path / "model")
 
 
 @pytest.fixture
@@ -281,10 +278,7 @@ def gguf_dir(tiny_dir, tmp_path_factory):
 
 @pytest.fixture
 def gguf_copy(gguf_dir, tmp_path):
-    dst = tmp_path / "g"
-    shutil.copytree(gguf_dir, dst)
-    (dst / "glmq-manifest.json").unlink()
-    return dst
+    return _copy_to_damage(gguf_dir, tmp_path / "g")
 
 
 def _dit_gguf(folder):

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import struct
 
 import pytest
@@ -13,20 +12,14 @@ import torch
 from glmq.errors import CheckpointError
 from glmq.io import safe_read
 from glmq.io.finite import check_finite, count_nonfinite
-from glmq.testing import assert_one_line_error
+from glmq.testing import assert_one_line_error, fail_if_blocked
 
 
 @pytest.fixture
 def alarm():
     """Fail (instead of hanging the suite) if a read blocks for more than 10 s."""
-    def _timeout(signum, frame):
-        raise AssertionError("the read blocked")
-
-    old = signal.signal(signal.SIGALRM, _timeout)
-    signal.alarm(10)
-    yield
-    signal.alarm(0)
-    signal.signal(signal.SIGALRM, old)
+    with fail_if_blocked(10, "the read blocked"):
+        yield
 
 
 def _refused(fn, *needles):
