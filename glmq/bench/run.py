@@ -16,7 +16,6 @@ otherwise, GLM_IMAGE.md). It costs one masked fill per token.
 from __future__ import annotations
 
 import contextlib
-import datetime as dt
 import platform
 import statistics
 import tempfile
@@ -71,7 +70,6 @@ def environment(device) -> dict:
 
     env = {
         **provenance(),
-        "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "host": platform.node(),
         "python": platform.python_version(),
         "torch": torch.__version__,
@@ -306,37 +304,46 @@ def _now(device) -> float:
     return time.perf_counter()
 
 
-def _run_glmq(pipe, cfg: BenchConfig, size, device) -> tuple[list[float], list]:
+def _warm_then_timed(pipe, cfg: BenchConfig, size, device, *, prompt: str, image=None, warm_steps: int | None,
+                     reset_after_warmup: bool = True):
+    """An untimed call with ``cfg.seed`` (``warm_steps`` steps; None: no warm-up), which pays for compilation,
+    graph capture and autotuning; then ``cfg.images`` timed calls with seeds ``cfg.seed + i``. The first timed
+    call must reproduce the warm-up: its AR tokens, and its pixels when the warm-up ran the same steps.
+    Peak memory is reset after the warm-up unless ``reset_after_warmup`` is False.
+
+    Returns ``(seconds, stage times, checks, last image)``."""
     import torch
 
     w, h = size
+
+    def call(steps: int, seed: int):
+        return pipe(prompt, image=image, height=h, width=w, num_inference_steps=steps, guidance_scale=cfg.guidance,
+                    generator=torch.Generator().manual_seed(seed), output_type="pt")
+
     checks: dict = {}
-    warm = None
-    if cfg.warmup:
-        warm_steps = min(cfg.steps, cfg.warmup_steps or cfg.steps)
+    warm = warm_prior = None
+    if warm_steps:
         t0 = time.perf_counter()
-        warm = pipe(cfg.prompt, height=h, width=w, num_inference_steps=warm_steps, guidance_scale=cfg.guidance,
-                    generator=torch.Generator().manual_seed(cfg.seed), output_type="pt")
+        warm = call(warm_steps, cfg.seed)
         checks["warmup_s"] = round(time.perf_counter() - t0, 3)  # compilation, graph capture, autotuning
+        checks["warmup_mode"] = pipe.last_times.extra.get("mode")
         warm_prior = pipe.last_prior_token_ids
         if warm_steps != cfg.steps:
             warm = None  # a shorter warm-up makes a different image: nothing to compare
-        if device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(device)
-    seconds, stages = [], []
+        if reset_after_warmup:
+            _reset_peaks(device)
+    seconds, stages, out = [], [], None
     for i in range(cfg.images):
-        out = pipe(cfg.prompt, height=h, width=w, num_inference_steps=cfg.steps, guidance_scale=cfg.guidance,
-                   generator=torch.Generator().manual_seed(cfg.seed + i), output_type="pt")
+        out = call(cfg.steps, cfg.seed + i)
         seconds.append(pipe.last_times.total_s)
         stages.append(pipe.last_times)
-        checks["_last_image"] = out
-        if i == 0 and cfg.warmup:
+        if i == 0 and warm_prior is not None:
             # The warm-up used the same seed: a deterministic pipeline reproduces its tokens and pixels.
             prior = pipe.last_prior_token_ids
             checks["same_seed_prior_tokens_equal"] = round(float((prior == warm_prior).float().mean()), 4)
             if warm is not None:
                 checks["same_seed_image_max_abs_diff"] = round(float((out.float() - warm.float()).abs().max()), 5)
-    return seconds, stages, checks
+    return seconds, stages, checks, out
 
 
 EDIT_PROMPT = "Make the poster say 'glmq' in bold red letters, keep everything else"
@@ -357,23 +364,9 @@ def _run_edit(pipe, cfg: BenchConfig, size, device, tier, recipe: str, n_refs: i
     row = {"provider": "glmq", "recipe": recipe, "tier_gib": tier, "size": f"{w}x{h}", "steps": cfg.steps,
            "images": cfg.images, "task": f"edit, {n_refs} reference{'s' if n_refs > 1 else ''}"}
     try:
-        _reset_peaks(device)
-        t0 = time.perf_counter()
-        warm = pipe(EDIT_PROMPT, image=refs, height=h, width=w, num_inference_steps=cfg.steps,
-                    guidance_scale=cfg.guidance, generator=torch.Generator().manual_seed(cfg.seed), output_type="pt")
-        checks = {"warmup_s": round(time.perf_counter() - t0, 3), "warmup_mode": pipe.last_times.extra.get("mode")}
-        warm_prior = pipe.last_prior_token_ids
-        seconds, stages = [], []
-        for i in range(cfg.images):
-            got = pipe(EDIT_PROMPT, image=refs, height=h, width=w, num_inference_steps=cfg.steps,
-                       guidance_scale=cfg.guidance, generator=torch.Generator().manual_seed(cfg.seed + i),
-                       output_type="pt")
-            seconds.append(pipe.last_times.total_s)
-            stages.append(pipe.last_times)
-            if i == 0:
-                checks["same_seed_prior_tokens_equal"] = round(
-                    float((pipe.last_prior_token_ids == warm_prior).float().mean()), 4)
-                checks["same_seed_image_max_abs_diff"] = round(float((got.float() - warm.float()).abs().max()), 5)
+        _reset_peaks(device)  # an edit row's peak includes its untimed first call, as measured on the H200
+        seconds, stages, checks, _ = _warm_then_timed(pipe, cfg, size, device, prompt=EDIT_PROMPT, image=refs,
+                                                      warm_steps=cfg.steps, reset_after_warmup=False)
         alloc, reserved = _peak(device)
         row.update(fit=True, mode=stages[-1].extra.get("mode", pipe.mode), checks=checks,
                    seconds_per_image=_summary(seconds), stages=stage_dict(stages[-1]), ran=ran_dict(stages[-1]),
@@ -506,8 +499,9 @@ def run_bench(cfg: BenchConfig, out: Path) -> dict:
                         row["mode"] = pipe.mode
                         row["dit_attention"] = pipe.attention_precision
                         _log(f"{recipe} tier {tier}: mode {pipe.mode}, generating")
-                        seconds, stages, checks = _run_glmq(pipe, cfg, size, device)
-                        last = checks.pop("_last_image")
+                        warm_steps = min(cfg.steps, cfg.warmup_steps or cfg.steps) if cfg.warmup else None
+                        seconds, stages, checks, last = _warm_then_timed(pipe, cfg, size, device, prompt=cfg.prompt,
+                                                                         warm_steps=warm_steps)
                         row["checks"] = checks
                         _log(f"{recipe} tier {tier}: {seconds} s")
                         alloc, reserved = _peak(device)
