@@ -14,7 +14,7 @@ A budget counts what a real card must hold: the allocator's peak reserved bytes 
 (driver, library handles, loaded kernels), which lives outside the allocator. Estimates are the weights'
 bytes on the GPU plus per-stage activations (calibrated on the GPU, see :func:`activation_allowance`),
 the request's extras (the reference images' K/V cache and VAE encode), the context and a fragmentation
-margin. ``choose_mode`` picks the fastest mode whose peak fits the usual requests; each call is checked
+margin. ``choose_mode`` picks the fastest mode whose peak fits text-to-image; each call is checked
 again with :func:`mode_for_request`, which moves a larger request (two references, 2048x2048) to a leaner
 mode for that call or refuses it before any work.
 """
@@ -88,17 +88,6 @@ class Request:
         return bool(self.reference_tokens)
 
 
-def reference_tokens_for(height: int, width: int) -> int:
-    """Upsampled VQ ids of a reference of about ``height`` x ``width`` pixels (one per 16x16 patch)."""
-    return (height // 16) * (width // 16)
-
-
-# The request a pipeline's mode is chosen for: text-to-image at the size it is planned for. Larger requests
-# (references, a larger size) are re-planned per call by mode_for_request.
-def usual_requests(height: int = 1024, width: int = 1024) -> tuple[Request, ...]:
-    return (Request(height, width),)
-
-
 VAE_TILE_PIXELS = 1024  # side of a tile when the VAE decodes in tiles (glmq.runtime.pipeline.decode_tiled)
 
 
@@ -137,12 +126,10 @@ def _scaled(nbytes: int, s: StageSizes, req: Request) -> int:
     return int(nbytes * want / have)
 
 
-def stage_peaks(s: StageSizes, mode: str, request: Request | None = None, *,
-                image_to_image: bool | None = None) -> dict[str, int]:
-    """Estimated GPU bytes (reserved + context) at the peak of each stage of one call in ``mode``."""
+def stage_peaks(s: StageSizes, mode: str, request: Request | None = None) -> dict[str, int]:
+    """Estimated GPU bytes (reserved + context) at the peak of each stage of one call in ``mode`` (``request``
+    default: text-to-image at the size ``s`` was measured for)."""
     req = request or Request(*s.size)
-    if image_to_image and not req.image_to_image:  # older call style: one reference of the image's size
-        req = Request(req.height, req.width, (reference_tokens_for(req.height, req.width),))
     if mode not in MODES:
         raise GlmqError(f"unknown memory mode {mode!r}; valid modes: {', '.join(MODES)}")
     mode = MemoryMode(mode)
@@ -181,31 +168,27 @@ def peak_bytes(s: StageSizes, mode: str, request: Request | None = None) -> int:
     return max(stage_peaks(s, mode, request).values())
 
 
-def choose_mode(s: StageSizes, budget_bytes: int | None, *, image_to_image: bool = False,
-                requested: str | None = None, requests: tuple[Request, ...] | None = None) -> str:
-    """The fastest mode whose estimated peak fits ``budget_bytes`` for every one of ``requests`` (default:
-    :func:`usual_requests` at the sizes' resolution; ``requested`` forces a mode)."""
+def choose_mode(s: StageSizes, budget_bytes: int | None, *, requested: str | None = None) -> MemoryMode:
+    """The fastest mode whose estimated peak fits ``budget_bytes`` for text-to-image at the size ``s`` was
+    measured for (``requested`` forces a mode). Larger requests (references, a larger size) are planned per
+    call by :func:`mode_for_request`."""
     if requested is not None:
         if requested not in MODES:
             raise GlmqError(f"unknown memory mode {requested!r}; valid modes: {', '.join(MODES)}")
         return MemoryMode(requested)
     if budget_bytes is None:
         return MemoryMode.RESIDENT
-    if requests is None:
-        requests = usual_requests(*s.size)
-        if image_to_image:
-            requests = (Request(*s.size, (reference_tokens_for(*s.size),)),)
     for mode in MemoryMode:
-        if all(peak_bytes(s, mode, r) <= budget_bytes for r in requests):
+        if peak_bytes(s, mode) <= budget_bytes:
             return mode
-    need = max(peak_bytes(s, "offload", r) for r in requests)
+    need = peak_bytes(s, MemoryMode.OFFLOAD)
     raise GlmqError(
         f"does not fit: even with per-block offload this model needs about {need / GiB:.1f} GiB of GPU "
         f"memory, the budget is {budget_bytes / GiB:.1f} GiB"
     )
 
 
-def mode_for_request(s: StageSizes, budget_bytes: int | None, base_mode: str, request: Request) -> str:
+def mode_for_request(s: StageSizes, budget_bytes: int | None, base_mode: str, request: Request) -> MemoryMode:
     """The mode one call runs in: ``base_mode`` (the pipeline's), or a leaner one when this request would
     not fit the budget in it. Raises :class:`GlmqError` before any work when no mode fits.
 
