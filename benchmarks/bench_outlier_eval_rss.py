@@ -1,7 +1,7 @@
 """Host memory of the outlier evaluation that ``glmq quantize`` runs on the CPU at the released layer shapes.
 
 Peak RSS (``ru_maxrss``) of one process that imports what a conversion imports (torch, transformers,
-diffusers, glmq), records its RSS, then runs :func:`glmq.quant.outlier_eval.evaluate_outliers` for a recipe
+diffusers, glmq), records its RSS, then runs :func:`glmq.evaluate.outlier_eval.evaluate_outliers` for a recipe
 at ``size="full"``. The conversion runs this step before it first uses a GPU, so that on ``--device cuda``
 this peak and the host memory the CUDA libraries hold (~1-1.5 GB) do not add up.
 
@@ -40,7 +40,7 @@ def main() -> None:
     import torch
     import transformers  # noqa: F401
 
-    from glmq.quant.outlier_eval import evaluate_outliers
+    from glmq.evaluate.outlier_eval import evaluate_outliers
     from glmq.quant.recipe import load_recipe
 
     after_imports = _rss_gb()

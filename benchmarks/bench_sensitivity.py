@@ -8,7 +8,7 @@ e4m3; round-to-nearest) cost, and what does it save?
 Measured per (group, format):
 
 - (a) weight SQNR on the real-shape tensors of the random-weight model (Gaussian init), and on a
-  seeded outlier-injected version of each distinct shape (``glmq.quant.outliers.make_outlier_layer``:
+  seeded outlier-injected version of each distinct shape (``glmq.evaluate.outliers.make_outlier_layer``:
   heavy-tailed weights; for linear layers also the output SQNR on the generator's outlier activations;
   at most ``OUTLIER_ROWS`` rows are drawn for the huge embedding tables);
 - (b) model-level effect on a model with the released WIDTHS but ``LAYERS`` decoder/DiT/vision blocks
@@ -130,7 +130,7 @@ def db(sig, noise):
 
 def outlier_weight_stats(shape, fmt, linear: bool, rows: int = OUTLIER_ROWS) -> dict:
     from glmq.quant.metrics import sqnr_db
-    from glmq.quant.outliers import make_outlier_layer
+    from glmq.evaluate.outliers import make_outlier_layer
 
     n, k = shape
     rows = min(n, rows)
@@ -156,7 +156,7 @@ def main() -> None:
     from glmq.bench.provenance import provenance
     from glmq.io.layout import BY_NAME
     from glmq.models.build import build_model, build_processor
-    from glmq.quant import fidelity
+    from glmq.evaluate import fidelity
     from glmq.quant.formats import get_format
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -312,7 +312,7 @@ def reference_image(processor):
 
 
 def compare(kind, ref, got) -> dict:
-    from glmq.quant import fidelity
+    from glmq.evaluate import fidelity
 
     if kind == "ar":
         return fidelity.compare_logits(ref["logits"], got["logits"])

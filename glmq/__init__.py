@@ -18,7 +18,7 @@ def __getattr__(name: str):
 
         return load
     if name == "quantize":
-        from glmq.quant.convert import quantize
+        from glmq.evaluate.quantize import quantize
 
         return quantize
     if name == "make_tiny":

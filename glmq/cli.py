@@ -111,8 +111,8 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
 
 
 def _cmd_quantize(args: argparse.Namespace) -> int:
-    from glmq.quant.convert import quantize
-    from glmq.quant.report import layer_summary, outlier_summary
+    from glmq.evaluate.quantize import quantize
+    from glmq.evaluate.report import summary_text
 
     _check_device(args.device)
     report = quantize(args.src, args.out, recipe=args.recipe, device=args.device, calib_prompts=args.calib_prompts,
@@ -121,76 +121,20 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(report, indent=2))
         return 0
-    before = sum(c["bytes_before"] for c in report["components"].values())
-    after = sum(c["bytes_after"] for c in report["components"].values())
-    print(f"wrote {args.out}: recipe {report['recipe']['name']}, weights {before / 1e9:.3f} GB -> {after / 1e9:.3f} GB")
-    for r in layer_summary(report):
-        out = f", output SQNR min {r['output_sqnr_min']} dB" if r["output_sqnr_min"] is not None else ""
-        print(f"  {r['component']:<24} {r['format']:<9} {r['layers']:>4} layers, {r['bits_per_weight']:.2f} bits/weight, "
-              f"weight SQNR min {r['weight_sqnr_min']} dB, median {r['weight_sqnr_median']} dB{out}")
-    ml = report.get("model_level")
-    if ml and "skipped" not in ml:
-        print(f"  model level: AR logits SQNR {ml['ar']['logits_sqnr_db']} dB (KL {ml['ar']['kl_mean']}), "
-              f"image PSNR {ml['image']['psnr_db']} dB vs bf16")
-    elif ml:
-        print(f"  model level: skipped ({ml['skipped']})")
-    worst = outlier_summary(report.get("outlier_eval"))
-    if worst:
-        print(f"  outlier layers (synthetic, full-size shapes): worst {worst}")
-    print(f"report: {args.out}/quantization_report.md")
+    print(summary_text(report, args.out))
     return 0
-
-
-def _parse_size(text: str) -> tuple[int, int]:
-    from glmq.errors import GlmqError
-
-    try:
-        w, h = (int(x) for x in text.lower().split("x"))
-    except ValueError:
-        raise GlmqError(f"--size must look like 1024x1024 (WIDTHxHEIGHT), got {text!r}") from None
-    if w <= 0 or h <= 0 or w % 32 or h % 32:
-        raise GlmqError(f"--size {text}: width and height must be positive multiples of 32 (GLM-Image works "
-                        f"on a 32-pixel token grid)")
-    return w, h
-
-
-def _image_format(out: Path) -> str:
-    """The PIL format that ``out``'s suffix names (checked before the minutes of generation)."""
-    from PIL import Image
-
-    from glmq.errors import GlmqError
-
-    if out.name in ("", ".", ".."):
-        raise GlmqError(f"--out {str(out)!r} must name an image file, e.g. out.png")
-    fmt = Image.registered_extensions().get(out.suffix.lower())
-    if fmt is None or fmt not in Image.SAVE:
-        raise GlmqError(f"--out {out}: unknown image type {out.suffix or '(no suffix)'!r}; use .png, .jpg or .webp")
-    return fmt
 
 
 def _cmd_generate(args: argparse.Namespace) -> int:
     import torch
 
     import glmq
-    from glmq.errors import GlmqError
+    from glmq.io.images import check_image_out, parse_size, read_image, save_image
 
-    width, height = _parse_size(args.size)
+    width, height = parse_size(args.size)
     out = Path(args.out)
-    image_format = _image_format(out)
-    if out.is_dir():
-        raise GlmqError(f"{out} is a folder; --out names the image file to write")
-    if os.path.lexists(out) and not args.force:
-        raise GlmqError(f"{out} already exists; pass --force to replace it")
-    if not out.parent.is_dir():
-        raise GlmqError(f"{out.parent}: output folder does not exist")
-    images = []
-    for ref in args.image or []:
-        from PIL import Image, UnidentifiedImageError
-
-        try:
-            images.append(Image.open(ref).convert("RGB"))
-        except (OSError, UnidentifiedImageError) as e:
-            raise GlmqError(f"{ref}: cannot read image ({e.__class__.__name__})") from None
+    image_format = check_image_out(out, force=args.force)
+    images = [read_image(ref) for ref in args.image or []]
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     _check_device(device)
     pipe = glmq.load(args.path, device=device, vram_budget_gb=args.vram_budget_gb, mode=args.memory_mode,
@@ -199,13 +143,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     result = pipe(args.prompt, image=images or None, height=height, width=width,
                   num_inference_steps=args.steps, guidance_scale=args.guidance, generator=generator,
                   progress=not args.json)
-    # A name of this process's own: two runs writing the same --out cannot mix their bytes.
-    partial = out.with_name(f".{out.name}.{os.getpid()}.partial")
-    try:
-        result[0].save(partial, format=image_format)
-        os.replace(partial, out)
-    finally:
-        partial.unlink(missing_ok=True)
+    save_image(result[0], out, image_format)
     t = pipe.last_times
     summary = {"out": str(out), "size": [width, height], "steps": args.steps, "seed": args.seed,
                "device": device, "memory_mode": pipe.mode, "dit_attention": pipe.attention_precision,
@@ -283,7 +221,9 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         raise GlmqError(f"--tiers must be positive GiB numbers, got {args.tiers!r}")
     if args.device is not None:
         _check_device(args.device)
-    sizes = tuple(_parse_size(s) for s in (args.size or ["1024x1024"]))
+    from glmq.io.images import parse_size
+
+    sizes = tuple(parse_size(s) for s in (args.size or ["1024x1024"]))
     edits = _parse_edits(args.edits)
     cfg = BenchConfig(path=Path(args.path) if args.path else None, model=args.model,
                       recipes=tuple(args.recipe or ["default"]), tiers=tiers, sizes=sizes, steps=args.steps,
@@ -339,7 +279,9 @@ def _cmd_export(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     from glmq import __version__
     from glmq.models.configs import SIZES
-    from glmq.quant.recipe import ATTENTION_PRECISIONS
+    from glmq.bench.run import BENCH_MODELS
+    from glmq.quant.recipe import ATTENTION_KERNELS, ATTENTION_PRECISIONS, available_recipes
+    from glmq.runtime.memory import MemoryMode
 
     parser = _Parser(prog="glmq", description="Quantize, export and run GLM-Image on ordinary GPUs.")
     parser.add_argument("--version", action="version", version=f"glmq {__version__}")
@@ -372,7 +314,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("src", help="GLM-Image pipeline folder (the release or make-tiny output)")
     p.add_argument("--out", required=True, help="output folder (must not exist unless --force)")
     p.add_argument("--recipe", default="default",
-                   help="recipe name (default, fast, ampere, quality, tier16) or a path to a .toml recipe")
+                   help=f"recipe name ({', '.join(available_recipes())}) or a path to a .toml recipe")
     p.add_argument("--device", type=_device, default="cpu",
                    help="where quantization math runs: cpu (default), cuda or cuda:N")
     p.add_argument("--calib-prompts", default=None, metavar="FILE",
@@ -399,9 +341,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", type=_device, default=None, help="cuda, cuda:N or cpu (default: cuda when available)")
     p.add_argument("--vram-budget-gb", type=_finite_float(positive=True), default=None,
                    help="plan memory for this many GiB")
-    p.add_argument("--memory-mode", choices=("resident", "staged", "offload"), default=None,
+    p.add_argument("--memory-mode", choices=[m.value for m in MemoryMode], default=None,
                    help="force a memory mode (default: chosen from the budget)")
-    p.add_argument("--attention", choices=("auto", "glmq", "sdpa"), default="auto",
+    p.add_argument("--attention", choices=ATTENTION_KERNELS, default="auto",
                    help="attention kernels: glmq's Triton kernels (auto on CUDA) or PyTorch SDPA")
     p.add_argument("--attention-precision", choices=ATTENTION_PRECISIONS, default=None,
                    help="DiT attention precision of glmq's kernels (default: what the checkpoint's recipe chose)")
@@ -431,7 +373,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--out", required=True)
     q.add_argument("--component", default="all", help="all (default), dit, vae, glyph or ar")
     q.add_argument("--weights", default="fp16", help="fp16 (default), fp32, int8 or int4 (AR as MatMulNBits)")
-    q.add_argument("--int8-layout", choices=("matmulnbits", "qdq"), default="matmulnbits",
+    q.add_argument("--int8-layout", default="matmulnbits",
                    help="8-bit weights as ONNX Runtime MatMulNBits bits=8 (default: loads in bounded memory) or "
                         "standard QDQ DequantizeLinear (other runtimes)")
     q.add_argument("--group-size", type=_int_at_least(1), default=128, help="int4 group size (default 128)")
@@ -454,7 +396,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "tier), optionally beside stock diffusers bf16. Without a GPU the tiny model runs "
                                    "on the CPU. Writes bench.json, bench.md and bench.png into --out.")
     p.add_argument("path", nargs="?", help="a GLM-Image folder (default: --model)")
-    p.add_argument("--model", choices=("tiny", "full-random"), default="tiny",
+    p.add_argument("--model", choices=BENCH_MODELS, default="tiny",
                    help="without PATH: tiny (default) or the full architecture with random weights built on the GPU")
     p.add_argument("--recipe", action="append", help="recipe to benchmark (repeatable; 'bf16' for none); default: default")
     p.add_argument("--tiers", default=None, help="GPU memory tiers in GiB, comma-separated (default 80,32,24,16,12)")
@@ -477,7 +419,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="do not torch.compile the DiT blocks and the AR decode step")
     p.add_argument("--no-cuda-graph", action="store_true", help="run the AR and DiT steps without CUDA graphs")
     p.add_argument("--baseline-only", action="store_true", help="run only stock diffusers (implies --baseline)")
-    p.add_argument("--attention", choices=("auto", "glmq", "sdpa"), default="auto",
+    p.add_argument("--attention", choices=ATTENTION_KERNELS, default="auto",
                    help="attention kernels: glmq's Triton kernels (auto on CUDA) or PyTorch SDPA")
     p.add_argument("--attention-precision", choices=ATTENTION_PRECISIONS, default=None,
                    help="DiT attention precision of glmq's kernels (default: each recipe's choice)")

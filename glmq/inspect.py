@@ -6,7 +6,7 @@ from collections import Counter
 from pathlib import Path
 
 from glmq.io.layout import COMPONENTS, read_json
-from glmq.io.validate import check_pipeline
+from glmq.checkpoint.validate import check_pipeline
 
 
 def inspect_pipeline(path: str | Path, *, verify_hashes: bool = True, check_values: bool = True) -> dict:
@@ -14,7 +14,7 @@ def inspect_pipeline(path: str | Path, *, verify_hashes: bool = True, check_valu
 
     Raises :class:`~glmq.errors.CheckpointError` for a folder that is not a sound GLM-Image pipeline,
     including weights holding NaN/Inf (``check_values``: every tensor read once, block by block). The checks
-    are :func:`glmq.io.validate.check_pipeline`, the same ``glmq.load`` runs; a ``glmq export gguf`` folder
+    are :func:`glmq.checkpoint.validate.check_pipeline`, the same ``glmq.load`` runs; a ``glmq export gguf`` folder
     is checked through its GGUF files and its manifest.
     """
     reader, checks, problems = check_pipeline(path, hashes=verify_hashes, values=check_values, gguf=True)

@@ -397,7 +397,7 @@ def test_fuzz_json(broken):
     """Configs, an index and model_index.json, mutated byte by byte, read as inspect and glmq.load read them."""
     from glmq.io.layout import BY_NAME
     from glmq.io.reader import ComponentReader
-    from glmq.io.validate import check_component
+    from glmq.checkpoint.validate import check_component
 
     targets = [("vae", "vae/config.json"), ("text_encoder", "text_encoder/config.json"),
                (DIT, f"{DIT}/config.json"), (DIT, f"{DIT}/{DIT_INDEX}")]

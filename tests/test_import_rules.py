@@ -1,12 +1,14 @@
 """Imports flow one way between glmq's folders (STYLE.md, issue #19): an AST walk over every module.
 
-kernels -> torch/triton only; io -> errors; models -> io; quant -> models, io, kernels; runtime ->
-quant.formats (and the planner and checkpoint description), models, io, kernels; export -> quant.formats,
-models, io; the CLI, bench, inspect and the package root on top. ``errors``, ``progress`` and ``quant.metrics``
-(arithmetic) may be used from anywhere; ``from glmq import __version__`` too.
+kernels -> torch/triton only; io -> errors; models -> io; quant.formats (formats, QuantLinear, GGUF, the
+quantization_config) -> io, kernels; checkpoint (validation against the configs) -> models, quant.formats,
+io; quant (algorithms, calibration, conversion) -> checkpoint, models, io, kernels; runtime -> quant.formats,
+quant.plan and quant.recipe (what a recipe asks for), checkpoint, models, io, kernels; export -> the same
+without the kernels; evaluate (fidelity, reports, ``glmq quantize`` with its evaluation) -> all of those;
+the CLI, bench, inspect, ComfyUI nodes and the package root on top. ``errors``, ``progress`` and
+``quant.metrics`` (arithmetic) may be used from anywhere; ``from glmq import __version__`` too.
 
-``KNOWN`` lists the edges that still break the rules, each with where it should go. The test fails on any
-other edge, and on a known edge that has gone (so that the list only shrinks).
+The test fails on any edge against these rules; there are no exceptions.
 """
 
 from __future__ import annotations
@@ -16,39 +18,38 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 ANYWHERE = {"errors", "progress", "quant.metrics"}
+RECIPES = {"quant.formats", "quant.plan", "quant.recipe"}
 ALLOWED = {
     "kernels": set(),
     "errors": set(),
     "progress": set(),
     "io": set(),
     "models": {"io"},
-    "quant": {"models", "io", "kernels"},
-    "runtime": {"quant.formats", "quant.plan", "quant.checkpoint", "models", "io", "kernels"},
-    "export": {"quant.formats", "quant.plan", "quant.checkpoint", "models", "io"},
-}
-KNOWN = {
-    # validation needs the models' expected shapes and the formats' stored tensors: a layer above io
-    ("glmq/io/validate.py", "glmq.models.build"),
-    ("glmq/io/validate.py", "glmq.quant.checkpoint"),
-    ("glmq/io/validate.py", "glmq.runtime.loader"),  # GGUF components: with the GGUF reader, below runtime
-    # model-level evaluation and reports belong in their own folder above runtime and quant
-    ("glmq/quant/fidelity.py", "glmq.runtime.loader"),
-    # exporting a bf16 source quantizes it by recipe: the conversion should be reachable below export
-    ("glmq/export/compressed_tensors.py", "glmq.quant.convert"),
-    ("glmq/export/compressed_tensors.py", "glmq.quant.recipe"),
+    "quant.formats": {"io", "kernels"},
+    "checkpoint": {"models", "quant.formats", "io"},
+    "quant": {"checkpoint", "models", "io", "kernels"},
+    "runtime": RECIPES | {"checkpoint", "models", "io", "kernels"},
+    "export": RECIPES | {"checkpoint", "models", "io"},
+    "evaluate": {"quant", "runtime", "checkpoint", "models", "io", "kernels"},
 }
 
 
 def _folder(path: Path) -> str:
     rel = path.relative_to(ROOT)
-    return "kernels" if rel.parts[0] == "kernels" else rel.parts[1].removesuffix(".py")
+    if rel.parts[0] == "kernels":
+        return "kernels"
+    if rel.parts[1:3] == ("quant", "formats"):
+        return "quant.formats"
+    return rel.parts[1].removesuffix(".py")
 
 
 def _allowed(src: str, module: str) -> bool:
     parts = module.split(".")
     if module == "glmq":  # from glmq import __version__
         return True
-    if parts[1] == src or parts[1] in ANYWHERE or ".".join(parts[1:3]) in ANYWHERE:
+    if ".".join(parts[1:3]) == src or ".".join(parts[1:3]) in ANYWHERE or parts[1] in ANYWHERE:
+        return True
+    if parts[1] == src:  # within a folder (quant may use its formats; the formats are a layer below quant)
         return True
     return parts[1] in ALLOWED[src] or ".".join(parts[1:3]) in ALLOWED[src]
 
@@ -81,15 +82,9 @@ def edges() -> set[tuple[str, str]]:
 
 def test_imports_flow_one_way():
     found = edges()
-    new = sorted(found - KNOWN)
+    new = sorted(found)
     assert not new, "imports against the folder rules (see this file's docstring): " + ", ".join(
         f"{f} -> {m}" for f, m in new)
-
-
-def test_the_known_exceptions_only_shrink():
-    gone = sorted(KNOWN - edges())
-    assert not gone, "these exceptions no longer occur; remove them from KNOWN: " + ", ".join(
-        f"{f} -> {m}" for f, m in gone)
 
 
 def test_the_walk_sees_a_violation(tmp_path):
@@ -97,11 +92,16 @@ def test_the_walk_sees_a_violation(tmp_path):
     fake = tmp_path / "glmq" / "runtime"
     fake.mkdir(parents=True)
     (fake / "bad.py").write_text("from glmq.cli import main\nimport glmq.io.layout\n")
+    formats = tmp_path / "glmq" / "quant" / "formats"
+    formats.mkdir(parents=True)
+    (formats / "f.py").write_text("from glmq.quant.plan import plan_layers\nfrom glmq.quant.formats import base\n")
+    (tmp_path / "glmq" / "quant" / "q.py").write_text("from glmq.quant.formats import base\nfrom glmq.runtime import x\n")
     (tmp_path / "kernels").mkdir()
     (tmp_path / "kernels" / "k.py").write_text("from glmq.runtime import pipeline\n")
     global ROOT
     saved, ROOT = ROOT, tmp_path
     try:
-        assert edges() == {("glmq/runtime/bad.py", "glmq.cli"), ("kernels/k.py", "glmq.runtime")}
+        assert edges() == {("glmq/runtime/bad.py", "glmq.cli"), ("kernels/k.py", "glmq.runtime"),
+                           ("glmq/quant/formats/f.py", "glmq.quant.plan"), ("glmq/quant/q.py", "glmq.runtime")}
     finally:
         ROOT = saved

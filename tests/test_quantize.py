@@ -11,9 +11,10 @@ from safetensors.torch import load_file, save_file
 
 from glmq.errors import GlmqError
 from glmq.io.reader import PipelineReader
-from glmq.io.validate import check_component
+from glmq.checkpoint.validate import check_component
+from glmq.evaluate.quantize import quantize
 from glmq.quant import convert
-from glmq.quant.checkpoint import layer_formats
+from glmq.quant.formats.qconfig import layer_formats
 from glmq.quant.recipe import available_recipes, load_recipe
 from glmq.testing import assert_user_error, run_cli_inprocess, tree_snapshot
 
@@ -35,7 +36,7 @@ def _files(root):
 @pytest.fixture(scope="module")
 def quantized(tiny_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("q") / "tiny-default"
-    report = convert.quantize(tiny_dir, out, progress=False, max_shard_bytes=SMALL_SHARDS)
+    report = quantize(tiny_dir, out, progress=False, max_shard_bytes=SMALL_SHARDS)
     return out, report  # evaluated: the model-level test below reads it
 
 
@@ -120,7 +121,7 @@ def test_resume_after_kill_is_byte_identical(quantized, tiny_dir, tmp_path, monk
     monkeypatch.setattr(convert, "_quantize_layer", dying)
     out = tmp_path / "q"
     with pytest.raises(Killed):
-        convert.quantize(tiny_dir, out, progress=False, max_shard_bytes=SMALL_SHARDS)
+        quantize(tiny_dir, out, progress=False, max_shard_bytes=SMALL_SHARDS)
     partial = tmp_path / "q.partial"
     assert partial.is_dir() and not out.exists()
     # A real SIGKILL can leave a half-written shard behind; the resumed run must not trust it.
@@ -128,10 +129,10 @@ def test_resume_after_kill_is_byte_identical(quantized, tiny_dir, tmp_path, monk
     monkeypatch.setattr(convert, "_quantize_layer", real)
     redone = []
     monkeypatch.setattr(convert, "_quantize_layer", lambda *a, **k: (redone.append(1), real(*a, **k))[1])
-    from glmq.quant import outlier_eval
+    from glmq.evaluate import outlier_eval
 
     outlier_eval._MEMO.clear()  # a real rerun is a new process: nothing is remembered from the first run
-    convert.quantize(tiny_dir, out, progress=False, max_shard_bytes=SMALL_SHARDS)
+    quantize(tiny_dir, out, progress=False, max_shard_bytes=SMALL_SHARDS)
     for name in ("quantization_report.json", "quantization_report.md"):
         assert (out / name).read_text() == (reference / name).read_text(), name
     assert _files(out) == _files(reference)  # the evaluation is deterministic too
@@ -139,12 +140,12 @@ def test_resume_after_kill_is_byte_identical(quantized, tiny_dir, tmp_path, monk
 
 
 def _kill_in_evaluation(monkeypatch):
-    import glmq.quant.fidelity
+    import glmq.evaluate.fidelity
 
     def killed(*a, **k):
         raise Killed()
 
-    monkeypatch.setattr(glmq.quant.fidelity, "evaluate", killed)
+    monkeypatch.setattr(glmq.evaluate.fidelity, "evaluate", killed)
 
 
 def _kill_at_commit(monkeypatch):
@@ -169,7 +170,7 @@ def test_resume_after_the_last_shard_gives_the_same_report_and_bytes(quantized, 
                                                                         kill):
     """Interrupted after every shard is written (in the model-level evaluation, or just before the folder is
     committed), the rerun writes the same report, per-layer statistics included, and the same bytes."""
-    from glmq.quant import outlier_eval
+    from glmq.evaluate import outlier_eval
 
     reference, ref_report = quantized
     if kill.startswith("evaluation"):
@@ -178,7 +179,7 @@ def test_resume_after_the_last_shard_gives_the_same_report_and_bytes(quantized, 
         _kill_at_commit(monkeypatch)
     out = tmp_path / "q"
     with pytest.raises(Killed):
-        convert.quantize(tiny_dir, out, progress=False, max_shard_bytes=SMALL_SHARDS)
+        quantize(tiny_dir, out, progress=False, max_shard_bytes=SMALL_SHARDS)
     monkeypatch.undo()
     partial = tmp_path / "q.partial"
     assert partial.is_dir() and not out.exists()
@@ -188,7 +189,7 @@ def test_resume_after_the_last_shard_gives_the_same_report_and_bytes(quantized, 
     redone = []
     real = convert._quantize_layer
     monkeypatch.setattr(convert, "_quantize_layer", lambda *a, **k: (redone.append(1), real(*a, **k))[1])
-    report = convert.quantize(tiny_dir, out, progress=False, max_shard_bytes=SMALL_SHARDS)
+    report = quantize(tiny_dir, out, progress=False, max_shard_bytes=SMALL_SHARDS)
     print(kill, "layers quantized again:", len(redone))
     assert len(report["layers"]) == len(ref_report["layers"]) == 26
     for name in ("quantization_report.json", "quantization_report.md", "README.md"):
@@ -275,7 +276,7 @@ def test_ctrl_c_is_one_line_and_resumable(tiny_dir, tmp_path, monkeypatch):
 
 def test_every_recipe_runs_on_the_tiny_model(tiny_dir, tmp_path):
     for name in ("ampere",):  # fast and tier16: tests/quant/test_layer_outputs.py
-        report = convert.quantize(tiny_dir, tmp_path / name, recipe=name, progress=False, evaluate=False)
+        report = quantize(tiny_dir, tmp_path / name, recipe=name, progress=False, evaluate=False)
         assert report["components"]["transformer"]["quantized_layers"] > 0
         assert_every_layer_has_an_output_sqnr(report)
     with pytest.raises(GlmqError):
@@ -285,7 +286,7 @@ def test_every_recipe_runs_on_the_tiny_model(tiny_dir, tmp_path):
 def test_quality_recipe_calibrates_the_ar_with_gptq_and_beats_rtn(tiny_dir, tmp_path):
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("a red fox in snow\na 'glmq' poster\n")
-    report = convert.quantize(tiny_dir, tmp_path / "q", recipe="quality", calib_prompts=prompts, progress=False,
+    report = quantize(tiny_dir, tmp_path / "q", recipe="quality", calib_prompts=prompts, progress=False,
                               evaluate=False)
     assert report["calibrated"]
     assert_every_layer_has_an_output_sqnr(report)

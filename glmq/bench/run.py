@@ -25,13 +25,15 @@ from pathlib import Path
 
 from glmq.errors import GlmqError
 
+BENCH_MODELS = ("tiny", "full-random")  # without a PATH: the tiny model, or the released sizes built on the GPU
+
 DEFAULT_PROMPT = "A street poster that says 'GLM-Image on every GPU', photographed at dusk, 35mm"
 
 
 @dataclass
 class BenchConfig:
     path: Path | None = None
-    model: str = "tiny"  # tiny | full-random
+    model: str = "tiny"  # one of BENCH_MODELS
     recipes: tuple[str, ...] = ("default",)
     # GiB budgets; None: 80,32,24,16,12 on a GPU, one uncapped row on a CPU. Tiers given on a CPU are only
     # checked against the memory plan's estimates (nothing caps CPU memory), then run uncapped.

@@ -35,7 +35,7 @@ from glmq.export.ct_report import REPORT, model_card, report_markdown
 from glmq.export.hf import copy_component, copy_side_files
 from glmq.io.layout import BY_NAME, COMPONENTS, WEIGHT_COMPONENTS, read_json
 from glmq.io.reader import ComponentReader, PipelineReader
-from glmq.io.source import open_unquantized_source, source_fingerprint
+from glmq.checkpoint.source import open_unquantized_source, source_fingerprint
 from glmq.io.writer import DEFAULT_MAX_SHARD_BYTES, OutputFolder
 
 __all__ = ["EXPORTED", "export_compressed_tensors", "quantization_config"]
@@ -110,7 +110,7 @@ def quantization_config(layers: dict[str, tuple[Any, str]], kept: list[str], lin
 
 def _open_source(src: Path, out: Path) -> tuple[PipelineReader, str]:
     """The source reader and its kind: ``"bf16"`` or ``"glmq"``; anything else is a user error."""
-    from glmq.io.validate import check_component
+    from glmq.checkpoint.validate import check_component
 
     reader = PipelineReader(src)
     methods = {}
@@ -159,12 +159,12 @@ def _plan(name: str, cr: ComponentReader, kind: str, recipe) -> dict[str, Any]:
     layers: dict[str, tuple] = {}
     if kind == "glmq":
         if cr.quantization_config is not None:
-            from glmq.quant.checkpoint import layer_formats
+            from glmq.quant.formats.qconfig import layer_formats
 
             for lname, (fmt, acts) in layer_formats(cr.quantization_config).items():
                 layers[lname] = (fmt, acts, None, shapes[lname])
     else:
-        from glmq.quant.convert import plan_component
+        from glmq.quant.plan import plan_component
 
         plans, _, _ = plan_component(comp, cr, recipe)
         for p in plans.values():

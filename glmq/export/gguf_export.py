@@ -42,7 +42,7 @@ from glmq.export.hf import (
     copy_component,
     copy_side_files,
 )
-from glmq.io.source import open_unquantized_source, source_fingerprint
+from glmq.checkpoint.source import open_unquantized_source, source_fingerprint
 from glmq.io.layout import BY_NAME, COMPONENTS
 from glmq.io.safetensors_io import sha256_file
 from glmq.io.writer import OutputFolder

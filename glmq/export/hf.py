@@ -37,7 +37,7 @@ from typing import TYPE_CHECKING, Any
 from glmq.errors import GlmqError
 from glmq.io.layout import BY_NAME, COMPONENTS, Component
 from glmq.io.reader import ComponentReader
-from glmq.io.source import open_unquantized_source, source_fingerprint
+from glmq.checkpoint.source import open_unquantized_source, source_fingerprint
 from glmq.io.writer import DEFAULT_MAX_SHARD_BYTES, OutputFolder
 
 if TYPE_CHECKING:

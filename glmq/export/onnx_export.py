@@ -73,7 +73,7 @@ def export_onnx(src: str | Path, out: str | Path, *, component: str = "all", wei
     ``benchmarks/results/onnx_full_cpu2.md``).
     """
     from glmq.io.reader import PipelineReader
-    from glmq.io.validate import check_component
+    from glmq.checkpoint.validate import check_component
     from glmq.io.writer import OutputFolder
 
     from glmq.export.onnx_quant import INT8_LAYOUTS

@@ -10,7 +10,8 @@ uninterrupted run's; a finished shard whose side file is missing or unreadable i
 
 Deterministic: two runs of the same command write the same bytes, reports and manifest included. Timings
 (wall-clock seconds) are therefore not written to any file; :func:`quantize` returns them under
-``"timings"`` (``glmq quantize --json`` prints them).
+``"timings"`` (``glmq quantize --json`` prints them). The fidelity evaluation and the report's documents are
+added by :mod:`glmq.evaluate.quantize`, the layer above.
 """
 
 from __future__ import annotations
@@ -19,44 +20,38 @@ import json
 import shutil
 import time
 from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 from glmq.errors import GlmqError
 from glmq.io.layout import COMPONENTS, WEIGHT_COMPONENTS, Component
 from glmq.io.reader import ComponentReader
-from glmq.io.source import open_unquantized_source, source_fingerprint
+from glmq.checkpoint.source import open_unquantized_source, source_fingerprint
 from glmq.io.writer import DEFAULT_MAX_SHARD_BYTES, OutputFolder
 from glmq.progress import ByteProgress
-from glmq.quant.checkpoint import make_quantization_config
-from glmq.quant.plan import LayerPlan, module_linears, plan_layers
+from glmq.quant.formats.qconfig import make_quantization_config
+from glmq.quant.plan import LayerPlan, plan_component
 from glmq.quant.recipe import Recipe, load_recipe
 
 STATS_DIR = ".glmq-stats"
 FLOAT_DTYPES = ("float32", "bfloat16", "float16", "float64")
 
 
-def plan_component(comp: Component, cr: ComponentReader, recipe: Recipe) -> tuple[dict[str, LayerPlan], list[str], Any]:
-    """Which linear layers of ``comp`` get which format (:func:`glmq.quant.plan.plan_layers`); also the
-    linears kept as they are, and the component's module (built on the meta device)."""
-    from glmq.models.build import build_model
+def convert(src: str | Path, out: str | Path, *, recipe: str | Path = "default", device: str = "cpu",
+            calib_prompts: str | Path | None = None, force: bool = False, progress: bool = True,
+            max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES, layer_outputs: bool = True,
+            prepare: Callable[[Recipe, dict], None] | None = None,
+            finish: Callable[[dict, Path, dict], dict[str, str]] | None = None) -> dict:
+    """Quantize the GLM-Image folder ``src`` into ``out`` by ``recipe``; returns the report dict written to
+    ``quantization_report.json``, plus ``"timings"`` (seconds; kept out of the written files so that they are
+    byte-identical across runs). ``glmq.quantize`` (:func:`glmq.evaluate.quantize.quantize`) is this with the
+    fidelity evaluation and the report's documents.
 
-    model = build_model(comp, cr.config)
-    plans, kept = plan_layers(recipe, comp.name, module_linears(model))
-    return plans, kept, model
-
-
-def quantize(src: str | Path, out: str | Path, *, recipe: str | Path = "default", device: str = "cpu",
-             calib_prompts: str | Path | None = None, force: bool = False, progress: bool = True,
-             evaluate: bool = True, max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
-             layer_outputs: bool = True) -> dict:
-    """Quantize the GLM-Image folder ``src`` into ``out`` by ``recipe``; returns the fidelity report dict
-    written to ``quantization_report.json``, plus ``"timings"`` (seconds; kept out of the written files so
-    that they are byte-identical across runs).
-
-    With ``evaluate`` the report includes model-level fidelity (``glmq.quant.fidelity``), computed on
-    ``device``; it is skipped, and says so, for full-size models on the CPU. With ``layer_outputs`` every
-    quantized layer also gets its output SQNR on calibration activations (``glmq.quant.calibrate`` for the
-    AR, ``glmq.quant.dit_calibrate`` for the DiT): one extra layer-by-layer pass over each network.
+    With ``layer_outputs`` every quantized layer also gets its output SQNR on calibration activations
+    (``glmq.quant.calibrate`` for the AR, ``glmq.quant.dit_calibrate`` for the DiT): one extra layer-by-layer
+    pass over each network. The hooks belong to the layer above: ``prepare(recipe, timings)`` runs once the
+    output folder is claimed and before any layer is converted; ``finish(report, partial_folder, timings)``
+    runs before the commit, may add to the report, and returns further files to write (name -> text).
     """
     import torch
 
@@ -93,15 +88,8 @@ def quantize(src: str | Path, out: str | Path, *, recipe: str | Path = "default"
     }
     folder = OutputFolder(out, job=job, force=force, sources=(src,))
     timings: dict = {}
-    outliers = None
-    if evaluate:
-        from glmq.quant.outlier_eval import evaluate_outliers
-
-        # Synthetic outlier layers at the released shapes, on the CPU (2.0 GB peak RSS for `default`,
-        # benchmarks/results/outlier_eval_rss_cpu2.json): run before the GPU is first used, so that this peak
-        # does not add to the host memory the CUDA libraries hold once loaded (~1-1.5 GB).
-        outliers = evaluate_outliers(rec)
-        timings.update(_pop_outlier_timings(outliers))
+    if prepare is not None:
+        prepare(rec, timings)
     converting = time.perf_counter()
 
     # Weightless components and the pipeline index are copied as they are.
@@ -192,18 +180,10 @@ def quantize(src: str | Path, out: str | Path, *, recipe: str | Path = "default"
 
     report = _build_report(rec, components, layers, calibrated=gptq,
                            layer_outputs={k: c.describe() for k, c in calibrators.items()} if layer_outputs else None)
-    if evaluate:
-        from glmq.quant.fidelity import evaluate as evaluate_model
-
-        report["outlier_eval"] = outliers
-        t0 = time.perf_counter()
-        report["model_level"] = evaluate_model(src, folder.partial, device=device)
-        timings["model_level_s"] = round(time.perf_counter() - t0, 3)
-    from glmq.quant.report import model_card, report_markdown
-
+    documents = finish(report, folder.partial, timings) if finish is not None else {}
     folder.write_json("quantization_report.json", report)
-    folder.write_text("quantization_report.md", report_markdown(report))
-    folder.write_text("README.md", model_card(report))
+    for name, text in documents.items():
+        folder.write_text(name, text)
     # The side files go just before the commit: a kill in between leaves finished shards without their
     # statistics, which the rerun then writes again (above) rather than reporting them empty.
     shutil.rmtree(stats_root, ignore_errors=True)
@@ -236,14 +216,6 @@ def _read_shard_stats(folder: OutputFolder, writer, i: int, plans: dict[str, Lay
     if not isinstance(data.get("layers"), dict) or sorted(data["layers"]) != _layers_of_shard(writer, i, plans):
         return None
     return data["layers"]
-
-
-def _pop_outlier_timings(oe: dict) -> dict:
-    """Move the outlier evaluation's wall-clock seconds out of its report section (which must not vary
-    between runs) into the timings."""
-    return {"outlier_eval_s": oe.pop("seconds", None),
-            "outlier_eval_rows_s": [{"rule": r["rule"], "shape": r["shape"], "seconds": r.pop("seconds", None)}
-                                    for r in oe.get("rows", [])]}
 
 
 def _check_finite(t, what: str) -> None:

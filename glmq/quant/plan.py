@@ -106,3 +106,13 @@ def module_linears(model) -> list[tuple[str, tuple[int, int]]]:
     from torch import nn
 
     return [(n, (m.out_features, m.in_features)) for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+
+
+def plan_component(comp, cr, recipe: Recipe) -> tuple[dict[str, LayerPlan], list[str], Any]:
+    """Which linear layers of ``comp`` get which format (:func:`plan_layers`); also the
+    linears kept as they are, and the component's module (built on the meta device)."""
+    from glmq.models.build import build_model
+
+    model = build_model(comp, cr.config)
+    plans, kept = plan_layers(recipe, comp.name, module_linears(model))
+    return plans, kept, model

@@ -38,6 +38,7 @@ ACTIVATION_MODES = ("weight_only", "dynamic_per_token")
 # glmq.kernels.attention's precisions, listed here so that reading a recipe (or building the CLI) never
 # imports the kernels; tests/runtime/test_attention_precision.py keeps the two lists equal.
 ATTENTION_PRECISIONS = ("bf16", "fp8", "int8")
+ATTENTION_KERNELS = ("auto", "glmq", "sdpa")  # glmq's Triton kernels (auto: on CUDA) or PyTorch SDPA
 
 
 def recipes_dir() -> Path:

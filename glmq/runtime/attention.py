@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 
 __all__ = ["glmq_ar_attention", "register_ar_attention", "GlmqDiTAttnProcessor", "install_dit_attention",
-           "install_attention", "attention_policy", "ATTENTION_CHOICES",
+           "install_attention", "attention_policy",
            "AR_ATTENTION_NAME", "MASK_MODES"]
 
 AR_ATTENTION_NAME = "glmq"
@@ -279,17 +279,15 @@ def attention_policy(requested: str | None, transformer_config: dict, device: to
     return precision, min_tokens
 
 
-ATTENTION_CHOICES = ("auto", "glmq", "sdpa")
-
-
 def install_attention(components: dict, device: torch.device, attention: str, precision: str | None,
                       transformer_config: dict) -> str:
     """Plug glmq's kernels into the AR and the DiT as ``attention`` says ("auto": on CUDA; "glmq"; "sdpa":
     leave upstream's). Returns the DiT attention precision in words ("sdpa" when glmq's kernels are off)."""
     from glmq.errors import GlmqError
+    from glmq.quant.recipe import ATTENTION_KERNELS
 
-    if attention not in ATTENTION_CHOICES:
-        raise GlmqError(f"unknown attention {attention!r}; valid: {', '.join(ATTENTION_CHOICES)}")
+    if attention not in ATTENTION_KERNELS:
+        raise GlmqError(f"unknown attention {attention!r}; valid: {', '.join(ATTENTION_KERNELS)}")
     use_glmq = attention == "glmq" or (attention == "auto" and device.type == "cuda")
     if not use_glmq:
         if precision not in (None, "bf16"):

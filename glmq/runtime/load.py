@@ -81,7 +81,8 @@ def load(path: str | Path, device: str = "cuda", vram_budget_gb: float | None = 
     from glmq.io.layout import read_json
     from glmq.io.reader import PipelineReader
     from glmq.models.build import _quiet_transformers
-    from glmq.runtime.loader import GgufComponent, check_before_load, load_component, open_component
+    from glmq.quant.formats.gguf.reader import GgufComponent
+    from glmq.runtime.loader import check_before_load, load_component, open_component
     from glmq.runtime.sizes import stage_sizes, stage_sizes_from_modules
 
     _quiet_transformers()

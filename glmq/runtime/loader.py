@@ -36,7 +36,7 @@ def check_before_load(path: str | Path) -> None:
     """
     import os
 
-    from glmq.io.validate import check_pipeline
+    from glmq.checkpoint.validate import check_pipeline
 
     hashes = os.environ.get(VERIFY_HASHES_ENV, "") not in ("", "0")
     _, _, problems = check_pipeline(path, hashes=hashes, gguf=True)
@@ -55,7 +55,7 @@ def quant_plan(cr: ComponentReader) -> dict[str, dict]:
             f"{cr.folder}: quantized by {qcfg.get('quant_method')!r}; glmq loads its own quantization and bf16 "
             "checkpoints (stock diffusers loads bitsandbytes folders)"
         )
-    from glmq.quant.checkpoint import layer_formats
+    from glmq.quant.formats.qconfig import layer_formats
     from glmq.quant.plan import runtime_mode
 
     return {name: {"format": fmt, "mode": runtime_mode(fmt, acts)} for name, (fmt, acts) in layer_formats(qcfg).items()}
@@ -78,7 +78,7 @@ def load_component(cr: ComponentReader, *, device: str | torch.device = "cpu", d
     plan = quant_plan(cr)
     dequantized: dict = {}
     if plan and dequantize:
-        from glmq.quant.checkpoint import layer_formats
+        from glmq.quant.formats.qconfig import layer_formats
 
         dequantized = {name: fmt for name, (fmt, _) in layer_formats(cr.quantization_config).items()}
         plan = {}
@@ -174,38 +174,6 @@ def _init_nonpersistent_buffers(model: nn.Module) -> None:
         init(module)
 
 
-class GgufComponent:
-    """A component exported by ``glmq export gguf``: its config.json points at a GGUF file."""
-
-    def __init__(self, folder: Path, comp):
-        from glmq.quant.formats.gguf.reader import GgufTensorSource
-        from glmq.io.layout import read_json
-
-        self.folder = Path(folder)
-        self.component = comp
-        cfg = read_json(self.folder / "config.json", f"{comp.name} config.json")
-        pointer = cfg.get("quantization_config")
-        pointer = pointer if isinstance(pointer, dict) else cfg
-        if not isinstance(pointer.get("gguf_file"), str):
-            raise CheckpointError(f"{self.folder}/config.json: quantization_config names no GGUF file")
-        from glmq.errors import GlmqError
-        from glmq.io.confine import resolve_inside
-
-        try:  # relative to the pipeline folder, and staying inside it (also through links)
-            file = resolve_inside(self.folder.parent, pointer["gguf_file"])
-        except GlmqError as e:
-            raise CheckpointError(f"{self.folder}/config.json: gguf_file: {e}") from None
-        self.source = GgufTensorSource(file)
-        self.config = self.source.config
-        self.quantization_config = None
-
-    def names(self) -> list[str]:
-        return list(self.source.names())
-
-    def get(self, name: str):
-        return self.source.get(name)
-
-
 def open_component(root: Path, name: str):
     """A tensor source for component ``name`` of the pipeline folder ``root`` (safetensors or GGUF)."""
     from glmq.io.layout import BY_NAME, read_json
@@ -216,5 +184,7 @@ def open_component(root: Path, name: str):
     cfg = read_json(folder / "config.json", f"{name} config.json")
     qcfg = cfg.get("quantization_config") if isinstance(cfg.get("quantization_config"), dict) else cfg
     if qcfg.get("quant_method") == "gguf":
+        from glmq.quant.formats.gguf.reader import GgufComponent
+
         return GgufComponent(folder, comp)
     return ComponentReader(folder, comp)

@@ -55,7 +55,7 @@ activations = "dynamic_per_token"
 def folders(tiny_dir, tmp_path_factory):
     """glmq-quantized tiny folders (fast: RTN, integer zero points; default: HQQ, float zero points) and
     their exports, plus a symmetric export straight from the bf16 folder."""
-    from glmq.quant.convert import quantize
+    from glmq.evaluate.quantize import quantize
 
     root = tmp_path_factory.mktemp("ct")
     out = {}
@@ -137,7 +137,7 @@ def test_8bit_layouts_decompress_exactly_in_compressed_tensors(name, acts, form)
 
 
 def test_config_groups_cover_exactly_the_quantized_layers(folders):
-    from glmq.quant.checkpoint import layer_formats
+    from glmq.quant.formats.qconfig import layer_formats
 
     for rec in ("fast", "default"):
         q, out, report = folders[rec]
@@ -285,8 +285,8 @@ def _ar_reference(q, out, path):
     dequantized model's logits on a fixed token sequence."""
     from safetensors.torch import save_file
 
-    from glmq.quant.checkpoint import layer_formats
-    from glmq.quant.fidelity import load_dequantized
+    from glmq.quant.formats.qconfig import layer_formats
+    from glmq.evaluate.fidelity import load_dequantized
 
     cr_q, cr_out = PipelineReader(q).component(AR), PipelineReader(out).component(AR)
     ref = {"input_ids": torch.randint(0, 200, (1, 37), generator=torch.Generator().manual_seed(0))}
@@ -304,7 +304,7 @@ def _sym_reference(src, out, path):
     in the model's dtype, fp32 here, so nothing rounds) and the logits of glmq's model holding them."""
     from safetensors.torch import save_file
 
-    from glmq.quant.fidelity import load_dequantized
+    from glmq.evaluate.fidelity import load_dequantized
 
     cr = PipelineReader(out).component(AR)
     ref = {"input_ids": torch.randint(0, 200, (1, 29), generator=torch.Generator().manual_seed(1))}
@@ -355,7 +355,7 @@ def test_compressed_tensors_decompresses_every_dit_tensor_exactly(folders, tmp_p
     compressed-tensors' compressor in test_8bit_layouts_decompress_exactly_in_compressed_tensors."""
     from safetensors.torch import save_file
 
-    from glmq.quant.fidelity import load_dequantized
+    from glmq.evaluate.fidelity import load_dequantized
 
     src, out, _ = folders["default"]
     model = load_dequantized(PipelineReader(src).component(DIT))
@@ -490,8 +490,8 @@ def test_ar_logits_against_bf16(folders, tiny_dir):
     lose part of HQQ's gain. Printed figures are the README's."""
     from transformers import GlmImageProcessor
 
-    from glmq.quant.checkpoint import layer_formats
-    from glmq.quant.fidelity import ar_grid_logits, ar_grid_sequence, compare_logits, load_dequantized
+    from glmq.quant.formats.qconfig import layer_formats
+    from glmq.evaluate.fidelity import ar_grid_logits, ar_grid_sequence, compare_logits, load_dequantized
 
     def exported_model(q, out):  # glmq's model with the exported layers as the format dequantizes them
         cr_q, cr_out = PipelineReader(q).component(AR), PipelineReader(out).component(AR)

@@ -198,7 +198,7 @@ def test_k_types_round_trip_through_the_exporter_encoding():
 
 def test_reader_rebuilds_the_ar_and_its_logits_stay_close(exported, tiny_dir):
     from glmq.models.build import build_model
-    from glmq.quant.fidelity import load_dequantized
+    from glmq.evaluate.fidelity import load_dequantized
 
     out, summary = exported
     source = GgufTensorSource(out / summary["files"][AR]["file"])

@@ -1,4 +1,4 @@
-"""Host memory of the model-level evaluation's loads on a GPU (glmq.quant.fidelity.load_dequantized).
+"""Host memory of the model-level evaluation's loads on a GPU (glmq.evaluate.fidelity.load_dequantized).
 
 The evaluation runs in fp32 from bf16 and quantized storage. Converted or dequantized on the host, the
 full-size AR's 1.4 GB bf16 embedding table needs a 2.8 GB fp32 host copy: a CUDA conversion peaked at
@@ -14,8 +14,9 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from glmq.io.reader import PipelineReader
+from glmq.evaluate.quantize import quantize
 from glmq.quant import convert
-from glmq.quant.fidelity import load_dequantized
+from glmq.evaluate.fidelity import load_dequantized
 
 # Reads and views. split: the NaN/Inf check (glmq.io.finite) walks each stored tensor in views of 4M values.
 READ_OPS = {"aten.empty.memory_format", "aten.view.default", "aten.view.dtype", "aten.detach.default",
@@ -47,7 +48,7 @@ class HostTensors(TorchDispatchMode):
 @pytest.fixture(scope="module")
 def quantized_fast(tiny_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("fidelity-mem") / "q"
-    convert.quantize(tiny_dir, out, recipe="fast", progress=False, evaluate=False, layer_outputs=False)
+    quantize(tiny_dir, out, recipe="fast", progress=False, evaluate=False, layer_outputs=False)
     return out
 
 

@@ -9,6 +9,7 @@ import torch
 
 from glmq.io.layout import BY_NAME
 from glmq.io.reader import PipelineReader
+from glmq.evaluate.quantize import quantize
 from glmq.quant import convert
 from glmq.quant.calibrate import ArCalibrator, LayerCalibration
 from glmq.quant.dit_calibrate import DitCalibrator
@@ -38,11 +39,11 @@ def assert_every_layer_has_an_output_sqnr(report: dict) -> None:
 
 def test_every_layer_of_the_fast_and_tier16_recipes_has_an_output_sqnr(tiny_dir, tmp_path):
     """The other shipped recipes are checked where tests/test_quantize.py runs them."""
-    from glmq.quant.report import layer_summary, report_markdown
+    from glmq.evaluate.report import layer_summary, report_markdown
 
     assert {"default", "fast", "ampere", "quality", "tier16"} == set(available_recipes())
     for recipe in ("fast", "tier16"):
-        report = convert.quantize(tiny_dir, tmp_path / recipe, recipe=recipe, progress=False, evaluate=False)
+        report = quantize(tiny_dir, tmp_path / recipe, recipe=recipe, progress=False, evaluate=False)
         assert_every_layer_has_an_output_sqnr(report)
     md = report_markdown(report)
     assert "Per-layer SQNR" in md and "transformer:transformer_blocks.1.ff.net.2" in md
@@ -52,9 +53,9 @@ def test_every_layer_of_the_fast_and_tier16_recipes_has_an_output_sqnr(tiny_dir,
 
 
 def test_no_layer_outputs_leaves_them_out(tiny_dir, tmp_path):
-    from glmq.quant.report import report_markdown
+    from glmq.evaluate.report import report_markdown
 
-    report = convert.quantize(tiny_dir, tmp_path / "q", recipe="fast", progress=False, evaluate=False,
+    report = quantize(tiny_dir, tmp_path / "q", recipe="fast", progress=False, evaluate=False,
                               layer_outputs=False)
     assert report["layer_outputs"] is None
     assert all(st["output_sqnr_db"] is None for st in report["layers"].values())
@@ -98,7 +99,7 @@ def test_output_sqnr_equals_a_direct_computation_and_drops_when_the_weight_is_co
 
 
 def test_dit_calibrator_blocks_see_the_inputs_of_a_full_forward(tiny_dir):
-    from glmq.quant.fidelity import load_dequantized
+    from glmq.evaluate.fidelity import load_dequantized
 
     reader = PipelineReader(tiny_dir)
     plans = _plans(reader, "transformer", "default")

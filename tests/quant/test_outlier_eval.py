@@ -8,10 +8,10 @@ import math
 
 import pytest
 
-from glmq.quant import outlier_eval
-from glmq.quant.outlier_eval import evaluate_outliers, released_shapes
+from glmq.evaluate import outlier_eval
+from glmq.evaluate.outlier_eval import evaluate_outliers, released_shapes
 from glmq.quant.recipe import load_recipe
-from glmq.quant.report import outlier_markdown, outlier_summary
+from glmq.evaluate.report import outlier_markdown, outlier_summary
 
 
 @pytest.fixture(scope="module")
@@ -84,7 +84,7 @@ def test_markdown_and_summary(quality):
 
 
 def test_quantize_writes_the_section(tiny_dir, tmp_path, monkeypatch):
-    from glmq.quant.convert import quantize
+    from glmq.evaluate.quantize import quantize
 
     monkeypatch.setenv("GLMQ_OUTLIER_EVAL_SIZE", "tiny")  # the default is the released shapes (about a minute)
     report = quantize(tiny_dir, tmp_path / "q", recipe="fast", progress=False)

@@ -12,7 +12,7 @@ from glmq.errors import GlmqError
 from glmq.io.layout import BY_NAME
 from glmq.io.reader import PipelineReader
 from glmq.quant import convert
-from glmq.quant.checkpoint import make_quantization_config
+from glmq.quant.formats.qconfig import make_quantization_config
 from glmq.quant.plan import module_linears, plan_layers, runtime_mode
 from glmq.quant.recipe import load_recipe
 from glmq.testing import format_variants

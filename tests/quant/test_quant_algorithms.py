@@ -25,7 +25,7 @@ from glmq.quant.algorithms import (
 )
 from glmq.quant.formats import Int4Format, get_format
 from glmq.quant.metrics import sqnr_db
-from glmq.quant.outliers import make_outlier_layer
+from glmq.evaluate.outliers import make_outlier_layer
 from glmq.testing import format_variants
 
 MARGIN_DB = 0.25

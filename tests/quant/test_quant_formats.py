@@ -23,7 +23,7 @@ from glmq.quant.formats import (
     unpack_int4,
 )
 from glmq.quant.metrics import sqnr_db
-from glmq.quant.outliers import make_outlier_layer
+from glmq.evaluate.outliers import make_outlier_layer
 from glmq.testing import format_variants
 
 MARGIN_DB = 0.25

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from glmq.quant.outliers import make_outlier_layer
+from glmq.evaluate.outliers import make_outlier_layer
 
 
 def test_reproducible_and_unpacks():

@@ -128,7 +128,7 @@ def test_min_tokens_decides_which_kernel_runs():
 # ------------------------------------------------------------------- recorded by quantize, used by load
 @pytest.fixture(scope="module")
 def quantized_fast(tiny_dir, tmp_path_factory):
-    from glmq.quant.convert import quantize
+    from glmq.evaluate.quantize import quantize
 
     out = tmp_path_factory.mktemp("attn") / "q"
     quantize(tiny_dir, out, recipe="fast", progress=False, evaluate=False)

@@ -116,7 +116,7 @@ def test_staged_modes_keep_the_ar_engine_and_drop_its_graphs(pipe, monkeypatch):
 
 
 def test_quantized_checkpoint_stays_within_its_recorded_fidelity(tiny_dir, tmp_path, pipe):
-    from glmq.quant.convert import quantize
+    from glmq.evaluate.quantize import quantize
 
     report = quantize(tiny_dir, tmp_path / "q", progress=False)
     qpipe = glmq.load(tmp_path / "q", device="cpu")

@@ -26,7 +26,7 @@ from glmq.quant.formats.gguf import blocks as gq
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["GgufTensorSource", "read_metadata"]
+__all__ = ["GgufComponent", "GgufTensorSource", "read_metadata"]
 
 T = GGMLQuantizationType
 _COMPONENT = {gn.AR_ARCH: "vision_language_encoder", gn.DIT_ARCH: "transformer"}
@@ -166,3 +166,33 @@ class GgufTensorSource:
     def close(self) -> None:
         self._tensors.clear()
         self._reader = None
+
+
+class GgufComponent:
+    """A component exported by ``glmq export gguf``: its config.json points at a GGUF file."""
+
+    def __init__(self, folder: str | Path, comp):
+        from glmq.io.layout import read_json
+
+        self.folder = Path(folder)
+        self.component = comp
+        cfg = read_json(self.folder / "config.json", f"{comp.name} config.json")
+        pointer = cfg.get("quantization_config")
+        pointer = pointer if isinstance(pointer, dict) else cfg
+        if not isinstance(pointer.get("gguf_file"), str):
+            raise CheckpointError(f"{self.folder}/config.json: quantization_config names no GGUF file")
+        from glmq.io.confine import resolve_inside
+
+        try:  # relative to the pipeline folder, and staying inside it (also through links)
+            file = resolve_inside(self.folder.parent, pointer["gguf_file"])
+        except GlmqError as e:
+            raise CheckpointError(f"{self.folder}/config.json: gguf_file: {e}") from None
+        self.source = GgufTensorSource(file)
+        self.config = self.source.config
+        self.quantization_config = None
+
+    def names(self) -> list[str]:
+        return list(self.source.names())
+
+    def get(self, name: str):
+        return self.source.get(name)

@@ -25,7 +25,7 @@ def open_unquantized_source(src: Path, out: Path, *, action: str = "export from"
     Raises :class:`GlmqError` when ``out`` and ``src`` overlap, when a component already carries a
     ``quantization_config`` (glmq, bitsandbytes, GGUF, ...) or when a component is malformed.
     """
-    from glmq.io.validate import check_component
+    from glmq.checkpoint.validate import check_component
 
     reader = PipelineReader(src)
     s, o = src.resolve(), out.resolve()

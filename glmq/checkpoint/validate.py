@@ -48,7 +48,7 @@ def check_component(reader: ComponentReader) -> ComponentCheck:
         method = qcfg.get("quant_method")
         if method == "glmq":
             from glmq.errors import GlmqError
-            from glmq.quant.checkpoint import expected_quantized_tensors
+            from glmq.quant.formats.qconfig import expected_quantized_tensors
 
             try:
                 expected_q = expected_quantized_tensors(expected, qcfg)
@@ -173,7 +173,7 @@ def check_side_files(folder) -> None:
 
 def _check_gguf_component(folder, comp, *, values: bool) -> ComponentCheck:
     from glmq.models.build import expected_specs
-    from glmq.runtime.loader import GgufComponent
+    from glmq.quant.formats.gguf.reader import GgufComponent
 
     src = GgufComponent(folder, comp)
     if src.component is not comp or src.source.component != comp.name:

@@ -115,7 +115,7 @@ def per_layer_markdown(report: dict) -> list[str]:
 
 
 def outlier_markdown(oe: dict | None) -> list[str]:
-    """The "Outlier layers" section (``glmq.quant.outlier_eval``); nothing when it was not evaluated."""
+    """The "Outlier layers" section (``glmq.evaluate.outlier_eval``); nothing when it was not evaluated."""
     if not oe:
         return []
     p = oe["generator_params"]
@@ -180,4 +180,27 @@ def model_card(report: dict) -> str:
         "",
         report_markdown(report).split("\n", 1)[1],
     ]
+    return "\n".join(lines)
+
+
+def summary_text(report: dict, out) -> str:
+    """The few lines ``glmq quantize`` prints: sizes, per component/format the SQNR range, the model level
+    and the worst synthetic outlier layer."""
+    before = sum(c["bytes_before"] for c in report["components"].values())
+    after = sum(c["bytes_after"] for c in report["components"].values())
+    lines = [f"wrote {out}: recipe {report['recipe']['name']}, weights {before / 1e9:.3f} GB -> {after / 1e9:.3f} GB"]
+    for r in layer_summary(report):
+        outs = f", output SQNR min {r['output_sqnr_min']} dB" if r["output_sqnr_min"] is not None else ""
+        lines.append(f"  {r['component']:<24} {r['format']:<9} {r['layers']:>4} layers, {r['bits_per_weight']:.2f} "
+                     f"bits/weight, weight SQNR min {r['weight_sqnr_min']} dB, median {r['weight_sqnr_median']} dB{outs}")
+    ml = report.get("model_level")
+    if ml and "skipped" not in ml:
+        lines.append(f"  model level: AR logits SQNR {ml['ar']['logits_sqnr_db']} dB (KL {ml['ar']['kl_mean']}), "
+                     f"image PSNR {ml['image']['psnr_db']} dB vs bf16")
+    elif ml:
+        lines.append(f"  model level: skipped ({ml['skipped']})")
+    worst = outlier_summary(report.get("outlier_eval"))
+    if worst:
+        lines.append(f"  outlier layers (synthetic, full-size shapes): worst {worst}")
+    lines.append(f"report: {out}/quantization_report.md")
     return "\n".join(lines)

@@ -4,7 +4,7 @@ Random Gaussian weights (what ``glmq make-tiny --size full`` writes) have no out
 SQNR of a conversion says little about real checkpoints. :func:`evaluate_outliers` draws, for every
 distinct layer shape a recipe rule quantizes in the *released* architecture (``glmq.models.configs``
 "full", whatever the source folder's size), a seeded synthetic layer from
-:func:`glmq.quant.outliers.make_outlier_layer` (heavy-tailed weights, correlated activations, a few
+:func:`glmq.evaluate.outliers.make_outlier_layer` (heavy-tailed weights, correlated activations, a few
 input channels 30x larger than the rest) and records, for the rule's algorithm and for round-to-nearest:
 
 - weight SQNR ``||W||^2 / ||W_q - W||^2``;
@@ -33,7 +33,7 @@ import torch
 
 from glmq.quant.metrics import ratio_db
 
-GENERATOR = "glmq.quant.outliers.make_outlier_layer"
+GENERATOR = "glmq.evaluate.outliers.make_outlier_layer"
 # Generator parameters (its documented defaults, except the token count).
 GENERATOR_PARAMS = {"n_outlier_channels": 4, "outlier_scale": 30.0, "rank": 16, "tail": 0.5}
 CALIB_TOKENS = 512
@@ -99,7 +99,7 @@ _MEMO: dict[str, dict[str, Any]] = {}
 def _evaluate(recipe, size, seed, max_rows, max_gptq_cols, calib_tokens, eval_tokens) -> dict[str, Any]:
     from glmq.quant.algorithms import get_algorithm
     from glmq.quant.formats import get_format
-    from glmq.quant.outliers import make_outlier_layer
+    from glmq.evaluate.outliers import make_outlier_layer
 
     start = time.perf_counter()
     entries = released_shapes(recipe, size)
