@@ -10,14 +10,14 @@ Stored layout (glmq's ``int4`` format) of an ``nn.Linear`` weight ``W [N, K]``:
 ``int4_matmul(x, ...)`` returns ``x @ W.T (+ bias)`` in ``x.dtype`` for ``x [..., K]``, with one of three Triton
 kernels:
 
-- a GEMV for M <= 4 rows (AR decode), memory-bound: it must stream the packed weights at close to HBM
-  bandwidth, so it splits K across programs when N alone gives too few of them to fill the chip, and
+- a GEMV for M <= 16 rows (AR decode of up to 16 sequences), memory-bound: it must stream the packed weights
+  at close to HBM bandwidth, so it splits K across programs when N alone gives too few of them to fill the chip, and
   reduces the split partial sums inside the same launch (the last program of each N-tile to finish adds
   them up in a fixed order: deterministic, one launch, CUDA-graph safe). ``_int4_gemv_tc_kernel`` (N > 1024)
   unpacks with inline PTX, rounds (q - z) to the activation dtype and multiplies on the tensor cores (x padded
-  to 16 rows), scaling each K-tile's fp32 result; ``_int4_gemv_kernel`` (N <= 1024, where both are
-  launch-bound) multiplies on the CUDA cores in fp32 without rounding the weights.
-- ``_int4_gemm_kernel`` for M > 4 (prefill): tiles of W are dequantized in registers to the activation
+  to 16 rows), scaling each K-tile's fp32 result; ``_int4_gemv_kernel`` (N <= 1024 and M <= 4, where both
+  are launch-bound) multiplies on the CUDA cores in fp32 without rounding the weights.
+- ``_int4_gemm_kernel`` for M > 16 (prefill): tiles of W are dequantized in registers to the activation
   dtype and fed to ``tl.dot`` with fp32 accumulation.
 
 Tiles and splits come from measurements on an H100 (``benchmarks/bench_qmatmul.py``). ``int4_matmul`` is the
@@ -39,10 +39,15 @@ import triton.language as tl
 
 from ._ops import custom_op_once
 
-__all__ = ["int4_matmul", "int4_matmul_ref", "int4_dequantize", "GEMV_MAX_ROWS", "GROUP_SIZES"]
+__all__ = ["int4_matmul", "int4_matmul_ref", "int4_dequantize", "GEMV_MAX_ROWS", "FMA_MAX_ROWS", "GROUP_SIZES"]
 
 GROUP_SIZES = (32, 64, 128)
-GEMV_MAX_ROWS = 4  # M <= 4 takes the GEMV kernel, larger M the tensor-core GEMM
+# M <= 16 takes a GEMV kernel (one decode step of up to 16 sequences), larger M the tensor-core GEMM. The
+# tensor-core GEMV pads the rows to the MMA's width (16) anyway, so up to 16 rows read the weights once. On an
+# H200 the GEMM took 40-205 us per AR layer at M = 8 and 16, against 12-50 us for the GEMV at M = 4
+# (benchmarks/results/int4_gemv_libraries_h200). The CUDA-core GEMV keeps M <= FMA_MAX_ROWS.
+GEMV_MAX_ROWS = 16
+FMA_MAX_ROWS = 4
 
 # Bit pattern of the float 2.0**7: a 4-bit code OR-ed into mantissa bits 16..19 makes the float 128 + code.
 _MAGIC7 = tl.constexpr(0x43000000)
@@ -493,7 +498,7 @@ _DEFAULT_GEMV = "auto"
 
 
 def _gemv_config(m: int, n: int, k: int, group_size: int) -> GemvConfig | GemvTcConfig:
-    if _DEFAULT_GEMV == "tc" or (_DEFAULT_GEMV == "auto" and n > 1024):
+    if _DEFAULT_GEMV == "tc" or m > FMA_MAX_ROWS or (_DEFAULT_GEMV == "auto" and n > 1024):
         return GemvTcConfig(block_n=64, block_k=min(128, group_size), num_warps=4, num_stages=3)
     # About 4 KB of packed weights per K-tile and program for one or two rows; smaller tiles for more rows,
     # whose x values and accumulators also take registers.
@@ -631,8 +636,9 @@ def _launch(x2: torch.Tensor, qweight, scale, zero, group_size: int, bias,
         )
         return out
 
-    if m > GEMV_MAX_ROWS:
-        raise ValueError(f"int4_matmul: the GEMV kernels take at most {GEMV_MAX_ROWS} rows, got M={m}")
+    if m > (GEMV_MAX_ROWS if isinstance(config, GemvTcConfig) else FMA_MAX_ROWS):
+        raise ValueError(f"int4_matmul: the {type(config).__name__} kernel takes at most "
+                         f"{GEMV_MAX_ROWS if isinstance(config, GemvTcConfig) else FMA_MAX_ROWS} rows, got M={m}")
     n_tiles = triton.cdiv(n, config.block_n)
     if isinstance(config, GemvTcConfig):
         block_k = min(config.block_k, group_size)
@@ -698,7 +704,7 @@ def int4_matmul(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, zer
         bias: float ``[N]`` or None.
 
     Returns:
-        ``[..., N]`` in ``x.dtype``. M = prod(leading dims) <= 4 uses the GEMV kernel, else the GEMM.
+        ``[..., N]`` in ``x.dtype``. M = prod(leading dims) <= 16 uses a GEMV kernel, else the GEMM.
     """
     if torch.compiler.is_compiling() or type(x) is not torch.Tensor or x.device.type == "meta":
         return _int4_matmul_op(x, qweight, scale, zero, group_size, bias)  # tracing: the op and its fake impl

@@ -53,9 +53,22 @@ def test_dequantize_matches_layout_bit_exact():
     assert torch.equal(w_sym, (q.float() - 8) * scale.float().repeat_interleave(32, 1))
 
 
-# Every M (GEMV: 1-3; GEMM: 17, 64) with both N, all group sizes; symmetry and bias alternate.
+# Every M (CUDA-core GEMV: 1-3; tensor-core GEMV for several sequences: 8, 16; GEMM: 17, 64) with both N,
+# all group sizes; symmetry and bias alternate.
 CASES = [(m, n, g, (i % 2 == 0), (i // 2) % 2 == 0)
-         for i, (m, n, g) in enumerate((m, n, g) for m in (1, 2, 3, 17, 64) for n in (96, 200) for g in (32, 64, 128))]
+         for i, (m, n, g) in enumerate((m, n, g) for m in (1, 2, 3, 8, 16, 17, 64) for n in (96, 200)
+                                       for g in (32, 64, 128))]
+
+
+@pytest.mark.parametrize("m,n,kind", [(1, 96, GemvConfig), (4, 200, GemvConfig), (1, 4096, GemvTcConfig),
+                                      (5, 96, GemvTcConfig), (16, 200, GemvTcConfig), (17, 200, GemmConfig)])
+def test_rows_choose_the_kernel(m, n, kind):
+    """Up to 16 rows (a decode step of up to 16 sequences) read the weights once, in a GEMV; the CUDA-core
+    GEMV only up to 4 rows and small N."""
+    from glmq.kernels.int4_matmul import GEMV_MAX_ROWS, _gemm_config, _gemv_config
+
+    chosen = _gemv_config(m, n, K, 64) if m <= GEMV_MAX_ROWS else _gemm_config(m, n, K, 64)
+    assert isinstance(chosen, kind)
 
 
 @pytest.mark.parametrize("m,n,group,symmetric,bias", CASES)
