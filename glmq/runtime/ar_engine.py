@@ -43,12 +43,12 @@ from __future__ import annotations
 import contextlib
 import inspect
 import warnings
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import torch
 
 from glmq.runtime.ar_plan import GridPlan, prior_tokens_from_generated  # noqa: F401  (public names, re-exported)
+from glmq.runtime.ar_state import ArRequest, BatchState, RowSpec, StaticKVCache, StepKey  # noqa: F401  (re-exported)
 from glmq.runtime.sampling import sample_tokens
 
 if TYPE_CHECKING:
@@ -58,112 +58,7 @@ _CACHE_ROUND = 128  # cache lengths are rounded up so nearby requests share one 
 
 
 # ---------------------------------------------------------------------------------------------------------
-# The static cache
-
-
-class StaticKVCache:
-    """Keys and values of every decoder layer: per layer ``[max_batch, kv_heads, max_len, head_dim]``, preallocated.
-
-    Duck-types the one method of ``transformers.Cache`` the decoder layers call, ``update``. The engine sets,
-    before each forward, where the ``q`` new tokens of its ``R`` rows go: ``write_rows`` (long ``[R, 1]``, the
-    cache row of each) and ``write_pos`` (long ``[R, q]``, the slot of each token; rows of a batch may sit at
-    different slots), and ``read_rows``, the slice of rows the attention then reads (one row for the prefill of
-    one request, the first ``B`` for a decode step). One tensor per layer (not views of one block) written with
-    one ``index_put_`` keeps ``torch.compile`` from copying the cache: it sees independent inputs mutated in
-    place, the pattern it re-inplaces.
-    """
-
-    is_compileable = True
-
-    def __init__(self, num_layers: int, batch: int, kv_heads: int, max_len: int, head_dim: int, *,
-                 dtype: torch.dtype, device: torch.device):
-        shape = (batch, kv_heads, max_len, head_dim)
-        self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
-        self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
-        self.max_len = max_len
-        self.write_rows: torch.Tensor | None = None
-        self.write_pos: torch.Tensor | None = None
-        self.read_rows = slice(None)
-
-    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
-        keys, values = self.keys[layer_idx], self.values[layer_idx]
-        # [R, H, q, D] -> the cache's [row, :, slot] places, [R, q, H, D] in advanced-indexing order.
-        keys[self.write_rows, :, self.write_pos] = key_states.transpose(1, 2)
-        values[self.write_rows, :, self.write_pos] = value_states.transpose(1, 2)
-        return keys[self.read_rows], values[self.read_rows]
-
-    def reset(self) -> None:
-        # Stale values in unwritten slots are masked, but 0 * NaN is NaN in a masked softmax @ V: clear them.
-        for t in (*self.keys, *self.values):
-            t.zero_()
-
-
-# ---------------------------------------------------------------------------------------------------------
 # The engine
-
-
-@dataclass(frozen=True)
-class ArRequest:
-    """One sequence of :meth:`ArEngine.generate_batch`: the processor's outputs for one prompt (batch 1) and
-    how to sample it. Requests sharing one ``generator`` draw from it in request order."""
-
-    input_ids: torch.Tensor  # long [1, L]
-    image_grid_thw: torch.Tensor
-    images_per_sample: torch.Tensor | None = None
-    pixel_values: torch.Tensor | None = None  # image-to-image: the references, whose VQ ids fill the prompt
-    attention_mask: torch.Tensor | None = None
-    generator: torch.Generator | None = None
-    temperature: float = 0.9
-    top_p: float = 0.75
-    grid_plan: GridPlan | None = None  # default: derived from the prompt (see ArEngine.plan)
-    max_new_tokens: int | None = None  # default: the plan's grid tokens + EOS
-
-
-@dataclass(frozen=True)
-class _StepKey:
-    """Everything a captured decode step bakes in (one CUDA graph per distinct key)."""
-
-    batch: int
-    greedy: bool
-    top_k: int | None
-    padded: bool
-    additive_mask: bool
-    output_logits: bool
-
-
-@dataclass
-class _Row:
-    """What one row of a batch needs loaded before the loop."""
-
-    prompt_len: int  # cache slots its prompt takes (left padding included)
-    n_new: int  # tokens it generates; later steps emit padding
-    grid_tokens: int  # tokens under the grid mask
-    decode_pos: torch.Tensor | None  # long [3, N] M-RoPE position of generated token j (None: text positions)
-    temperature: float
-    top_p: float
-
-
-class _State:
-    """Static device buffers of one batch size; a CUDA graph reads and writes only these."""
-
-    def __init__(self, batch: int, max_len: int, vocab: int, device: torch.device):
-        long = dict(dtype=torch.long, device=device)
-        self.batch = batch
-        self.rows = torch.arange(batch, **long)[:, None]  # the cache row of each sequence
-        self.tok = torch.zeros(batch, 1, **long)  # the token fed at the next step
-        self.step = torch.zeros(1, **long)  # index j of that token among the generated ones
-        self.prompt_len = torch.zeros(batch, **long)  # per row: the slot of generated token 0
-        self.n_new = torch.zeros(batch, **long)  # per row: tokens to generate (then padding)
-        self.pos_table = torch.zeros(3, batch, max_len, **long)  # M-RoPE position of generated token j
-        self.limits = torch.full((max_len + 1, batch), vocab, **long)  # ids < limits[k, b] allowed for token k
-        self.uniform = torch.full((max_len + 1, batch), 0.5, dtype=torch.float32, device=device)
-        self.key_ok = torch.ones(batch, max_len, dtype=torch.bool, device=device)  # False at left padding
-        self.out = torch.zeros(batch, max_len + 1, **long)
-        self.finished = torch.zeros(batch, dtype=torch.bool, device=device)
-        self.temperature = torch.ones(batch, 1, dtype=torch.float32, device=device)
-        self.top_p = torch.ones(batch, 1, dtype=torch.float32, device=device)
-        self.logits: torch.Tensor | None = None  # [B, max_len + 1, V] float32, only when asked for
-        self.graphs: dict[_StepKey, Any] = {}
 
 
 def _out_features(linear: torch.nn.Module) -> int:
@@ -230,7 +125,7 @@ class ArEngine:
         params = inspect.signature(self.text.layers[0].forward).parameters
         self._cache_arg = "cache" if "cache" in params or "past_key_values" not in params else "past_key_values"
         self._cache: StaticKVCache | None = None
-        self._states: dict[int, _State] = {}
+        self._states: dict[int, BatchState] = {}
         if max_cache_len is not None:
             self._ensure_cache(int(max_cache_len))
 
@@ -307,12 +202,12 @@ class ArEngine:
             raise ValueError(f"max_new_tokens must be >= 1, got {n_new}")
         limit = self._limit(valid_vocab)
         prefill_pos, decode_pos = self._positions(ids, image_grid_thw, images_per_sample, mask2d)
-        rows = [_Row(prompt_len, n_new, plan.num_grid_tokens, decode_pos[:, b] if decode_pos is not None else None,
+        rows = [RowSpec(prompt_len, n_new, plan.num_grid_tokens, decode_pos[:, b] if decode_pos is not None else None,
                      float(temperature), float(top_p)) for b in range(batch)]
         self._ensure_cache(prompt_len + n_new)
         st = self._state(batch)
         padded = mask2d is not None and not bool(mask2d.bool().all())
-        key = _StepKey(batch, bool(greedy), int(top_k) if top_k else None, padded, self._additive(), bool(output_logits))
+        key = StepKey(batch, bool(greedy), int(top_k) if top_k else None, padded, self._additive(), bool(output_logits))
         noise = None
         if not greedy:
             gen_device = generator.device if generator is not None else torch.device("cpu")
@@ -367,14 +262,14 @@ class ArEngine:
             if n_new < 1:
                 raise ValueError(f"max_new_tokens must be >= 1, got {n_new}")
             prefill_pos, decode_pos = self._positions(ids, r.image_grid_thw, r.images_per_sample, mask)
-            row = _Row(ids.shape[1], n_new, plan.num_grid_tokens, decode_pos[:, 0] if decode_pos is not None else None,
-                       float(r.temperature), float(r.top_p))
+            row = RowSpec(ids.shape[1], n_new, plan.num_grid_tokens,
+                          decode_pos[:, 0] if decode_pos is not None else None, float(r.temperature), float(r.top_p))
             prepared.append((ids, mask, prefill_pos, row))
         rows = [p[3] for p in prepared]
         self._ensure_cache(max(r.prompt_len + r.n_new for r in rows))
         st = self._state(batch)
         padded = any(m is not None and not bool(m.bool().all()) for _, m, _, _ in prepared)
-        key = _StepKey(batch, bool(greedy), int(top_k) if top_k else None, padded, self._additive(), bool(output_logits))
+        key = StepKey(batch, bool(greedy), int(top_k) if top_k else None, padded, self._additive(), bool(output_logits))
         noise = None
         if not greedy:
             noise = torch.zeros((max(r.n_new for r in rows), batch), dtype=torch.float32)
@@ -473,12 +368,12 @@ class ArEngine:
                                     dtype=self.dtype, device=self.device)
         self._states = {}
 
-    def _state(self, batch: int) -> _State:
+    def _state(self, batch: int) -> BatchState:
         if batch not in self._states:
-            self._states[batch] = _State(batch, self._cache.max_len, self.vocab_size, self.device)
+            self._states[batch] = BatchState(batch, self._cache.max_len, self.vocab_size, self.device)
         return self._states[batch]
 
-    def _load(self, st: _State, rows: list[_Row], limit: int, noise, key_ok) -> None:
+    def _load(self, st: BatchState, rows: list[RowSpec], limit: int, noise, key_ok) -> None:
         """Fill the static buffers for one generation (all host work happens here, before the loop)."""
         self._cache.reset()
         st.step.zero_()
@@ -506,7 +401,7 @@ class ArEngine:
         if noise is not None:
             st.uniform[: noise.shape[0]] = noise.to(self.device)
 
-    def _run(self, st: _State, key: _StepKey, rows: list[_Row], limit: int, noise, key_ok, prefill,
+    def _run(self, st: BatchState, key: StepKey, rows: list[RowSpec], limit: int, noise, key_ok, prefill,
              step_callback) -> int:
         """Load the buffers, prefill, then decode until the longest row is done; returns its token count."""
         n_max = max(r.n_new for r in rows)
@@ -529,7 +424,7 @@ class ArEngine:
 
     # -- the per-token work ---------------------------------------------------------------------------------
 
-    def _mask(self, key: _StepKey, slots: torch.Tensor, key_ok: torch.Tensor) -> torch.Tensor:
+    def _mask(self, key: StepKey, slots: torch.Tensor, key_ok: torch.Tensor) -> torch.Tensor:
         """Attention mask [R, 1, q, max_len] for the queries of each row at cache ``slots`` [R, q]."""
         keys = torch.arange(key_ok.shape[1], device=self.device)
         at = slots[..., None]
@@ -541,7 +436,7 @@ class ArEngine:
                 ~ok, torch.finfo(self.dtype).min)
         return ok
 
-    def _forward(self, key: _StepKey, ids, positions, rows: slice, write_rows, slots, kv_len, key_ok) -> torch.Tensor:
+    def _forward(self, key: StepKey, ids, positions, rows: slice, write_rows, slots, kv_len, key_ok) -> torch.Tensor:
         """Decoder on ``ids`` [R, q] of cache ``rows``, written at ``slots`` [R, q]: float32 logits of the last
         position of each row."""
         hidden = self.text.embed_tokens(ids)
@@ -559,7 +454,7 @@ class ArEngine:
         hidden = self.text.norm(hidden[:, -1:])
         return self.lm_head(hidden)[:, -1].float()
 
-    def _emit(self, st: _State, key: _StepKey, logits: torch.Tensor, k: torch.Tensor) -> None:
+    def _emit(self, st: BatchState, key: StepKey, logits: torch.Tensor, k: torch.Tensor) -> None:
         """Sample generated token ``k`` ([1] long) of every row from ``logits``, record it and make it the next
         input. A row past its EOS or its length emits padding, as HF does past EOS."""
         if key.output_logits:
@@ -572,7 +467,7 @@ class ArEngine:
         st.out.index_copy_(1, k, nxt[:, None])
         st.tok.copy_(nxt[:, None])
 
-    def _decode_step(self, st: _State, key: _StepKey) -> None:
+    def _decode_step(self, st: BatchState, key: StepKey) -> None:
         """Feed generated token j = ``st.step`` of every row and sample token j + 1. Device-only:
         graph-capturable."""
         slots = (st.prompt_len + st.step)[:, None]
@@ -583,7 +478,7 @@ class ArEngine:
         st.step.add_(1)
 
     @torch.no_grad()
-    def _run_step(self, st: _State, key: _StepKey) -> None:
+    def _run_step(self, st: BatchState, key: StepKey) -> None:
         """One decode step, compiled when asked; a step that fails to compile falls back to eager for good."""
         if not self._compiled:
             return self._decode_step(st, key)
@@ -604,7 +499,7 @@ class ArEngine:
 
         return sdpa_kernel(self.sdpa_backends)
 
-    def _graph(self, st: _State, key: _StepKey):
+    def _graph(self, st: BatchState, key: StepKey):
         """The CUDA graph of one decode step for ``key`` (captured on first use)."""
         if key not in st.graphs:
             stream = torch.cuda.Stream(self.device)

@@ -70,7 +70,8 @@ def call_spec(prompt, image=None, num_images_per_prompt: int = 1, generator=None
                             "(each None, an image or a list of images: that prompt's references)")
     else:
         raise GlmqError("prompt must be a string or a non-empty list of strings")
-    if isinstance(num_images_per_prompt, bool) or not isinstance(num_images_per_prompt, int) or num_images_per_prompt < 1:
+    per_prompt = num_images_per_prompt
+    if isinstance(per_prompt, bool) or not isinstance(per_prompt, int) or per_prompt < 1:
         raise GlmqError(f"num_images_per_prompt must be a positive integer, got {num_images_per_prompt!r}")
     n = len(prompts) * num_images_per_prompt
     if isinstance(generator, (list, tuple)):
