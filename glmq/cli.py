@@ -131,6 +131,8 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     import glmq
     from glmq.io.images import check_image_out, parse_size, read_image, save_image
 
+    if args.prompts is not None:
+        return _generate_prompts_file(args)
     width, height = parse_size(args.size)
     out = Path(args.out)
     image_format = check_image_out(out, force=args.force)
@@ -156,6 +158,52 @@ def _cmd_generate(args: argparse.Namespace) -> int:
         print(f"wrote {out} ({width}x{height}, {args.steps} steps, seed {args.seed}) in {t.total_s:.2f} s "
               f"[AR {t.ar_s:.2f} s / {t.ar_tokens} tokens, DiT {t.dit_s:.2f} s, VAE {t.vae_s:.2f} s; "
               f"{pipe.mode} on {device}]")
+    return 0
+
+
+def _generate_prompts_file(args: argparse.Namespace) -> int:
+    """``glmq generate PATH --prompts FILE --out DIR``: everything is checked (every line of the file, every
+    reference image, the output folder) before the model loads or anything is written."""
+    import time
+
+    import torch
+
+    import glmq
+    from glmq.errors import GlmqError
+    from glmq.generate_file import check_out_dir, generate_file, jobs_for, read_references
+    from glmq.io.images import parse_size
+    from glmq.io.lock import OutputLock
+    from glmq.io.prompts import read_prompts
+
+    if args.image:
+        raise GlmqError("--image goes with --prompt; in a prompts file each .jsonl line names its own \"image\"")
+    lines = read_prompts(args.prompts, size=parse_size(args.size), seed=args.seed, steps=args.steps,
+                         guidance=args.guidance, n=args.num_images)
+    out = Path(args.out)
+    check_out_dir(out)
+    references = read_references(lines, args.prompts)
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    _check_device(device)
+    lock = OutputLock(out)
+    try:
+        pipe, load_s = None, 0.0
+        if jobs_for(lines, out, force=args.force)[0]:  # a finished run resumes without loading the model
+            t0 = time.perf_counter()
+            pipe = glmq.load(args.path, device=device, vram_budget_gb=args.vram_budget_gb, mode=args.memory_mode,
+                             attention=args.attention, attention_precision=args.attention_precision)
+            load_s = time.perf_counter() - t0
+        summary = generate_file(pipe, lines, out, references, batch=args.batch, force=args.force,
+                                progress=not args.json)
+    finally:
+        lock.release()
+    summary.update(prompts_file=str(args.prompts), device=device, load_s=round(load_s, 3),
+                   memory_mode=str(pipe.mode) if pipe is not None else None)
+    if args.json:
+        print(json.dumps(summary, indent=2))
+    else:
+        rate = f", {summary['images_per_hour']} images/hour" if summary["images_per_hour"] else ""
+        print(f"wrote {summary['written']} image(s) to {out} in {summary['seconds']:.2f} s after a {load_s:.2f} s load"
+              f"{rate}; {summary['skipped']} already there")
     return 0
 
 
@@ -332,7 +380,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("generate", help="generate an image (text-to-image or image-to-image)",
                        description="Generate an image with a GLM-Image folder (bf16, make-tiny or glmq-quantized).")
     p.add_argument("path", help="GLM-Image pipeline folder")
-    p.add_argument("--prompt", required=True, help="the prompt; quoted text in it is rendered by the glyph encoder")
+    which = p.add_mutually_exclusive_group(required=True)
+    which.add_argument("--prompt", help="the prompt; quoted text in it is rendered by the glyph encoder")
+    which.add_argument("--prompts", metavar="FILE",
+                       help="many images: a .txt file (one prompt per line) or .jsonl (per line: prompt, and optionally "
+                            "size, seed, image, steps, guidance, n); --out is then a folder")
     p.add_argument("--image", action="append", metavar="REF", help="reference image (repeat for several)")
     p.add_argument("--size", default="1024x1024", help="WIDTHxHEIGHT, multiples of 32 (default 1024x1024)")
     p.add_argument("--steps", type=_int_at_least(1), default=50, help="denoising steps (default 50)")
@@ -347,9 +399,16 @@ def build_parser() -> argparse.ArgumentParser:
                    help="attention kernels: glmq's Triton kernels (auto on CUDA) or PyTorch SDPA")
     p.add_argument("--attention-precision", choices=ATTENTION_PRECISIONS, default=None,
                    help="DiT attention precision of glmq's kernels (default: what the checkpoint's recipe chose)")
-    p.add_argument("--out", required=True, help="output PNG path")
-    p.add_argument("--force", action="store_true", help="replace OUT if it exists")
-    p.add_argument("--json", action="store_true", help="print timings as JSON")
+    p.add_argument("--num-images", type=_int_at_least(1, 64), default=1,
+                   help="with --prompts: images per prompt (seeds SEED, SEED+1, ...; a .jsonl line's n wins)")
+    p.add_argument("--batch", type=_int_at_least(1, 64), default=8,
+                   help="with --prompts: images per pipeline call (default 8); the memory plan may split a call's "
+                        "denoising into smaller chunks")
+    p.add_argument("--out", required=True, help="output image path (with --prompts: the folder for the images)")
+    p.add_argument("--force", action="store_true",
+                   help="replace OUT if it exists (with --prompts: make images again whose files exist; without it "
+                        "they are skipped, which resumes an interrupted run)")
+    p.add_argument("--json", action="store_true", help="print timings (with --prompts: the run's summary) as JSON")
     p.set_defaults(func=_cmd_generate)
 
     p = sub.add_parser("export", help="write formats other runtimes load: hf (bitsandbytes), gguf, onnx, compressed-tensors",

@@ -154,3 +154,51 @@ def test_mismatched_arguments_are_one_line_errors_before_any_work(pipe, kwargs, 
 
 def test_supports_batch_is_advertised(pipe):
     assert pipe.supports_batch is True
+
+
+# ----------------------------------------------------------------------------------------------- the plan
+
+
+def _sizes():
+    from glmq.runtime.memory import GiB, StageSizes
+
+    return StageSizes(ar_weights=6 * GiB, vision_weights=2 * GiB, glyph_weights=GiB, dit_weights=7 * GiB,
+                      vae_weights=GiB, ar_activations=GiB // 2, dit_activations=2 * GiB, vae_activations=GiB,
+                      largest_ar_block=GiB // 8, largest_dit_block=GiB // 4, dit_kv_bytes_per_token=2 * 30 * 4096 * 2,
+                      ar_kv_bytes_per_token=2 * 40 * 2 * 128 * 2)
+
+
+def test_the_plan_sizes_dit_chunks_and_ar_rounds_to_the_budget():
+    from glmq.runtime.memory import MAX_AR_BATCH, Request, plan_call, stage_peaks
+
+    s, req = _sizes(), Request(1024, 1024)
+    three = stage_peaks(s, "staged", req, dit_batch=3)
+    budget = max(three.values())
+    assert three["dit"] == budget  # the DiT stage is what three images per forward make the largest
+    plan = plan_call(s, budget, "staged", [req] * 8)
+    print(plan, {k: round(v / 2**30, 2) for k, v in three.items()})
+    assert plan.mode == "staged" and plan.dit_batch == 3
+    assert max(stage_peaks(s, "staged", req, dit_batch=4).values()) > budget
+    assert plan.ar_batch == 8 and stage_peaks(s, "staged", req, ar_batch=8)["ar"] <= budget  # all 8 in one decode
+    # Each AR sequence costs its cache rows: about 79 MB at 1024x1024 for the released 40 layers.
+    extra = stage_peaks(s, "staged", req, ar_batch=2)["ar"] - stage_peaks(s, "staged", req)["ar"]
+    assert 70e6 < extra < 90e6
+    # A roomy budget: every image in one forward, 16 sequences per decode step at most.
+    roomy = plan_call(s, 200 * 2**30, "resident", [req] * 20)
+    assert (roomy.dit_batch, roomy.ar_batch) == (20, MAX_AR_BATCH)
+
+
+def test_a_batch_is_planned_like_its_most_demanding_image():
+    from glmq.runtime.memory import Request, mode_for_request, peak_bytes, plan_call
+
+    s = _sizes()
+    t2i, edit = Request(1024, 1024), Request(1024, 1024, (4096, 4096))
+    budget = peak_bytes(s, "staged", t2i)
+    single = plan_call(s, budget, "staged", [t2i])
+    assert (single.mode, single.dit_batch, single.ar_batch) == (mode_for_request(s, budget, "staged", t2i), 1, 1)
+    assert plan_call(s, budget, "staged", [t2i, t2i, edit]).mode == "offload"  # as the edit alone would
+    with pytest.raises(GlmqError, match=r"1024x1024 with 2 reference image\(s\)"):
+        plan_call(s, peak_bytes(s, "resident", t2i), "resident", [t2i, edit])  # refused before any work
+    # Without a budget of its own a GPU plans chunks against its size and refuses nothing.
+    loose = plan_call(s, budget // 2, "resident", [t2i] * 4, refuse=False)
+    assert (loose.mode, loose.dit_batch) == ("resident", 1)
