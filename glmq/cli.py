@@ -139,8 +139,10 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     images = [read_image(ref) for ref in args.image or []]
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     _check_device(device)
+    compile_ = _compile_choice(args, device)
     pipe = glmq.load(args.path, device=device, vram_budget_gb=args.vram_budget_gb, mode=args.memory_mode,
-                     attention=args.attention, attention_precision=args.attention_precision)
+                     attention=args.attention, attention_precision=args.attention_precision, compile=compile_,
+                     cache_dir=args.cache_dir)
     generator = torch.Generator(device="cpu").manual_seed(args.seed)
     result = pipe(args.prompt, image=images or None, height=height, width=width,
                   num_inference_steps=args.steps, guidance_scale=args.guidance, generator=generator,
@@ -149,6 +151,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     t = pipe.last_times
     summary = {"out": str(out), "size": [width, height], "steps": args.steps, "seed": args.seed,
                "device": device, "memory_mode": pipe.mode, "dit_attention": pipe.attention_precision,
+               "compiled": pipe.compile,
                "seconds": round(t.total_s, 3),
                "ar_s": round(t.ar_s, 3), "ar_tokens": t.ar_tokens, "glyph_s": round(t.glyph_s, 3),
                "dit_s": round(t.dit_s, 3), "vae_s": round(t.vae_s, 3)}
@@ -159,6 +162,16 @@ def _cmd_generate(args: argparse.Namespace) -> int:
               f"[AR {t.ar_s:.2f} s / {t.ar_tokens} tokens, DiT {t.dit_s:.2f} s, VAE {t.vae_s:.2f} s; "
               f"{pipe.mode} on {device}]")
     return 0
+
+
+def _compile_choice(args: argparse.Namespace, device: str) -> bool:
+    """``--compile``: on, off, or auto (on when the cache holds a completed compiled run of this model on this
+    card with these versions: compiling then costs little; glmq.runtime.compile_cache)."""
+    if args.compile != "auto" or not device.startswith("cuda"):
+        return args.compile == "on"
+    from glmq.runtime.compile_cache import activate, was_compiled
+
+    return was_compiled(activate(args.cache_dir), args.path, device)
 
 
 def _generate_prompts_file(args: argparse.Namespace) -> int:
@@ -190,14 +203,16 @@ def _generate_prompts_file(args: argparse.Namespace) -> int:
         if jobs_for(lines, out, force=args.force)[0]:  # a finished run resumes without loading the model
             t0 = time.perf_counter()
             pipe = glmq.load(args.path, device=device, vram_budget_gb=args.vram_budget_gb, mode=args.memory_mode,
-                             attention=args.attention, attention_precision=args.attention_precision)
+                             attention=args.attention, attention_precision=args.attention_precision,
+                             compile=_compile_choice(args, device), cache_dir=args.cache_dir)
             load_s = time.perf_counter() - t0
         summary = generate_file(pipe, lines, out, references, batch=args.batch, force=args.force,
                                 progress=not args.json)
     finally:
         lock.release()
     summary.update(prompts_file=str(args.prompts), device=device, load_s=round(load_s, 3),
-                   memory_mode=str(pipe.mode) if pipe is not None else None)
+                   memory_mode=str(pipe.mode) if pipe is not None else None,
+                   compiled=pipe.compile if pipe is not None else None)
     if args.json:
         print(json.dumps(summary, indent=2))
     else:
@@ -243,6 +258,20 @@ def _parse_edits(text: str) -> tuple[int, ...]:
     return counts
 
 
+def _parse_batch(text: str | None) -> tuple[int, ...]:
+    from glmq.errors import GlmqError
+
+    if text is None:
+        return ()
+    try:
+        sizes = tuple(int(t) for t in text.split(","))
+    except ValueError:
+        sizes = ()
+    if not sizes or any(not 1 <= b <= 64 for b in sizes):
+        raise GlmqError(f"--batch takes batch sizes from 1 to 64 separated by commas (e.g. 1,4,8); got {text!r}")
+    return sizes
+
+
 def _cmd_bench(args: argparse.Namespace) -> int:
     from glmq.bench.report import markdown, merge_results, update_readme, write_outputs
     from glmq.bench.run import BenchConfig, run_bench
@@ -278,7 +307,8 @@ def _cmd_bench(args: argparse.Namespace) -> int:
                       images=args.images, baseline=args.baseline, profile=args.profile, seed=args.seed,
                       device=args.device, compile=not args.no_compile, attention=args.attention,
                       cuda_graph=not args.no_cuda_graph, warmup_steps=args.warmup_steps,
-                      attention_precision=args.attention_precision, edits=edits, guidance=args.guidance)
+                      attention_precision=args.attention_precision, edits=edits, guidance=args.guidance,
+                      batch=_parse_batch(args.batch), first_image=args.first_image)
     if args.baseline_only:
         cfg.baseline, cfg.recipes = True, ()
     if cfg.path is None and args.model == "tiny":
@@ -399,6 +429,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="attention kernels: glmq's Triton kernels (auto on CUDA) or PyTorch SDPA")
     p.add_argument("--attention-precision", choices=ATTENTION_PRECISIONS, default=None,
                    help="DiT attention precision of glmq's kernels (default: what the checkpoint's recipe chose)")
+    p.add_argument("--compile", choices=("auto", "on", "off"), default="auto",
+                   help="torch.compile the AR step and DiT blocks (CUDA): faster images, a slow first compilation "
+                        "that the cache folder keeps for later processes; auto (default): on once a compiled run of "
+                        "this model finished on this card")
+    p.add_argument("--cache-dir", default=None,
+                   help="folder for compilation and autotuning caches (default $GLMQ_CACHE_DIR, else "
+                        "$XDG_CACHE_HOME/glmq, else ~/.cache/glmq)")
     p.add_argument("--num-images", type=_int_at_least(1, 64), default=1,
                    help="with --prompts: images per prompt (seeds SEED, SEED+1, ...; a .jsonl line's n wins)")
     p.add_argument("--batch", type=_int_at_least(1, 64), default=8,
@@ -471,6 +508,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--edits", default="1,2",
                    help="image-to-image rows after each tier's text-to-image, in the same process: comma-separated "
                         "reference counts (1 or 2; default 1,2), or 'none'")
+    p.add_argument("--batch", default=None, metavar="B,B,...",
+                   help="rows of B images per call (e.g. 1,4,8): images per hour per batch size and tier, instead of "
+                        "the one-image and edit rows")
+    p.add_argument("--first-image", action="store_true",
+                   help="cold (empty compile cache), cached and warm first-image times per tier, each in fresh "
+                        "processes (without --batch: instead of the in-process rows)")
     p.add_argument("--profile", action="store_true", help="add the top kernels of one short run per configuration")
     p.add_argument("--seed", type=SEED, default=0)
     p.add_argument("--device", type=_device, default=None, help="cuda, cuda:N or cpu (default: cuda when available)")

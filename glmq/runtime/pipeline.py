@@ -41,7 +41,7 @@ class GlmqPipeline:
     def __init__(self, path: Path | None, *, device: torch.device, dtype: torch.dtype, mode: MemoryMode,
                  sizes: StageSizes, components: dict, processor, tokenizer, scheduler_config: dict, attention: str,
                  cuda_graph: bool, compile: bool = False, attention_precision: str = "bf16",
-                 vram_budget: int | None = None):
+                 vram_budget: int | None = None, cache_root: Path | None = None):
         from glmq.runtime.memory import prefer_expandable_segments
 
         self.path, self.device, self.dtype, self.sizes = path, device, dtype, sizes
@@ -65,6 +65,13 @@ class GlmqPipeline:
         self.last_prior_token_ids: torch.Tensor | None = None  # what the AR generated for the last image
         self._engine = None
         self._runner = None
+        self.cache_root = cache_root  # where compile and autotune artifacts persist (glmq.runtime.compile_cache)
+        self._autotune = None
+        if cache_root is not None and device.type == "cuda":
+            from glmq.runtime.compile_cache import AutotuneStore
+
+            self._autotune = AutotuneStore(cache_root, device)
+            self._autotune.load()
         nets = {"ar": self.ar, "dit": self.transformer, "glyph": self.text_encoder, "vae": self.vae}
         self.placement = Placement(nets, device, self.mode, vision=(self.ar.model.visual, self.ar.model.vqmodel))
 
@@ -198,12 +205,22 @@ class GlmqPipeline:
                        prior_token_ids=prior_token_ids, latents=latents, prior_token_image_ids=prior_token_image_ids,
                        source_image_grid_thw=source_image_grid_thw, output_type=output_type, progress=progress,
                        callback=callback)
+        self._persist()
         if output_type != "pil":
             return out
         from PIL import Image
 
         arr = (out.permute(0, 2, 3, 1).float().cpu().numpy() * 255).round().astype("uint8")
         return GlmqImageOutput([Image.fromarray(a) for a in arr])
+
+    def _persist(self) -> None:
+        """After a call: save what it autotuned, and mark the model compiled (``glmq generate --compile auto``)."""
+        if self._autotune is not None:
+            self._autotune.save()
+        if self.compile and self.cache_root is not None and self.path is not None:
+            from glmq.runtime.compile_cache import mark_compiled
+
+            mark_compiled(self.cache_root, self.path, self.device)
 
     def _note_peak(self, times: StageTimes, stage: str) -> None:
         """Peak reserved GiB since the caller's last reset, after ``stage`` (CUDA): which stage set the peak."""
