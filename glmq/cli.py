@@ -413,8 +413,8 @@ def build_parser() -> argparse.ArgumentParser:
     which = p.add_mutually_exclusive_group(required=True)
     which.add_argument("--prompt", help="the prompt; quoted text in it is rendered by the glyph encoder")
     which.add_argument("--prompts", metavar="FILE",
-                       help="many images: a .txt file (one prompt per line) or .jsonl (per line: prompt, and optionally "
-                            "size, seed, image, steps, guidance, n); --out is then a folder")
+                       help="many images: a .txt file (one prompt per line) or .jsonl (per line: prompt, and "
+                            "optionally size, seed, image, steps, guidance, n); --out is then a folder")
     p.add_argument("--image", action="append", metavar="REF", help="reference image (repeat for several)")
     p.add_argument("--size", default="1024x1024", help="WIDTHxHEIGHT, multiples of 32 (default 1024x1024)")
     p.add_argument("--steps", type=_int_at_least(1), default=50, help="denoising steps (default 50)")

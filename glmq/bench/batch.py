@@ -145,8 +145,8 @@ def markdown_sections(result: dict) -> list[str]:
             c = r.get("checks", {})
             note = f"same seed: {100 * c.get('same_seed_prior_tokens_equal', 0):.1f}% tokens"
             if "vs_batch_1_max_abs_diff" in c:
-                note += (f"; image 0 vs batch 1: {100 * c['vs_batch_1_prior_tokens_equal']:.1f}% tokens, max pixel diff "
-                         f"{c['vs_batch_1_max_abs_diff']:.3g}")
+                note += (f"; image 0 vs batch 1: {100 * c['vs_batch_1_prior_tokens_equal']:.1f}% tokens, "
+                         f"max pixel diff {c['vs_batch_1_max_abs_diff']:.3g}")
             st = r["stages"]
             lines.append(f"| {r['recipe']} | {tier} | {r['size']} | {r['batch']} | {r['mode']} | "
                          f"{r['seconds_per_call']['median']:.2f} | {r['seconds_per_image']['median']:.2f} | "
