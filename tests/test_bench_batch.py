@@ -32,7 +32,7 @@ def test_batch_rows_report_images_per_hour_and_match_batch_one(tiny_dir, tmp_pat
     result = json.loads((out / "bench.json").read_text())
     one, three = result["rows"]  # the batch rows replace the one-image and edit rows
     assert (one["task"], three["task"]) == ("t2i x1", "t2i x3") and one["fit"] and three["fit"]
-    assert three["dit_batch"] == 3 and three["ar_batch"] == 3  # no budget on the CPU: one chunk, one round
+    assert three["dit_batch"] == 3 and three["ar_batch"] == 4  # no budget on the CPU: one chunk; AR rows 2^k
     s = three["seconds_per_call"]["median"]
     assert three["images_per_hour"] == pytest.approx(3600 * 3 / s, rel=1e-3)
     assert three["seconds_per_image"]["median"] == pytest.approx(s / 3, abs=1e-3)

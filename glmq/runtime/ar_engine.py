@@ -47,7 +47,8 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from glmq.runtime.ar_plan import GridPlan, prior_tokens_from_generated  # noqa: F401  (public names, re-exported)
+from glmq.runtime.ar_plan import GridPlan, insert_image_tokens, rope_positions
+from glmq.runtime.ar_plan import prior_tokens_from_generated  # noqa: F401  (public name, re-exported)
 from glmq.runtime.ar_state import ArRequest, BatchState, RowSpec, StaticKVCache, StepKey  # noqa: F401  (re-exported)
 from glmq.runtime.sampling import sample_tokens
 
@@ -226,7 +227,8 @@ class ArEngine:
 
     @torch.no_grad()
     def generate_batch(self, requests: Sequence[ArRequest], *, top_k: int | None = None, greedy: bool = False,
-                       valid_vocab: int | None = None, output_logits: bool = False, step_callback=None) -> list:
+                       valid_vocab: int | None = None, output_logits: bool = False, step_callback=None,
+                       rows: int | None = None) -> list:
         """Decode independent sequences together: one decode step for all B rows (B <= ``max_batch``).
 
         Each request is prefilled alone (the same computation as a request made alone), and keeps its own
@@ -235,6 +237,10 @@ class ArEngine:
         others continue. ``top_k``, ``greedy``, ``valid_vocab``, ``output_logits`` and ``step_callback`` as in
         :meth:`generate` (``total`` is the longest request's token count).
 
+        ``rows``: decode with this many rows (>= the requests), the extra ones idle: a caller that rounds its
+        batch sizes up (to powers of two, say) compiles and captures one decode step per size it uses, not one
+        per number of requests.
+
         Returns one long ``[1, n_new]`` tensor per request (with ``output_logits``: ``(tokens, logits [1, n_new,
         V])`` per request). The tokens of a row equal those of the same request made alone, up to the floating
         point of the decode step's matrix products at B rows instead of one (see
@@ -242,7 +248,7 @@ class ArEngine:
         """
         if not requests:
             raise ValueError("generate_batch needs at least one request")
-        batch = len(requests)
+        batch = max(len(requests), int(rows or 0))
         self._check_batch(batch)
         limit = self._limit(valid_vocab)
         prepared, with_images = [], {}
@@ -265,7 +271,8 @@ class ArEngine:
             row = RowSpec(ids.shape[1], n_new, plan.num_grid_tokens,
                           decode_pos[:, 0] if decode_pos is not None else None, float(r.temperature), float(r.top_p))
             prepared.append((ids, mask, prefill_pos, row))
-        rows = [p[3] for p in prepared]
+        idle = RowSpec(1, 0, 0, None, 1.0, 1.0)  # padding rows: no prompt, no tokens (they emit padding)
+        rows = [p[3] for p in prepared] + [idle] * (batch - len(prepared))
         self._ensure_cache(max(r.prompt_len + r.n_new for r in rows))
         st = self._state(batch)
         padded = any(m is not None and not bool(m.bool().all()) for _, m, _, _ in prepared)
@@ -273,7 +280,7 @@ class ArEngine:
         noise = None
         if not greedy:
             noise = torch.zeros((max(r.n_new for r in rows), batch), dtype=torch.float32)
-            for b, (r, row) in enumerate(zip(requests, rows)):
+            for b, (r, row) in enumerate(zip(requests, rows)):  # padding rows draw nothing
                 gen_device = r.generator.device if r.generator is not None else torch.device("cpu")
                 noise[: row.n_new, b : b + 1] = torch.rand((row.n_new, 1), generator=r.generator, device=gen_device,
                                                            dtype=torch.float32).cpu()
@@ -289,9 +296,12 @@ class ArEngine:
                 kv_len = torch.full((1,), row.prompt_len, dtype=torch.int32, device=self.device)
                 logits.append(self._forward(key, ids, positions, slice(b, b + 1), st.rows[b : b + 1], slots, kv_len,
                                             st.key_ok[b : b + 1]))
+            if batch > len(prepared):
+                logits.append(torch.zeros(batch - len(prepared), logits[0].shape[-1], device=self.device))
             self._emit(st, key, torch.cat(logits), torch.zeros(1, dtype=torch.long, device=self.device))
 
         self._run(st, key, rows, limit, noise, key_ok, prefill, step_callback)
+        rows = rows[: len(prepared)]
         tokens = [st.out[b : b + 1, : row.n_new].clone() for b, row in enumerate(rows)]
         if output_logits:
             return [(t, st.logits[b : b + 1, : row.n_new].clone()) for b, (t, row) in enumerate(zip(tokens, rows))]
@@ -332,29 +342,10 @@ class ArEngine:
         return self.text.config._attn_implementation == "eager"
 
     def _insert_image_tokens(self, ids, pixel_values, image_grid_thw, images_per_sample):
-        """Replace ``<|image|>`` placeholders by the reference images' VQ ids, as ``GlmImageModel.forward`` does."""
-        inner = self.model.model
-        grids = image_grid_thw.to(self.device)
-        ips = images_per_sample.to(self.device) if images_per_sample is not None else None
-        source_grids = inner.get_image_grids_for_generation(ips, grids)
-        features = inner.get_image_features(pixel_values.to(self.device), source_grids, return_dict=True)
-        image_ids = inner.get_image_tokens(features.pooler_output).view(-1).to(ids.device)
-        return ids.masked_scatter(inner.get_placeholder_mask(ids, image_ids), image_ids)
+        return insert_image_tokens(self.model, ids, pixel_values, image_grid_thw, images_per_sample, self.device)
 
     def _positions(self, ids, image_grid_thw, images_per_sample, attention_mask):
-        """Upstream ``get_rope_index``: prompt positions [3, B, L] and decode positions [3, B, N] (or None).
-
-        It caches the decode table on the model; that state is restored so HF ``generate`` is unaffected.
-        """
-        inner = self.model.model
-        saved = (inner.rope_deltas, inner._cached_decode_position_ids, inner._prefill_len)
-        try:
-            prefill, _ = inner.get_rope_index(ids, image_grid_thw=image_grid_thw.to(ids.device),
-                                              images_per_sample=images_per_sample, attention_mask=attention_mask)
-            decode = inner._cached_decode_position_ids
-        finally:
-            inner.rope_deltas, inner._cached_decode_position_ids, inner._prefill_len = saved
-        return prefill, (decode.permute(1, 0, 2) if decode is not None else None)
+        return rope_positions(self.model, ids, image_grid_thw, images_per_sample, attention_mask)
 
     def _ensure_cache(self, needed: int) -> None:
         if self._cache is not None and self._cache.max_len >= needed:
@@ -393,8 +384,8 @@ class ArEngine:
         width = st.pos_table.shape[-1]
         for b, r in enumerate(rows):
             pos = r.decode_pos
-            if pos is None:  # no grids: text positions continue after the prompt
-                pos = (torch.arange(r.n_new, device=self.device) + r.prompt_len).expand(3, r.n_new)
+            if pos is None:  # no grids: text positions continue after the prompt (an idle row: one position)
+                pos = (torch.arange(max(r.n_new, 1), device=self.device) + r.prompt_len).expand(3, max(r.n_new, 1))
             n = min(pos.shape[-1], width)
             st.pos_table[:, b, :n] = pos[:, :n]
             st.pos_table[:, b, n:] = pos[:, n - 1 : n]  # past the table: repeat the end marker

@@ -1,5 +1,7 @@
-"""What the AR generates for one sequence: the grids it fills (:class:`GridPlan`), and the DiT's prior ids
-taken from the generated tokens (:func:`prior_tokens_from_generated`)."""
+"""What the AR generates for one sequence: the grids it fills (:class:`GridPlan`), its prompt as the model
+sees it (the references' VQ ids in place, :func:`insert_image_tokens`) and its M-RoPE positions
+(:func:`rope_positions`), and the DiT's prior ids taken from the generated tokens
+(:func:`prior_tokens_from_generated`)."""
 
 from __future__ import annotations
 
@@ -99,3 +101,30 @@ def prior_tokens_from_generated(
         raise ValueError(f"tokens: need at least {offset + h * w} generated tokens, got {tokens.shape[-1]}")
     grid = tokens[:, offset : offset + h * w].reshape(-1, h, w)
     return grid.repeat_interleave(2, dim=1).repeat_interleave(2, dim=2).reshape(tokens.shape[0], -1).long()
+
+
+def insert_image_tokens(model, ids, pixel_values, image_grid_thw, images_per_sample, device):
+    """Replace ``<|image|>`` placeholders by the reference images' VQ ids, as ``GlmImageModel.forward`` does."""
+    inner = model.model
+    grids = image_grid_thw.to(device)
+    ips = images_per_sample.to(device) if images_per_sample is not None else None
+    source_grids = inner.get_image_grids_for_generation(ips, grids)
+    features = inner.get_image_features(pixel_values.to(device), source_grids, return_dict=True)
+    image_ids = inner.get_image_tokens(features.pooler_output).view(-1).to(ids.device)
+    return ids.masked_scatter(inner.get_placeholder_mask(ids, image_ids), image_ids)
+
+
+def rope_positions(model, ids, image_grid_thw, images_per_sample, attention_mask):
+    """Upstream ``get_rope_index``: prompt positions [3, B, L] and decode positions [3, B, N] (or None).
+
+    It caches the decode table on the model; that state is restored so HF ``generate`` is unaffected.
+    """
+    inner = model.model
+    saved = (inner.rope_deltas, inner._cached_decode_position_ids, inner._prefill_len)
+    try:
+        prefill, _ = inner.get_rope_index(ids, image_grid_thw=image_grid_thw.to(ids.device),
+                                          images_per_sample=images_per_sample, attention_mask=attention_mask)
+        decode = inner._cached_decode_position_ids
+    finally:
+        inner.rope_deltas, inner._cached_decode_position_ids, inner._prefill_len = saved
+    return prefill, (decode.permute(1, 0, 2) if decode is not None else None)

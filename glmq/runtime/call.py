@@ -156,15 +156,17 @@ def _decode(pipe, spec: CallSpec, inputs, ar_batch: int, report):
     from glmq.runtime.ar_engine import ArRequest, prior_tokens_from_generated
 
     engine = pipe._engine_for()
-    engine.reserve(min(len(spec.jobs), ar_batch))
+    engine.reserve(ar_batch)
     priors, steps = [None] * len(spec.jobs), 0
     for group in rounds(spec.jobs, ar_batch):
+        rows = min(1 << (len(group) - 1).bit_length(), ar_batch)  # a power of two: one compiled step per size
         requests = []
         for job in group:
             inp = inputs[job.prompt_index]
             requests.append(ArRequest(inp["input_ids"], inp["image_grid_thw"], inp.get("images_per_sample"),
                                       inp.get("pixel_values"), inp.get("attention_mask"), job.generator))
-        tokens = engine.generate_batch(requests, step_callback=lambda done, total: report("AR", done, total))
+        tokens = engine.generate_batch(requests, rows=rows,
+                                       step_callback=lambda done, total: report("AR", done, total))
         for job, t in zip(group, tokens):
             priors[job.index] = prior_tokens_from_generated(t.cpu(), inputs[job.prompt_index]["image_grid_thw"],
                                                             is_text_to_image=not spec.image_to_image(job))

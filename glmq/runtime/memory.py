@@ -137,11 +137,12 @@ def ar_sequence_bytes(s: StageSizes, req: Request) -> int:
 
 
 def stage_peaks(s: StageSizes, mode: str, request: Request | None = None, *, ar_batch: int = 1,
-                dit_batch: int = 1) -> dict[str, int]:
+                dit_batch: int = 1, images: int = 1) -> dict[str, int]:
     """Estimated GPU bytes (reserved + context) at the peak of each stage of one call in ``mode`` (``request``
     default: text-to-image at the size ``s`` was measured for). ``ar_batch``: sequences the AR decodes together
     (each adds its cache rows); ``dit_batch``: images per DiT forward, all of ``request``'s kind and sharing its
-    references (each adds the activations of its conditional and unconditional pass)."""
+    references (each adds the activations of its conditional and unconditional pass); ``images``: the call's
+    images, whose decoded pixels (fp32) stay on the GPU until the call returns."""
     req = request or Request(*s.size)
     if mode not in MODES:
         raise GlmqError(f"unknown memory mode {mode!r}; valid modes: {', '.join(MODES)}")
@@ -167,7 +168,8 @@ def stage_peaks(s: StageSizes, mode: str, request: Request | None = None, *, ar_
         vae = s.vae_weights
     more_sequences = (max(int(ar_batch), 1) - 1) * ar_sequence_bytes(s, req)
     peaks = {"ar": ar + _scaled(s.ar_activations, s, req) + (s.ar_activations if i2i else 0) + more_sequences,
-             "encode": enc + encode_act, "dit": dit + dit_act + kv, "vae": vae + vae_act}
+             "encode": enc + encode_act, "dit": dit + dit_act + kv,
+             "vae": vae + vae_act + (max(int(images), 1) - 1) * 3 * req.height * req.width * 4}
     return {k: int(v * (1 + FRAGMENTATION)) + OVERHEAD_BYTES for k, v in peaks.items()}
 
 
@@ -256,8 +258,8 @@ MAX_AR_BATCH = 16  # sequences one AR decode step serves (the engine's tested ra
 
 @dataclass(frozen=True)
 class CallPlan:
-    """How one call of several images runs: its memory mode, the images per DiT forward and the sequences
-    per AR decode (the rest run in further rounds)."""
+    """How one call of several images runs: its memory mode, the images per DiT forward and the rows of an AR
+    decode step (a power of two; more sequences run in further rounds, fewer leave rows idle)."""
 
     mode: MemoryMode
     dit_batch: int
@@ -278,13 +280,25 @@ def plan_call(s: StageSizes, budget_bytes: int | None, base_mode: str, requests:
     n = len(requests)
     worst = max(requests, key=lambda r: (sum(r.reference_tokens), len(r.reference_tokens), r.height * r.width))
     if budget_bytes is None:
-        return CallPlan(MemoryMode(base_mode), n, min(n, MAX_AR_BATCH))
+        return CallPlan(MemoryMode(base_mode), n, min(_next_pow2(n), MAX_AR_BATCH))
     mode = mode_for_request(s, budget_bytes, base_mode, worst) if refuse else MemoryMode(base_mode)
+    if refuse and peak_bytes(s, mode, worst, images=n) > budget_bytes:
+        raise GlmqError(f"{n} images of {worst.height}x{worst.width} need about "
+                        f"{peak_bytes(s, mode, worst, images=n) / GiB:.1f} GiB of GPU memory for their pixels at the "
+                        f"end of the call; the budget is {budget_bytes / GiB:.1f} GiB (make fewer images per call)")
 
     def fits(**batch) -> bool:
-        return peak_bytes(s, mode, worst, **batch) <= budget_bytes
+        return peak_bytes(s, mode, worst, images=n, **batch) <= budget_bytes
 
-    # Stages hold one batch each (the AR's sequences, or the DiT's images): each size is chosen on its own.
+    # Stages hold one batch each (the AR's sequences, or the DiT's images): each size is chosen on its own. AR
+    # batches are powers of two (a round of 5 decodes as 8 rows): one compiled step and graph per size.
     dit = max((k for k in range(1, n + 1) if fits(dit_batch=k)), default=1)
-    ar = max((k for k in range(1, min(n, MAX_AR_BATCH) + 1) if fits(ar_batch=k)), default=1)
+    ar = max((k for k in _AR_SIZES if k <= _next_pow2(n) and fits(ar_batch=k)), default=1)
     return CallPlan(mode, dit, ar)
+
+
+_AR_SIZES = tuple(2**i for i in range(MAX_AR_BATCH.bit_length()) if 2**i <= MAX_AR_BATCH)
+
+
+def _next_pow2(n: int) -> int:
+    return 1 << max(int(n) - 1, 0).bit_length()

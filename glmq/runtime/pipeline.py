@@ -19,8 +19,7 @@ from glmq.errors import GlmqError
 from glmq.runtime import conditioning, vae
 from glmq.runtime.call import StageTimes  # noqa: F401  (public name, re-exported)
 from glmq.runtime.conditioning import glyph_texts  # noqa: F401  (public name, re-exported)
-from glmq.runtime.memory import (MAX_AR_BATCH, CallPlan, GiB, MemoryMode, Request, StageSizes, mode_for_request,
-                                 plan_call)
+from glmq.runtime.memory import CallPlan, GiB, MemoryMode, Request, StageSizes, mode_for_request, plan_call
 from glmq.runtime.placement import Placement
 
 
@@ -104,7 +103,7 @@ class GlmqPipeline:
         forward and sequences through an AR decode step at a time (:func:`glmq.runtime.memory.plan_call`). On a
         GPU without a budget the card's size bounds the batches, and nothing is refused."""
         if self.device.type != "cuda":
-            return CallPlan(self.mode, len(requests), min(len(requests), MAX_AR_BATCH))
+            return plan_call(self.sizes, None, self.mode, requests)
         if self.vram_budget is None:
             total = torch.cuda.get_device_properties(self.device).total_memory
             return plan_call(self.sizes, total, self.mode, requests, refuse=False)

@@ -120,6 +120,20 @@ def test_compiled_batched_step_matches_the_eager_one(model, processor):
         assert torch.equal(e, c)
 
 
+def test_idle_rows_change_nothing(model, processor):
+    """Three requests decoded in a step of four rows (a caller rounding batch sizes up): the same tokens."""
+    reqs = [_request(processor, p, h, 64, seed=i) for i, (p, h) in enumerate((("a cat", 64), ("a dog", 96),
+                                                                               ("a fox on a hill", 64)))]
+    engine = ArEngine(model, max_batch=4)
+    three = engine.generate_batch(reqs)
+    four = engine.generate_batch([_reseeded(r, i) for i, r in enumerate(reqs)], rows=4)
+    assert len(four) == 3 and 4 in engine._states
+    for a, b in zip(three, four):
+        assert torch.equal(a, b)
+    with pytest.raises(ValueError, match="max_batch"):
+        engine.generate_batch(reqs, rows=5)
+
+
 def test_batch_limits_reserve_and_free(model, processor):
     engine = ArEngine(model, max_batch=1)
     reqs = [_request(processor, "a cat", seed=0), _request(processor, "a dog", seed=1)]
