@@ -74,6 +74,7 @@ def run_tree(tree: Path, model_dir: Path, device: str, out: Path) -> None:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--base-tree", type=Path)
+    ap.add_argument("--base-commit", default=None, help="the commit the base tree holds (recorded; default: its git)")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--model", type=Path, default=None, help="a GLM-Image folder (default: a fresh tiny model)")
     ap.add_argument("--out", type=Path)
@@ -110,8 +111,8 @@ def main() -> int:
                      "output_identical": bool(torch.equal(a["out"], b["out"])),
                      "output_max_abs_diff": float((a["out"] - b["out"]).abs().max()),
                      "output_shape": list(b["out"].shape)})
-    base_commit = subprocess.run(["git", "-C", str(base), "rev-parse", "HEAD"], capture_output=True, text=True,
-                                 check=False).stdout.strip() or None
+    base_commit = args.base_commit or subprocess.run(["git", "-C", str(base), "rev-parse", "HEAD"],
+                                                     capture_output=True, text=True, check=False).stdout.strip() or None
     result = {"benchmark": "single_prompt_unchanged", **provenance(), "base_tree": str(base),
               "base_commit": base_commit, "device": args.device, "torch": torch.__version__,
               "model": str(args.model) if args.model else "tiny (glmq make-tiny, seed 0)",

@@ -50,7 +50,7 @@ case "$1" in
   unchanged)
     rm -rf /tmp/base && mkdir -p /tmp/base
     if git archive "$BASE_COMMIT" 2>/dev/null | tar -x -C /tmp/base; then
-      timeout 500 python3 benchmarks/check_single_prompt_unchanged.py --base-tree /tmp/base --device cuda \
+      timeout 500 python3 benchmarks/check_single_prompt_unchanged.py --base-tree /tmp/base --base-commit "$BASE_COMMIT" --device cuda \
         --out "$OUT/unchanged/single_prompt_unchanged_h200.json" 2>&1 | tail -12
     else echo "commit $BASE_COMMIT is not in this tree's .git: copy a checkout of it to /tmp/base"; fi ;;
   smoke)

@@ -30,7 +30,7 @@ def test_single_prompt_calls_make_what_they_made_before_batching(tmp_path):
     subprocess.run(["tar", "-x", "-C", str(base)], input=archive, check=True)
     out = tmp_path / "result.json"
     proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "check_single_prompt_unchanged.py"),
-                           "--base-tree", str(base), "--out", str(out)], capture_output=True, text=True, timeout=900,
+                           "--base-tree", str(base), "--base-commit", BASE, "--out", str(out)], capture_output=True, text=True, timeout=900,
                           env={**os.environ, "OMP_NUM_THREADS": "1"})
     print(proc.stdout)
     result = json.loads(out.read_text())
