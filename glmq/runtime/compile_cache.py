@@ -5,8 +5,9 @@ cache_dir=)`` overrides both), holds:
 
 - ``inductor/``: PyTorch's Inductor caches (``TORCHINDUCTOR_CACHE_DIR``): the FX graph cache (compiled
   kernels and wrappers), the AOTAutograd cache and Inductor's autotuning results. With them a later process
-  traces the model again (Dynamo) but compiles nothing: on the CPU tests the tiny AR's compiled step took 34 s
-  to compile in an empty cache and 2.5 s with the cache (tests/runtime/test_compile_cache.py prints both).
+  traces the model again (Dynamo) but compiles nothing: the tiny AR's first compiled generation on 2 CPU cores
+  took 36.3 s in an empty cache and 3.9 s in a second process over it (tests/runtime/test_compile_cache.py,
+  recorded in benchmarks/results/batch_tests_cpu2.json).
 - ``triton/``: Triton's kernel cache (``TRITON_CACHE_DIR``): glmq's own Triton kernels and Inductor's.
 - ``autotune/``: glmq's attention tile choices (:func:`glmq.kernels._attention.tuned_configs`), one file per
   card, torch, Triton and kernel source, written after a call that tuned something and adopted by the next
