@@ -137,7 +137,7 @@ def main(argv=None) -> int:
         import triton
 
         env["triton"] = triton.__version__
-    result = {"benchmark": "ar_batch_decode", **provenance(), "environment": env, "model": args.model,
+    result = {"benchmark": "ar_batch_decode", "provenance": provenance(), "environment": env, "model": args.model,
               "recipe": args.recipe, "size": args.size, "build_s": round(build_s, 1),
               "compile_cache": str(cache) if cache else None, "rows": rows}
     args.out.mkdir(parents=True, exist_ok=True)

@@ -113,7 +113,7 @@ def main() -> int:
                      "output_shape": list(b["out"].shape)})
     base_commit = args.base_commit or subprocess.run(["git", "-C", str(base), "rev-parse", "HEAD"],
                                                      capture_output=True, text=True, check=False).stdout.strip() or None
-    result = {"benchmark": "single_prompt_unchanged", **provenance(), "base_tree": str(base),
+    result = {"benchmark": "single_prompt_unchanged", "provenance": provenance(), "base_tree": str(base),
               "base_commit": base_commit, "device": args.device, "torch": torch.__version__,
               "model": str(args.model) if args.model else "tiny (glmq make-tiny, seed 0)",
               "all_identical": all(r["tokens_identical"] and r["output_identical"] for r in rows), "rows": rows}

@@ -86,8 +86,8 @@ def main(argv=None) -> int:
             s = r.get("summary", {})
             print(f"{name}: {'ok' if r['ok'] else 'FAILED'} {r.get('wall_s', '-')} s wall; "
                   f"compiled {s.get('compiled')}; {r.get('reason', '')}", file=sys.stderr, flush=True)
-    result = {"benchmark": "generate_wall_time", **provenance(), "checkpoint": args.checkpoint, "size": args.size,
-              "steps": int(args.steps), "runs": results}
+    result = {"benchmark": "generate_wall_time", "provenance": provenance(), "checkpoint": args.checkpoint,
+              "size": args.size, "steps": int(args.steps), "runs": results}
     (args.out / "generate_wall_time.json").write_text(json.dumps(result, indent=2) + "\n")
     lines = ["| run | process wall s | in the pipeline s | compiled | note |", "|---|---|---|---|---|"]
     for r in results:

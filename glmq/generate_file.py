@@ -1,8 +1,9 @@
 """``glmq generate PATH --prompts FILE --out DIR``: every image of a prompts file from one process.
 
 One load (and, with compilation, one compilation: every later call reuses it), then the images in batched
-calls: images that share a size, step count and guidance go through the pipeline together, up to ``batch``
-per call, so the AR decodes them together and the DiT denoises them in the chunks the memory plan allows.
+calls: text-to-image images that share a size, step count and guidance go through the pipeline together, up
+to ``batch`` per call, so the AR decodes them together and the DiT denoises them in the chunks the memory plan
+allows; an edit's images go together with the other images of its line (one set of references).
 Each image uses its own generator (seed from the file, see :mod:`glmq.io.prompts`), so it is the image
 ``glmq generate --prompt ... --seed S`` makes alone.
 
@@ -77,21 +78,26 @@ def generate_file(pipe, lines: list[PromptLine], out: Path, references: dict, *,
     todo, done = jobs_for(lines, out, force=force)
     out.mkdir(exist_ok=True)
     groups: dict[tuple, list[FileJob]] = {}
-    for job in todo:
-        groups.setdefault(job.shape, []).append(job)
+    for job in todo:  # text-to-image images of any lines together; an edit's images with its own line's
+        groups.setdefault(job.shape + ((job.line.line,) if job.line.images else ()), []).append(job)
     bar = StageProgress(enabled=progress)
     bar.stage("images", total=len(todo), unit="img")
     calls, written = [], set()
     t_start = time.perf_counter()
     try:
-        for (width, height, steps, guidance), group in groups.items():
+        for (width, height, steps, guidance, *edit), group in groups.items():
             for start in range(0, len(group), batch):
                 chunk = group[start : start + batch]
-                refs = [[references[r] for r in job.line.images] or None for job in chunk]
+                gens = [torch.Generator().manual_seed(job.seed) for job in chunk]
                 t0 = time.perf_counter()
-                images = pipe([job.line.prompt for job in chunk], image=refs if any(refs) else None, height=height,
-                              width=width, num_inference_steps=steps, guidance_scale=guidance,
-                              generator=[torch.Generator().manual_seed(job.seed) for job in chunk])
+                if edit:  # one prompt, its references read once and its images denoised together
+                    line = chunk[0].line
+                    images = pipe(line.prompt, image=[references[r] for r in line.images], height=height, width=width,
+                                  num_inference_steps=steps, guidance_scale=guidance, generator=gens,
+                                  num_images_per_prompt=len(chunk))
+                else:
+                    images = pipe([job.line.prompt for job in chunk], height=height, width=width,
+                                  num_inference_steps=steps, guidance_scale=guidance, generator=gens)
                 for job, image in zip(chunk, images):
                     save_image(image, job.path, "PNG")
                     written.add(job.path)

@@ -78,9 +78,15 @@ def test_a_jsonl_file_sets_size_seed_steps_guidance_n_and_references_per_line(ti
     assert Image.open(tmp_path / "o" / by_line[1][0]["file"]).size == (96, 64)
     assert Image.open(tmp_path / "o" / by_line[3][0]["file"]).size == (64, 96)
     assert by_line[2][0]["references"] == [str(tmp_path / "ref.png")]
-    # Batched by shape: 64x64/2 steps/1.5 (lines 2 and 4: three images), 96x64, 64x96/1 step/1.0.
+    # Batched by shape, an edit with its own line's images: line 2 (two edits), line 4, 96x64, 64x96/1 step/1.0.
     shapes = sorted((c["size"], c["steps"], c["guidance"], c["images"]) for c in summary["calls"])
-    assert shapes == [("64x64", 2, 1.5, 3), ("64x96", 1, 1.0, 1), ("96x64", 2, 1.5, 1)]
+    assert shapes == [("64x64", 2, 1.5, 1), ("64x64", 2, 1.5, 2), ("64x96", 1, 1.0, 1), ("96x64", 2, 1.5, 1)]
+    # The second edit (seed 2) is the image `glmq generate --prompt ... --image ref.png --seed 2` makes.
+    single = tmp_path / "edit.png"
+    proc = run_cli_inprocess("generate", str(tiny_dir), "--prompt", "make it blue", "--image",
+                             str(tmp_path / "ref.png"), "--seed", "2", "--out", str(single), *COMMON)
+    assert proc.returncode == 0, proc.stderr
+    assert Image.open(single).tobytes() == Image.open(tmp_path / "o" / by_line[2][1]["file"]).tobytes()
 
 
 @pytest.mark.parametrize(("content", "needle"), [

@@ -314,7 +314,7 @@ class DitRunner:
         uncond = None
         if cfg:
             uncond = negative_prompt_embeds.to(self.device, self.dtype)
-            uncond = uncond.expand(bsz, -1, -1) if uncond.shape[0] == 1 else uncond
+            uncond = uncond.expand(bsz, -1, -1).contiguous() if uncond.shape[0] == 1 and bsz > 1 else uncond
         passes = self._plan(bsz, _blocks([r.to(self.device, self.dtype) for r in rows]), uncond, kv_caches is not None)
         try:
             self._prepare(passes, lh, lw)
