@@ -4,7 +4,8 @@ Each tree runs the same calls in a process of its own (the tiny model, or full-s
 the same seeds) and saves what came out: the AR's tokens and the image or latents. The outputs must be
 bit-identical: a batched pipeline has to leave one-image calls as they were.
 
-    python benchmarks/check_single_prompt_unchanged.py --base-tree /tmp/main-ref --out benchmarks/results/single_prompt_unchanged_cpu2.json
+    python benchmarks/check_single_prompt_unchanged.py --base-tree /tmp/base \
+        --out benchmarks/results/single_prompt_unchanged_cpu2.json
 
 ``--base-tree``: a checkout of the commit to compare against, e.g. ``git worktree add /tmp/base main`` (or
 ``git archive main | tar -x -C /tmp/base``) with ``glmq/kernels`` linked to its ``kernels/`` (the script
