@@ -1,6 +1,6 @@
 """Does a single-prompt call make exactly the image it made before batching? This tree against a base tree.
 
-Each tree runs the same calls in a process of its own (the tiny model, or full-size random weights on a GPU,
+Each tree runs the same calls in a process of its own (the tiny model, or a folder given with ``--model``,
 the same seeds) and saves what came out: the AR's tokens and the image or latents. The outputs must be
 bit-identical: a batched pipeline has to leave one-image calls as they were.
 
