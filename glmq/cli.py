@@ -131,14 +131,18 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     import glmq
     from glmq.io.images import check_image_out, parse_size, read_image, save_image
 
+    if args.prompts is not None:
+        return _generate_prompts_file(args)
     width, height = parse_size(args.size)
     out = Path(args.out)
     image_format = check_image_out(out, force=args.force)
     images = [read_image(ref) for ref in args.image or []]
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     _check_device(device)
+    compile_ = _compile_choice(args, device)
     pipe = glmq.load(args.path, device=device, vram_budget_gb=args.vram_budget_gb, mode=args.memory_mode,
-                     attention=args.attention, attention_precision=args.attention_precision)
+                     attention=args.attention, attention_precision=args.attention_precision, compile=compile_,
+                     cache_dir=args.cache_dir)
     generator = torch.Generator(device="cpu").manual_seed(args.seed)
     result = pipe(args.prompt, image=images or None, height=height, width=width,
                   num_inference_steps=args.steps, guidance_scale=args.guidance, generator=generator,
@@ -147,6 +151,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     t = pipe.last_times
     summary = {"out": str(out), "size": [width, height], "steps": args.steps, "seed": args.seed,
                "device": device, "memory_mode": pipe.mode, "dit_attention": pipe.attention_precision,
+               "compiled": pipe.compile,
                "seconds": round(t.total_s, 3),
                "ar_s": round(t.ar_s, 3), "ar_tokens": t.ar_tokens, "glyph_s": round(t.glyph_s, 3),
                "dit_s": round(t.dit_s, 3), "vae_s": round(t.vae_s, 3)}
@@ -156,6 +161,64 @@ def _cmd_generate(args: argparse.Namespace) -> int:
         print(f"wrote {out} ({width}x{height}, {args.steps} steps, seed {args.seed}) in {t.total_s:.2f} s "
               f"[AR {t.ar_s:.2f} s / {t.ar_tokens} tokens, DiT {t.dit_s:.2f} s, VAE {t.vae_s:.2f} s; "
               f"{pipe.mode} on {device}]")
+    return 0
+
+
+def _compile_choice(args: argparse.Namespace, device: str) -> bool:
+    """``--compile``: on, off, or auto (on when the cache holds a completed compiled run of this model on this
+    card with these versions: compiling then costs little; glmq.runtime.compile_cache)."""
+    if args.compile != "auto" or not device.startswith("cuda"):
+        return args.compile == "on"
+    from glmq.runtime.compile_cache import activate, was_compiled
+
+    return was_compiled(activate(args.cache_dir), args.path, device)
+
+
+def _generate_prompts_file(args: argparse.Namespace) -> int:
+    """``glmq generate PATH --prompts FILE --out DIR``: everything is checked (every line of the file, every
+    reference image, the output folder) before the model loads or anything is written."""
+    import time
+
+    import torch
+
+    import glmq
+    from glmq.errors import GlmqError
+    from glmq.generate_file import check_out_dir, generate_file, jobs_for, read_references
+    from glmq.io.images import parse_size
+    from glmq.io.lock import OutputLock
+    from glmq.io.prompts import read_prompts
+
+    if args.image:
+        raise GlmqError("--image goes with --prompt; in a prompts file each .jsonl line names its own \"image\"")
+    lines = read_prompts(args.prompts, size=parse_size(args.size), seed=args.seed, steps=args.steps,
+                         guidance=args.guidance, n=args.num_images)
+    out = Path(args.out)
+    check_out_dir(out)
+    references = read_references(lines, args.prompts)
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    _check_device(device)
+    lock = OutputLock(out)
+    try:
+        pipe, load_s = None, 0.0
+        if jobs_for(lines, out, force=args.force)[0]:  # a finished run resumes without loading the model
+            t0 = time.perf_counter()
+            pipe = glmq.load(args.path, device=device, vram_budget_gb=args.vram_budget_gb, mode=args.memory_mode,
+                             attention=args.attention, attention_precision=args.attention_precision,
+                             compile=_compile_choice(args, device), cache_dir=args.cache_dir)
+            load_s = time.perf_counter() - t0
+        summary = generate_file(pipe, lines, out, references, batch=args.batch, force=args.force,
+                                progress=not args.json)
+    finally:
+        lock.release()
+    summary.update(prompts_file=str(args.prompts), device=device, load_s=round(load_s, 3),
+                   memory_mode=str(pipe.mode) if pipe is not None else None,
+                   compiled=pipe.compile if pipe is not None else None)
+    if args.json:
+        print(json.dumps(summary, indent=2))
+    else:
+        rate = f", {summary['images_per_hour']} images/hour" if summary["images_per_hour"] else ""
+        print(f"wrote {summary['written']} image(s) to {out} in {summary['seconds']:.2f} s after a {load_s:.2f} s load"
+              f"{rate}; {summary['skipped']} already there")
     return 0
 
 
@@ -195,6 +258,20 @@ def _parse_edits(text: str) -> tuple[int, ...]:
     return counts
 
 
+def _parse_batch(text: str | None) -> tuple[int, ...]:
+    from glmq.errors import GlmqError
+
+    if text is None:
+        return ()
+    try:
+        sizes = tuple(int(t) for t in text.split(","))
+    except ValueError:
+        sizes = ()
+    if not sizes or any(not 1 <= b <= 64 for b in sizes):
+        raise GlmqError(f"--batch takes batch sizes from 1 to 64 separated by commas (e.g. 1,4,8); got {text!r}")
+    return sizes
+
+
 def _cmd_bench(args: argparse.Namespace) -> int:
     from glmq.bench.report import markdown, merge_results, update_readme, write_outputs
     from glmq.bench.run import BenchConfig, run_bench
@@ -230,7 +307,8 @@ def _cmd_bench(args: argparse.Namespace) -> int:
                       images=args.images, baseline=args.baseline, profile=args.profile, seed=args.seed,
                       device=args.device, compile=not args.no_compile, attention=args.attention,
                       cuda_graph=not args.no_cuda_graph, warmup_steps=args.warmup_steps,
-                      attention_precision=args.attention_precision, edits=edits, guidance=args.guidance)
+                      attention_precision=args.attention_precision, edits=edits, guidance=args.guidance,
+                      batch=_parse_batch(args.batch), first_image=args.first_image)
     if args.baseline_only:
         cfg.baseline, cfg.recipes = True, ()
     if cfg.path is None and args.model == "tiny":
@@ -332,7 +410,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("generate", help="generate an image (text-to-image or image-to-image)",
                        description="Generate an image with a GLM-Image folder (bf16, make-tiny or glmq-quantized).")
     p.add_argument("path", help="GLM-Image pipeline folder")
-    p.add_argument("--prompt", required=True, help="the prompt; quoted text in it is rendered by the glyph encoder")
+    which = p.add_mutually_exclusive_group(required=True)
+    which.add_argument("--prompt", help="the prompt; quoted text in it is rendered by the glyph encoder")
+    which.add_argument("--prompts", metavar="FILE",
+                       help="many images: a .txt file (one prompt per line) or .jsonl (per line: prompt, and "
+                            "optionally size, seed, image, steps, guidance, n); --out is then a folder")
     p.add_argument("--image", action="append", metavar="REF", help="reference image (repeat for several)")
     p.add_argument("--size", default="1024x1024", help="WIDTHxHEIGHT, multiples of 32 (default 1024x1024)")
     p.add_argument("--steps", type=_int_at_least(1), default=50, help="denoising steps (default 50)")
@@ -347,9 +429,23 @@ def build_parser() -> argparse.ArgumentParser:
                    help="attention kernels: glmq's Triton kernels (auto on CUDA) or PyTorch SDPA")
     p.add_argument("--attention-precision", choices=ATTENTION_PRECISIONS, default=None,
                    help="DiT attention precision of glmq's kernels (default: what the checkpoint's recipe chose)")
-    p.add_argument("--out", required=True, help="output PNG path")
-    p.add_argument("--force", action="store_true", help="replace OUT if it exists")
-    p.add_argument("--json", action="store_true", help="print timings as JSON")
+    p.add_argument("--compile", choices=("auto", "on", "off"), default="auto",
+                   help="torch.compile the AR step and DiT blocks (CUDA): faster images, a slow first compilation "
+                        "that the cache folder keeps for later processes; auto (default): on once a compiled run of "
+                        "this model finished on this card")
+    p.add_argument("--cache-dir", default=None,
+                   help="folder for compilation and autotuning caches (default $GLMQ_CACHE_DIR, else "
+                        "$XDG_CACHE_HOME/glmq, else ~/.cache/glmq)")
+    p.add_argument("--num-images", type=_int_at_least(1, 64), default=1,
+                   help="with --prompts: images per prompt (seeds SEED, SEED+1, ...; a .jsonl line's n wins)")
+    p.add_argument("--batch", type=_int_at_least(1, 64), default=8,
+                   help="with --prompts: images per pipeline call (default 8); the memory plan may split a call's "
+                        "denoising into smaller chunks")
+    p.add_argument("--out", required=True, help="output image path (with --prompts: the folder for the images)")
+    p.add_argument("--force", action="store_true",
+                   help="replace OUT if it exists (with --prompts: make images again whose files exist; without it "
+                        "they are skipped, which resumes an interrupted run)")
+    p.add_argument("--json", action="store_true", help="print timings (with --prompts: the run's summary) as JSON")
     p.set_defaults(func=_cmd_generate)
 
     p = sub.add_parser("export", help="write formats other runtimes load: hf (bitsandbytes), gguf, onnx, compressed-tensors",
@@ -412,6 +508,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--edits", default="1,2",
                    help="image-to-image rows after each tier's text-to-image, in the same process: comma-separated "
                         "reference counts (1 or 2; default 1,2), or 'none'")
+    p.add_argument("--batch", default=None, metavar="B,B,...",
+                   help="rows of B images per call (e.g. 1,4,8): images per hour per batch size and tier, instead of "
+                        "the one-image and edit rows")
+    p.add_argument("--first-image", action="store_true",
+                   help="cold (empty compile cache), cached and warm first-image times per tier, each in fresh "
+                        "processes (without --batch: instead of the in-process rows)")
     p.add_argument("--profile", action="store_true", help="add the top kernels of one short run per configuration")
     p.add_argument("--seed", type=SEED, default=0)
     p.add_argument("--device", type=_device, default=None, help="cuda, cuda:N or cpu (default: cuda when available)")

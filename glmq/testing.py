@@ -58,6 +58,29 @@ def assert_one_line_error(err: Exception, *needles: str) -> None:
         assert needle in msg, (needle, msg)
 
 
+def tiny_ar(vision_vocab_size: int | None = None, seed: int = 0):
+    """The tiny GLM-Image AR (``GlmImageForConditionalGeneration``, CPU, fp32) with every parameter random, norms
+    and biases included, so every path carries signal."""
+    import torch
+
+    from glmq.io.layout import BY_NAME
+    from glmq.models.build import build_model
+    from glmq.models.configs import component_config
+
+    cfg = component_config("vision_language_encoder", "tiny")
+    if vision_vocab_size is not None:
+        cfg["text_config"]["vision_vocab_size"] = vision_vocab_size
+    model = build_model(BY_NAME["vision_language_encoder"], cfg, device="cpu").eval()
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.copy_(1 + 0.1 * torch.randn(p.shape, generator=gen))
+            else:
+                p.copy_(0.05 * torch.randn(p.shape, generator=gen))
+    return model
+
+
 def format_variants() -> list:
     """Every registered quantization format, int4 at each group size and symmetry: the contract suite."""
     from glmq.quant.formats import FORMATS, Int4Format

@@ -58,6 +58,11 @@ class BenchConfig:
     cuda_graph: bool = True
     attention: str = "auto"
     attention_precision: str | None = None  # DiT attention precision; None: each recipe's choice
+    # Batch sizes (glmq.bench.batch): rows of B images per call instead of the one-image and edit rows.
+    batch: tuple[int, ...] = ()
+    # Cold/cached/warm first image per recipe and tier, each in fresh processes (glmq.bench.batch); without
+    # ``batch`` it replaces the in-process rows.
+    first_image: bool = False
     extra: dict = field(default_factory=dict)
 
 
@@ -458,10 +463,12 @@ def run_bench(cfg: BenchConfig, out: Path) -> dict:
     else:
         tiers = list(cfg.tiers) if cfg.tiers else [None]
     rows: list[dict] = []
+    first_image: list[dict] = []
     pieces = _offline_pieces()
     tmp = None
+    in_process = cfg.batch or not cfg.first_image
     try:
-        for size in cfg.sizes:
+        for size in cfg.sizes if in_process else ():
             if cfg.baseline:
                 _log(f"baseline {size}: building bf16 components")
                 comps = _load_or_build(cfg, device, pieces)
@@ -501,6 +508,13 @@ def run_bench(cfg: BenchConfig, out: Path) -> dict:
                         row["mode"] = pipe.mode
                         row["dit_attention"] = pipe.attention_precision
                         _log(f"{recipe} tier {tier}: mode {pipe.mode}, generating")
+                        if cfg.batch:
+                            from glmq.bench.batch import run_batches
+
+                            rows.extend(run_batches(pipe, cfg, size, device, tier, recipe))
+                            write_outputs(_result(env, cfg, tiers, rows), out)
+                            row = None
+                            continue
                         warm_steps = min(cfg.steps, cfg.warmup_steps or cfg.steps) if cfg.warmup else None
                         seconds, stages, checks, last = _warm_then_timed(pipe, cfg, size, device, prompt=cfg.prompt,
                                                                          warm_steps=warm_steps)
@@ -534,15 +548,21 @@ def run_bench(cfg: BenchConfig, out: Path) -> dict:
                         write_outputs(_result(env, cfg, tiers, rows), out)
                 del comps
                 _reset(device, None)
+        if cfg.first_image:
+            from glmq.bench.batch import first_image_rows
+
+            for size in cfg.sizes:
+                first_image.extend(first_image_rows(cfg, tiers, size, device))
+                write_outputs(_result(env, cfg, tiers, rows, first_image), out)
     finally:
         if tmp is not None:
             tmp.cleanup()
-    result = _result(env, cfg, tiers, rows)
+    result = _result(env, cfg, tiers, rows, first_image)
     write_outputs(result, out)
     return result
 
 
-def _result(env: dict, cfg: BenchConfig, tiers, rows: list[dict]) -> dict:
+def _result(env: dict, cfg: BenchConfig, tiers, rows: list[dict], first_image: list[dict] | None = None) -> dict:
     from glmq.bench.report import add_speedups, check_consistency
 
     add_speedups(rows)
@@ -551,8 +571,11 @@ def _result(env: dict, cfg: BenchConfig, tiers, rows: list[dict]) -> dict:
                                            "sizes": [f"{w}x{h}" for w, h in cfg.sizes], "steps": cfg.steps,
                                            "guidance": cfg.guidance,
                                            "warmup_steps": cfg.warmup_steps or cfg.steps, "images": cfg.images,
-                                           "prompt": cfg.prompt, "seed": cfg.seed},
+                                           "prompt": cfg.prompt, "seed": cfg.seed, "batch": list(cfg.batch),
+                                           "compile": cfg.compile},
             "rows": rows}
+    if first_image:
+        result["first_image"] = first_image
     result["consistency_problems"] = check_consistency(result)
     return result
 
