@@ -160,3 +160,23 @@ def multipart(fields: dict[str, str] | list[tuple[str, str]], files: list[tuple[
                      f"Content-Type: application/octet-stream\r\n\r\n".encode() + data + b"\r\n")
     parts.append(f"--{boundary}--\r\n".encode())
     return b"".join(parts), {"Content-Type": f"multipart/form-data; boundary={boundary}"}
+
+
+def post_together(url: str, bodies: list[dict], timeout: float = 300) -> list[tuple]:
+    """POST each JSON body to ``url`` from its own thread, all released at the same moment (a barrier); the
+    answers of :func:`http`, in the order of ``bodies``."""
+    import threading
+
+    answers: list = [None] * len(bodies)
+    start = threading.Barrier(len(bodies))
+
+    def client(i):
+        start.wait()
+        answers[i] = http("POST", url, bodies[i], timeout=timeout)
+
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(len(bodies))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return answers

@@ -27,7 +27,7 @@ from glmq.errors import GlmqError
 from glmq.runtime.pipeline import GlmqImageOutput
 from glmq.serve.api import Limits
 from glmq.serve.server import GlmqServer, ServeOptions
-from glmq.testing import http
+from glmq.testing import http, post_together
 
 LIMITS = Limits(max_n=4, max_side=256, max_steps=2000, default_size=(32, 32), default_steps=1)
 
@@ -83,23 +83,6 @@ def _direct(pipe, prompt: str, seed: int, steps: int = 1) -> np.ndarray:
     return np.asarray(out.images[0])
 
 
-def _together(url: str, requests: list[dict]) -> list[tuple]:
-    """Post ``requests`` from one thread each, released at the same moment; answers in the same order."""
-    answers = [None] * len(requests)
-    start = threading.Barrier(len(requests))
-
-    def client(i):
-        start.wait()
-        answers[i] = http("POST", url + "/v1/images/generations", requests[i], timeout=300)
-
-    threads = [threading.Thread(target=client, args=(i,)) for i in range(len(requests))]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    return answers
-
-
 def _metrics(url: str) -> dict:
     return http("GET", url + "/metrics?format=json")[1]
 
@@ -112,7 +95,7 @@ def test_concurrent_clients_share_one_call_and_each_gets_its_own_images(pipe):
         requests = [{"prompt": "a red door", "n": 2, "seed": 10}, {"prompt": "a blue sign", "seed": 20},
                     {"prompt": "a green car", "seed": 30}]
         t0 = time.monotonic()
-        answers = _together(url, requests)
+        answers = post_together(url + "/v1/images/generations", requests)
         elapsed = time.monotonic() - t0
         metrics = _metrics(url)
     finally:
@@ -133,7 +116,7 @@ def test_a_batch_the_memory_plan_refuses_is_split_not_failed(pipe):
     lists = ListsPipeline(pipe, refuse_above=2)
     server, url = _serve(lists, max_batch=4, batch_window_s=5.0)
     try:
-        answers = _together(url, [{"prompt": "a", "n": 2, "seed": 1}, {"prompt": "b", "n": 2, "seed": 3}])
+        answers = post_together(url + "/v1/images/generations", [{"prompt": "a", "n": 2, "seed": 1}, {"prompt": "b", "n": 2, "seed": 3}])
         metrics = _metrics(url)
     finally:
         server.stop()

@@ -24,7 +24,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from glmq.testing import assert_user_error, http, multipart, run_cli_inprocess, start_server
+from glmq.testing import assert_user_error, http, multipart, post_together, run_cli_inprocess, start_server
 
 PROMPT = "a shop sign that says 'glmq'"
 ONE_THREAD = {"OMP_NUM_THREADS": "1"}
@@ -34,8 +34,10 @@ LIMIT_FLAGS = ["--max-n", "4", "--max-side", "256", "--max-steps", "5000", "--ma
 
 @pytest.fixture(scope="module")
 def server(tiny_dir):
-    proc, url = start_server(str(tiny_dir), "--device", "cpu", "--max-queue", "1", "--batch-window-ms", "0",
-                             *LIMIT_FLAGS, env=ONE_THREAD)
+    # A pipeline that batches gets 300 ms to gather a batch of up to 4 images; one that does not runs each
+    # image as it comes.
+    proc, url = start_server(str(tiny_dir), "--device", "cpu", "--max-queue", "3", "--max-batch", "4",
+                             "--batch-window-ms", "300", *LIMIT_FLAGS, env=ONE_THREAD)
     yield url
     proc.terminate()
     assert proc.wait(timeout=60) == 0
@@ -104,6 +106,27 @@ def test_generations_returns_n_images_with_consecutive_seeds(server):
                            {"prompt": PROMPT, "steps": 1, "output_format": "jpeg", "model": "anything", "user": "u"})
     assert status == 200 and body["output_format"] == "jpeg"
     assert base64.b64decode(body["data"][0]["b64_json"])[:3] == b"\xff\xd8\xff"  # a JPEG file
+
+
+def test_concurrent_clients_share_a_call_when_the_pipeline_batches(server):
+    status, health, _ = http("GET", server + "/health")
+    batched = health["batched"]
+    before = _metrics(server)
+    bodies = [{"prompt": "a red door", "n": 2, "seed": 10, "steps": 1}, {"prompt": "a blue sign", "seed": 20,
+                                                                          "steps": 1},
+              {"prompt": "a green car", "seed": 30, "steps": 1}]
+    answers = post_together(server + "/v1/images/generations", bodies)
+    after = _metrics(server)
+    ran = {k: v - before["batches"].get(k, 0) for k, v in after["batches"].items() if v != before["batches"].get(k)}
+    print("batched pipeline:", batched, "calls by size:", ran)
+    assert [a[0] for a in answers] == [200, 200, 200], answers
+    assert [[d["seed"] for d in a[1]["data"]] for a in answers] == [[10, 11], [20], [30]]
+    # --max-batch 4: all four images in one call when the pipeline batches, else one call per image.
+    assert ran == ({"4": 1} if batched else {"1": 4})
+    # A batched image is the image its request makes alone.
+    status, alone, _ = http("POST", server + "/v1/images/generations", bodies[0])
+    assert status == 200
+    assert all(np.array_equal(a, b) for a, b in zip(_images(alone), _images(answers[0][1])))
 
 
 def test_edits_take_multipart_uploads_one_or_several(server):
@@ -273,15 +296,16 @@ def test_full_queue_gets_429_and_clients_that_leave_free_their_slot(server):
     before = _metrics(server)
     running = _open(server, {**LONG, "seed": 1})
     _wait_for(server, lambda m: m["running_requests"] == 1, "the first request running")
-    queued = _open(server, {**LONG, "seed": 2})
-    _wait_for(server, lambda m: m["queue_requests"] == 1, "the second request queued")
-    # --max-queue 1: a third request is refused at once, whatever its size.
+    queued = [_open(server, {**LONG, "seed": seed}) for seed in (2, 3, 4)]
+    _wait_for(server, lambda m: m["queue_requests"] == 3, "three requests queued")
+    # --max-queue 3: a fourth waiting request is refused at once, whatever its size.
     status, body, headers = http("POST", server + "/v1/images/generations", GOOD, timeout=10)
     assert status == 429 and body["error"]["code"] == "queue_full" and headers.get("retry-after", headers.get("Retry-After"))
-    # The queued client leaves: its slot is free again.
-    queued.close()
+    # The queued clients leave: their slots are free again.
+    for sock in queued:
+        sock.close()
     _wait_for(server, lambda m: m["queue_requests"] == 0 and m["cancelled"].get("queued", 0) ==
-              before["cancelled"].get("queued", 0) + 1, "the queued request dropped")
+              before["cancelled"].get("queued", 0) + 3, "the queued requests dropped")
     # The running client leaves: its call stops at the next step instead of running 5000 of them.
     t0 = time.monotonic()
     running.close()
