@@ -11,6 +11,14 @@ import threading
 from collections import Counter
 
 STAGES = ("ar", "glyph", "dit", "vae")
+GAUGES = {  # what Batcher.gauges reports, for the Prometheus HELP lines
+    "queue_requests": "requests waiting for their first image (the queue --max-queue bounds)",
+    "queue_images": "images waiting to be handed to a pipeline call",
+    "running_requests": "requests with images in the running pipeline call",
+    "running_images": "images in the running pipeline call",
+    "max_batch": "most images per pipeline call (1: the pipeline does not batch)",
+    "accepting": "1 while new requests are accepted, 0 once shutting down",
+}
 # Seconds: a 1024x1024 image takes about 15 s on an H200, a tiny CPU image well under one.
 LATENCY_BUCKETS = (0.5, 1, 2, 5, 10, 20, 30, 60, 120, 300, 600)
 
@@ -140,5 +148,5 @@ class Metrics:
             out.append(f"glmq_{name}_sum {_number(h['sum'])}")
             out.append(f"glmq_{name}_count {_number(h['count'])}")
         for name, value in gauges.items():
-            metric(name, "gauge", name.replace("_", " "), [("", value)])
+            metric(name, "gauge", GAUGES.get(name, name.replace("_", " ")), [("", value)])
         return "\n".join(out) + "\n"

@@ -321,6 +321,29 @@ def test_full_queue_gets_429_and_clients_that_leave_free_their_slot(server):
     assert final["images_delivered"] == before["images_delivered"] + 1
 
 
+def test_metrics_in_prometheus_text_agree_with_the_json(server):
+    import re
+
+    http("POST", server + "/v1/images/generations", GOOD)
+    status, text, headers = http("GET", server + "/metrics")
+    m = _metrics(server)
+    assert status == 200 and headers["content-type"].startswith("text/plain")
+    samples = {}
+    for line in text.splitlines():
+        if line.startswith("#"):
+            assert re.fullmatch(r"# (HELP|TYPE) glmq_\w+ .+", line), line
+            continue
+        found = re.fullmatch(r'(glmq_\w+)(\{(\w+="[^"]*",?)*\})? (-?[0-9.e+-]+)', line)
+        assert found, line
+        samples[found.group(1) + (found.group(2) or "")] = float(found.group(4))
+    assert sum(v for k, v in samples.items() if k.startswith("glmq_batches_total")) == sum(m["batches"].values())
+    assert samples["glmq_images_total"] == m["images_delivered"] > 0
+    assert samples['glmq_requests_total{endpoint="generations",status="200"}'] == _count(m, "generations", 200)
+    assert samples['glmq_request_seconds_bucket{le="+Inf"}'] == samples["glmq_request_seconds_count"]
+    assert samples['glmq_stage_seconds_total{stage="ar"}'] == pytest.approx(m["stage_seconds"]["ar"])
+    assert samples["glmq_queue_requests"] == 0 and samples["glmq_accepting"] == 1
+
+
 # -- the command ----------------------------------------------------------------------------------------------
 
 def test_serve_flag_and_port_mistakes_are_one_line_errors(tiny_dir):
