@@ -192,7 +192,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
                          attention=args.attention, attention_precision=args.attention_precision,
                          compile=args.compile)
         server = GlmqServer(pipe, options, sock=sock,
-                            info={"path": str(args.path), "device": device, "memory_mode": str(pipe.mode)})
+                            info={"device": device, "memory_mode": str(pipe.mode)})
     except BaseException:
         sock.close()
         raise

@@ -39,7 +39,7 @@ class ServerState:
 
     limits: Limits
     model: str = "glm-image"
-    info: dict = field(default_factory=dict)  # path, device, memory mode: shown by /health
+    info: dict = field(default_factory=dict)  # device, memory mode: shown by /health
     draining: bool = False
 
 

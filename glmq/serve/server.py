@@ -115,7 +115,9 @@ class GlmqServer:
             self._loop.call_soon_threadsafe(self._drain)
 
     def _drain(self) -> None:
-        log.info("glmq serve: shutting down; finishing %s", self.batcher.gauges())
+        g = self.batcher.gauges()
+        log.info("glmq serve: shutting down; finishing %d running and %d queued request(s)", g["running_requests"],
+                 g["queue_requests"])
         self.batcher.close()
         self._loop.call_later(self.options.shutdown_timeout_s, self.batcher.abort,
                               f"the server is shutting down (deadline of {self.options.shutdown_timeout_s:g} s passed)")
@@ -153,6 +155,8 @@ class GlmqServer:
         self._finish()
 
     def _finish(self) -> None:
+        if self._server.force_exit:  # a second Ctrl-C: stop the running call too, answer the rest 503
+            self.batcher.abort("the server was stopped")
         self.batcher.close()
         if not self.batcher.join(timeout=self.options.shutdown_timeout_s + 10):
             log.warning("glmq serve: the GPU worker did not stop in time")
