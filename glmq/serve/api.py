@@ -112,11 +112,14 @@ def _int(fields: dict, name: str, default: int | None, low: int, high: int, *, f
     if value is None:
         return default
     if form and isinstance(value, str) and value.strip().lstrip("-").isdigit():
-        value = int(value.strip())
+        try:
+            value = int(value.strip())
+        except ValueError:  # more digits than Python converts (4300)
+            raise _invalid(name, f"must be between {low} and {high}") from None
     if isinstance(value, bool) or not isinstance(value, int):
         raise _invalid(name, f"expected an integer, got {_show(value)}", "invalid_type")
     if not low <= value <= high:
-        raise _invalid(name, f"must be between {low} and {high}, got {value}")
+        raise _invalid(name, f"must be between {low} and {high}, got {_show(value)}")
     return value
 
 
@@ -131,9 +134,13 @@ def _float(fields: dict, name: str, default: float, low: float, high: float, *, 
             raise _invalid(name, f"expected a number, got {_show(value)}", "invalid_type") from None
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise _invalid(name, f"expected a number, got {_show(value)}", "invalid_type")
+    try:
+        value = float(value)
+    except OverflowError:  # an integer beyond any float
+        value = math.inf
     if not math.isfinite(value) or not low <= value <= high:
-        raise _invalid(name, f"must be a number between {low:g} and {high:g}, got {value}")
-    return float(value)
+        raise _invalid(name, f"must be a number between {low:g} and {high:g}, got {_show(value)}")
+    return value
 
 
 def _str(fields: dict, name: str) -> str | None:
@@ -144,6 +151,9 @@ def _str(fields: dict, name: str) -> str | None:
 
 
 def _show(value) -> str:
+    """A value as an error message quotes it: short, whatever the client sent."""
+    if isinstance(value, int) and not isinstance(value, bool) and abs(value) >= 10**30:
+        return "a very large integer"
     text = json.dumps(value) if isinstance(value, (int, float, str, bool, type(None))) else type(value).__name__
     return text if len(text) <= 40 else text[:37] + "..."
 
@@ -169,7 +179,7 @@ def _check_fields(fields: dict, allowed: frozenset) -> None:
             if name == "mask":
                 raise ApiError(400, "mask is not supported: GLM-Image edits follow the prompt, not a mask",
                                param="mask", code="unsupported_parameter")
-            raise ApiError(400, f"unknown parameter {name!r}", param=str(name)[:64], code="unknown_parameter")
+            raise ApiError(400, f"unknown parameter {_show(name)}", param=str(name)[:64], code="unknown_parameter")
 
 
 def check_request(fields: dict, limits: Limits, *, form: bool = False, references: tuple = ()) -> ImageRequest:

@@ -207,6 +207,10 @@ class Batcher:
         return items
 
     def _run(self, items: list[tuple[Job, int]]) -> None:
+        with self._cond:  # a half of a split batch may hold images of a request that has failed or left since
+            items = [(job, i) for job, i in items if not (job.failed or job.cancelled)]
+        if not items:
+            return
         jobs = list(dict.fromkeys(job for job, _ in items))
         with self._cond:
             self._running, self._running_images = jobs, len(items)

@@ -189,6 +189,8 @@ BAD_GENERATIONS = [
     (b"not json", None, "invalid_json"),
     (b"[1, 2]", None, "invalid_json"),
     (b"\xff\xfe{", None, "invalid_json"),
+    (b'{"prompt": "a", "guidance": 1' + b"0" * 400 + b"}", "guidance", "invalid_value"),  # beyond any float
+    (b'{"prompt": "a", "n": ' + b"9" * 5000 + b"}", None, "invalid_json"),  # beyond Python's int parsing
 ]
 
 
@@ -253,6 +255,7 @@ BAD_EDITS = [
     (EDIT_FIELDS, [("image[]", f"{i}.png", _png()) for i in range(3)], "image", "invalid_value"),
     (EDIT_FIELDS, [("image", "x.png", _png()), ("mask", "m.png", _png())], "mask", "unsupported_parameter"),
     ({**EDIT_FIELDS, "n": "abc"}, [("image", "x.png", _png())], "n", "invalid_type"),
+    ({**EDIT_FIELDS, "n": "9" * 5000}, [("image", "x.png", _png())], "n", "invalid_value"),
     ({"steps": "1"}, [("image", "x.png", _png())], "prompt", "missing_required_parameter"),
     ({**EDIT_FIELDS, "stream": "true"}, [("image", "x.png", _png())], "stream", "unknown_parameter"),
 ]
