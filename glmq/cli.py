@@ -43,7 +43,7 @@ def _int_at_least(low: int, high: int | None = None):
     return parse
 
 
-def _finite_float(*, positive: bool = False):
+def _finite_float(*, positive: bool = False, nonnegative: bool = False):
     def parse(text: str) -> float:
         try:
             value = float(text)
@@ -53,6 +53,8 @@ def _finite_float(*, positive: bool = False):
             raise argparse.ArgumentTypeError(f"must be a finite number, got {text!r}")
         if positive and value <= 0:
             raise argparse.ArgumentTypeError(f"must be positive, got {text!r}")
+        if nonnegative and value < 0:
+            raise argparse.ArgumentTypeError(f"must not be negative, got {text!r}")
         return value
 
     parse.__name__ = "number"
@@ -219,6 +221,49 @@ def _generate_prompts_file(args: argparse.Namespace) -> int:
         rate = f", {summary['images_per_hour']} images/hour" if summary["images_per_hour"] else ""
         print(f"wrote {summary['written']} image(s) to {out} in {summary['seconds']:.2f} s after a {load_s:.2f} s load"
               f"{rate}; {summary['skipped']} already there")
+    return 0
+
+
+def _cmd_serve(args: argparse.Namespace) -> int:
+    import torch
+
+    import glmq
+    from glmq.errors import GlmqError
+    from glmq.io.images import parse_size
+    from glmq.serve.api import Limits
+    from glmq.serve.server import GlmqServer, ServeOptions, bind
+
+    default_size = parse_size(args.default_size, "--default-size")
+    if args.max_side % 32:
+        raise GlmqError(f"--max-side must be a multiple of 32, got {args.max_side}")
+    if max(default_size) > args.max_side or args.default_steps > args.max_steps:
+        raise GlmqError("--default-size and --default-steps must be within --max-side and --max-steps")
+    if args.default_guidance > Limits.max_guidance:
+        raise GlmqError(f"--default-guidance must be at most {Limits.max_guidance:g}")
+    limits = Limits(max_n=args.max_n, max_side=args.max_side, max_steps=args.max_steps,
+                    max_prompt_chars=args.max_prompt_chars, max_references=args.max_references,
+                    max_upload_bytes=int(args.max_upload_mb * 2**20), default_size=default_size,
+                    default_steps=args.default_steps, default_guidance=args.default_guidance)
+    options = ServeOptions(host=args.host, port=args.port, max_batch=args.max_batch, max_queue=args.max_queue,
+                           batch_window_s=args.batch_window_ms / 1000, shutdown_timeout_s=args.shutdown_timeout,
+                           log_level=args.log_level, model=args.model_name, limits=limits)
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    _check_device(device)
+    sock = bind(args.host, args.port)  # a port in use fails now, not after minutes of loading
+    try:
+        pipe = glmq.load(args.path, device=device, vram_budget_gb=args.vram_budget_gb, mode=args.memory_mode,
+                         attention=args.attention, attention_precision=args.attention_precision,
+                         compile=_compile_choice(args, device), cache_dir=args.cache_dir)
+        server = GlmqServer(pipe, options, sock=sock,
+                            info={"device": device, "memory_mode": str(pipe.mode)})
+    except BaseException:
+        sock.close()
+        raise
+    batching = (f"batches of up to {server.batcher.max_batch} images" if server.batcher.batched
+                else "one image per pipeline call")
+    print(f"glmq serve: listening on {server.url} ({args.path}, {pipe.mode} on {device}, {batching})", flush=True)
+    server.run()
+    print("glmq serve: stopped", flush=True)
     return 0
 
 
@@ -447,6 +492,55 @@ def build_parser() -> argparse.ArgumentParser:
                         "they are skipped, which resumes an interrupted run)")
     p.add_argument("--json", action="store_true", help="print timings (with --prompts: the run's summary) as JSON")
     p.set_defaults(func=_cmd_generate)
+
+    p = sub.add_parser("serve", help="an OpenAI-style HTTP server: /v1/images/generations and /v1/images/edits",
+                       description="Serve a GLM-Image folder over HTTP with OpenAI's image API (generations and "
+                                   "edits, b64_json), plus /health and /metrics. One GPU worker runs the pipeline; "
+                                   "requests queue and concurrent ones are batched. SIGTERM or Ctrl-C finishes the "
+                                   "requests in flight, then exits.")
+    p.add_argument("path", help="GLM-Image pipeline folder")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1; 0.0.0.0 for all)")
+    p.add_argument("--port", type=_int_at_least(0, 65535), default=8000, help="port (default 8000; 0: any free port)")
+    p.add_argument("--max-batch", type=_int_at_least(1, 64), default=8,
+                   help="images per pipeline call when the pipeline batches (default 8)")
+    p.add_argument("--max-queue", type=_int_at_least(1), default=32,
+                   help="requests that may wait for the GPU; one more is answered 429 (default 32)")
+    p.add_argument("--batch-window-ms", type=_finite_float(nonnegative=True), default=100.0,
+                   help="how long the oldest request waits for others to batch with (default 100)")
+    p.add_argument("--max-n", type=_int_at_least(1), default=10, help="most images per request (default 10)")
+    p.add_argument("--max-side", type=_int_at_least(32), default=2048, help="largest width or height (default 2048)")
+    p.add_argument("--max-steps", type=_int_at_least(1), default=100, help="most denoising steps (default 100)")
+    p.add_argument("--max-prompt-chars", type=_int_at_least(1), default=4000, help="longest prompt (default 4000)")
+    p.add_argument("--max-references", type=_int_at_least(1), default=4,
+                   help="most reference images per edit (default 4)")
+    p.add_argument("--max-upload-mb", type=_finite_float(positive=True), default=20.0,
+                   help="largest reference image file in MiB (default 20)")
+    p.add_argument("--default-size", default="1024x1024", help="size when a request gives none (default 1024x1024)")
+    p.add_argument("--default-steps", type=_int_at_least(1), default=50, help="steps when a request gives none (default 50)")
+    p.add_argument("--default-guidance", type=_finite_float(nonnegative=True), default=1.5,
+                   help="guidance when a request gives none (default 1.5)")
+    p.add_argument("--shutdown-timeout", type=_finite_float(nonnegative=True), default=60.0,
+                   help="seconds SIGTERM waits for requests in flight before answering them 503 (default 60)")
+    p.add_argument("--model-name", default="glm-image", help="the model id /v1/models reports (default glm-image)")
+    p.add_argument("--device", type=_device, default=None, help="cuda, cuda:N or cpu (default: cuda when available)")
+    p.add_argument("--vram-budget-gb", type=_finite_float(positive=True), default=None,
+                   help="plan memory for this many GiB")
+    p.add_argument("--memory-mode", choices=[m.value for m in MemoryMode], default=None,
+                   help="force a memory mode (default: chosen from the budget)")
+    p.add_argument("--compile", choices=("auto", "on", "off"), default="auto",
+                   help="torch.compile the AR step and DiT blocks (CUDA; the first request of each shape pays, the "
+                        "cache folder keeps it for later processes); auto (default): on once a compiled run of this "
+                        "model finished on this card")
+    p.add_argument("--cache-dir", default=None,
+                   help="folder for compilation and autotuning caches (default $GLMQ_CACHE_DIR, else "
+                        "$XDG_CACHE_HOME/glmq, else ~/.cache/glmq)")
+    p.add_argument("--attention", choices=ATTENTION_KERNELS, default="auto",
+                   help="attention kernels: glmq's Triton kernels (auto on CUDA) or PyTorch SDPA")
+    p.add_argument("--attention-precision", choices=ATTENTION_PRECISIONS, default=None,
+                   help="DiT attention precision of glmq's kernels (default: what the checkpoint's recipe chose)")
+    p.add_argument("--log-level", choices=("debug", "info", "warning", "error"), default="info",
+                   help="server log level on stderr (default info)")
+    p.set_defaults(func=_cmd_serve)
 
     p = sub.add_parser("export", help="write formats other runtimes load: hf (bitsandbytes), gguf, onnx, compressed-tensors",
                        description="Export a bf16 GLM-Image folder for other runtimes, streaming, atomically.")
