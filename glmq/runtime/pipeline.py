@@ -153,6 +153,12 @@ class GlmqPipeline:
             ref_ids, ref_grids = conditioning.reference_tokens(self.ar, inputs, len(images), self.device)
         return prior, tokens.shape[-1], ref_ids, ref_grids
 
+    def _attention_for(self, seq_len: int) -> str:
+        """The DiT attention this call's joint sequence (glyph + image tokens of the conditional pass) runs:
+        glmq's processor's own choice for that length (``"bf16"``, ``"fp8"``, ``"int8"``), or ``"sdpa"``."""
+        proc = self.transformer.transformer_blocks[0].attn1.processor
+        return proc.precision_for(seq_len) if hasattr(proc, "precision_for") else "sdpa"
+
     def encode_glyphs(self, prompt: str) -> torch.Tensor:
         """Glyph embeddings [1, T, d] of the prompt's quoted text ("" when there is none), as upstream."""
         return conditioning.encode_glyphs(self.tokenizer, self.text_encoder, prompt, self.device)
@@ -258,6 +264,9 @@ class GlmqPipeline:
                     latents = torch.randn(shape, generator=generator, device=gen_device, dtype=self.dtype)
                 bar.stage("DiT", total=num_inference_steps)
                 report("DiT", 0, num_inference_steps)
+                patch = self.transformer.config.patch_size * self.vae_scale_factor
+                times.extra["dit_attention"] = self._attention_for(
+                    prompt_embeds.shape[1] + (height // patch) * (width // patch))
                 t0 = self._sync_time()
                 latents = runner.denoise(latents.to(self.device, self.dtype), prompt_embeds=prompt_embeds,
                                          negative_prompt_embeds=negative,
