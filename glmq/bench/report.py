@@ -54,16 +54,31 @@ HEADER = ["provider", "recipe", "tier", "task", "size", "mode", "s/image median 
           "DiT ms/step", "peak alloc GiB", "peak reserved GiB", "peak on card GiB", "vs stock", "note"]
 
 
+def ran_line(result: dict) -> str:
+    """Steps and guidance as the rows' runs recorded them (``ran``), not as configured: one value each when
+    every row agrees, else every value seen."""
+    ran = [r["ran"] for r in result["rows"] if r.get("fit") and r.get("ran")]
+    if not ran:
+        return "nothing ran"
+    steps = sorted({r.get("steps") for r in ran}, key=str)
+    guidance = sorted({r.get("guidance") for r in ran}, key=str)
+    return (f"ran {', '.join(map(str, steps))} steps, guidance {', '.join(f'{g:g}' if g is not None else '?' for g in guidance)}"
+            " (read from each run)")
+
+
 def markdown(result: dict) -> str:
     env = result["environment"]
     cfg = result["config"]
     lines = [f"# glmq bench: {env.get('card')}", "",
              f"{env['date']}; torch {env['torch']}, transformers {env['transformers']}, diffusers {env['diffusers']}, "
              f"glmq {env['glmq']}" + (f", CUDA {env['cuda']}" if env.get("cuda") else ""), "",
-             f"Model: {cfg['model']}; {cfg['steps']} steps, guidance {cfg.get('guidance', 1.5):g}, {cfg['images']} "
-             "image(s) per row after "
-             "one warm-up (stock: no warm-up); prompt: \"" + cfg["prompt"] + "\"", "",
-             "| " + " | ".join(HEADER) + " |", "|" + "---|" * len(HEADER)]
+             f"Model: {cfg['model']}; {ran_line(result)}, {cfg['images']} image(s) per row after "
+             "one warm-up (stock: no warm-up); prompt: \"" + cfg["prompt"] + "\"", ""]
+    problems = result.get("consistency_problems") or []
+    if problems:
+        lines += ["**These figures disagree with each other; do not trust them:**", ""]
+        lines += [f"- {p}" for p in problems] + [""]
+    lines += ["| " + " | ".join(HEADER) + " |", "|" + "---|" * len(HEADER)]
     for row in table_rows(result):
         lines.append("| " + " | ".join(row) + " |")
     from glmq.bench.batch import markdown_sections

@@ -399,7 +399,7 @@ def _reset_peaks(device) -> None:
 def ran_dict(t) -> dict:
     """What a glmq call ran, as the pipeline recorded it (:class:`~glmq.runtime.pipeline.StageTimes`)."""
     return {"steps": t.dit_steps, "guidance": t.extra.get("guidance_scale"), "size": t.extra.get("size"),
-            "mode": t.extra.get("mode"), "ar_tokens": t.ar_tokens}
+            "mode": t.extra.get("mode"), "ar_tokens": t.ar_tokens, "dit_attention": t.extra.get("dit_attention")}
 
 
 def stage_dict(t) -> dict:

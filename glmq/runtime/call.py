@@ -87,6 +87,9 @@ def run(pipe, spec: CallSpec, *, height: int, width: int, steps: int, guidance: 
             noise = _initial_latents(pipe, spec, latents, height, width)
             bar.stage("DiT", total=steps * len(chunks))
             report("DiT", 0, steps * len(chunks))
+            patch = pipe.transformer.config.patch_size * pipe.vae_scale_factor
+            longest = max(e.shape[1] for e in embeds)  # the conditional pass's glyph tokens, then the image's
+            times.extra["dit_attention"] = pipe._attention_for(longest + (height // patch) * (width // patch))
             t0 = pipe._sync_time()
             final = _dit_stage(pipe, spec, chunks, noise, priors, embeds, negative, ref_latents, ref_ids, ref_grids,
                                height=height, width=width, steps=steps, guidance=guidance, bar=bar, report=report)

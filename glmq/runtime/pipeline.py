@@ -156,6 +156,12 @@ class GlmqPipeline:
             ref_ids, ref_grids = conditioning.reference_tokens(self.ar, inputs, len(images), self.device)
         return prior, tokens.shape[-1], ref_ids, ref_grids
 
+    def _attention_for(self, seq_len: int) -> str:
+        """The DiT attention this call's joint sequence (glyph + image tokens of the conditional pass) runs:
+        glmq's processor's own choice for that length (``"bf16"``, ``"fp8"``, ``"int8"``), or ``"sdpa"``."""
+        proc = self.transformer.transformer_blocks[0].attn1.processor
+        return proc.precision_for(seq_len) if hasattr(proc, "precision_for") else "sdpa"
+
     def encode_glyphs(self, prompt: str) -> torch.Tensor:
         """Glyph embeddings [1, T, d] of the prompt's quoted text ("" when there is none), as upstream."""
         return conditioning.encode_glyphs(self.tokenizer, self.text_encoder, prompt, self.device)
