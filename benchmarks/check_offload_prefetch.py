@@ -1,7 +1,8 @@
 """Does copying the next DiT block while the current one runs (glmq.runtime.placement.BlockStreamer) pay
 in the offload mode, and does it change the image?
 
-One full-size random pipeline (default recipe, quantized in memory) in the offload mode, not compiled (the
+The overlap is off unless ``GLMQ_PREFETCH=1``; this script switches it per call. One full-size random pipeline
+(default recipe, quantized in memory) in the offload mode, not compiled (the
 streamed DiT runs eager in every offload call). After a short warm-up call, the same seed is generated with
 the copies on the compute stream (``prefetch`` off: copy, then compute, per block) and overlapped (on),
 twice each in alternation. Reports DiT ms/step, the H2D bytes per step, and whether the images are

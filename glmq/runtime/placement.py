@@ -75,11 +75,12 @@ class BlockStreamer:
     ``resident``: submodule names of each block that stay with the rest of the network instead (the DiT's
     AdaLN ``norm1``, which the loop evaluates for all timesteps up front, outside the blocks' forward).
 
-    On a GPU the copies overlap the compute: while block i runs, block i + 1 (after the last block, the
-    first, for the next step) is already being copied on a side stream, so a step costs about
-    max(compute, copies) instead of their sum. At most two blocks are on the GPU at once, which the memory
-    plan counts (:func:`glmq.runtime.memory.stage_peaks`, offload). ``GLMQ_PREFETCH=0`` turns the overlap off
-    (each block then copies on the compute stream just before it runs).
+    With ``GLMQ_PREFETCH=1`` on a GPU the copies overlap the compute: while block i runs, block i + 1 (after
+    the last block, the first, for the next step) is already being copied on a side stream, so a step should
+    cost about max(compute, copies) instead of their sum, with at most two blocks on the GPU at once (which
+    the memory plan counts: :func:`glmq.runtime.memory.stage_peaks`, offload). It is off by default: it has
+    not run on a GPU yet (``benchmarks/check_offload_prefetch.py`` is the measurement to make). Off, each
+    block copies on the compute stream just before it runs.
     """
 
     def __init__(self, blocks, device: torch.device, resident: tuple[str, ...] = ()):
@@ -87,7 +88,7 @@ class BlockStreamer:
         self.keys = set()
         self.device = device
         self.parked: list[Parked] = []
-        self.prefetch = device.type == "cuda" and os.environ.get("GLMQ_PREFETCH", "1") != "0"
+        self.prefetch = device.type == "cuda" and os.environ.get("GLMQ_PREFETCH", "0") == "1"
         self.copy_stream = torch.cuda.Stream(device) if self.prefetch else None
         self.pending: dict[int, tuple] = {}  # block index -> (copy-done event, its GPU tensors)
         for i, block in enumerate(blocks):
