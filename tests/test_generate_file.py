@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -86,7 +87,10 @@ def test_a_jsonl_file_sets_size_seed_steps_guidance_n_and_references_per_line(ti
     proc = run_cli_inprocess("generate", str(tiny_dir), "--prompt", "make it blue", "--image",
                              str(tmp_path / "ref.png"), "--seed", "2", "--out", str(single), *COMMON)
     assert proc.returncode == 0, proc.stderr
-    assert Image.open(single).tobytes() == Image.open(tmp_path / "o" / by_line[2][1]["file"]).tobytes()
+    # a batched call: one 8-bit level at most (tests/runtime/test_batch.py PIXEL_TOL, after rounding)
+    a = np.asarray(Image.open(single), dtype=np.int16)
+    b = np.asarray(Image.open(tmp_path / "o" / by_line[2][1]["file"]), dtype=np.int16)
+    assert a.shape == b.shape and np.abs(a - b).max() <= 1
 
 
 @pytest.mark.parametrize(("content", "needle"), [
