@@ -133,12 +133,31 @@ def _cmd_generate(args: argparse.Namespace) -> int:
 
     width, height = parse_size(args.size)
     out = Path(args.out)
-    image_format = check_image_out(out, force=args.force)
+    prompts = _read_prompts(args.prompts) if args.prompts else None
+    outs = [out] if prompts is None else _numbered(out, len(prompts))
+    image_format = None
+    for path in outs:
+        image_format = check_image_out(path, force=args.force)
     images = [read_image(ref) for ref in args.image or []]
+    if prompts is not None and images:
+        from glmq.errors import GlmqError
+
+        raise GlmqError("--prompts makes text-to-image images; --image takes one --prompt")
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     _check_device(device)
+    if args.gpus != 1 or args.parallel:
+        return _generate_two_gpus(args, prompts or [args.prompt], outs, image_format, width, height, device)
     pipe = glmq.load(args.path, device=device, vram_budget_gb=args.vram_budget_gb, mode=args.memory_mode,
                      attention=args.attention, attention_precision=args.attention_precision)
+    if prompts is not None:  # one image per prompt, image i with seed + i
+        seconds = []
+        for i, (prompt, path) in enumerate(zip(prompts, outs)):
+            result = pipe(prompt, height=height, width=width, num_inference_steps=args.steps,
+                          guidance_scale=args.guidance, generator=torch.Generator().manual_seed(args.seed + i),
+                          progress=not args.json)
+            save_image(result[0], path, image_format)
+            seconds.append(pipe.last_times.total_s)
+        return _report_many(args, outs, width, height, device, sum(seconds), f"{pipe.mode} on {device}")
     generator = torch.Generator(device="cpu").manual_seed(args.seed)
     result = pipe(args.prompt, image=images or None, height=height, width=width,
                   num_inference_steps=args.steps, guidance_scale=args.guidance, generator=generator,
@@ -157,6 +176,67 @@ def _cmd_generate(args: argparse.Namespace) -> int:
               f"[AR {t.ar_s:.2f} s / {t.ar_tokens} tokens, DiT {t.dit_s:.2f} s, VAE {t.vae_s:.2f} s; "
               f"{pipe.mode} on {device}]")
     return 0
+
+
+def _read_prompts(path: str) -> list[str]:
+    """``--prompts FILE``: one prompt per non-empty line (UTF-8, at most 1 MiB)."""
+    from glmq.errors import GlmqError
+    from glmq.io.safe_read import read_bytes
+
+    try:
+        text = read_bytes(path, "prompts file", 1 << 20).decode("utf-8")
+    except UnicodeDecodeError:
+        raise GlmqError(f"{path}: the prompts file is not UTF-8 text") from None
+    prompts = [line.strip() for line in text.splitlines() if line.strip()]
+    if not prompts:
+        raise GlmqError(f"{path}: no prompts (one prompt per line)")
+    return prompts
+
+
+def _numbered(out: Path, n: int) -> list[Path]:
+    """``--prompts``' image paths: ``OUT``'s name with ``-000``, ``-001``, ... before its suffix."""
+    return [out.with_name(f"{out.stem}-{i:03d}{out.suffix}") for i in range(n)]
+
+
+def _report_many(args, outs: list[Path], width: int, height: int, device: str, seconds: float, how: str,
+                 extra: dict | None = None) -> int:
+    summary = {"out": [str(p) for p in outs], "images": len(outs), "size": [width, height], "steps": args.steps,
+               "seeds": [args.seed + i for i in range(len(outs))], "device": device, "seconds": round(seconds, 3),
+               **(extra or {})}
+    if args.json:
+        print(json.dumps(summary, indent=2))
+    else:
+        print(f"wrote {len(outs)} image(s) {outs[0]} .. {outs[-1]} ({width}x{height}, {args.steps} steps, seeds "
+              f"{args.seed}..{args.seed + len(outs) - 1}) in {seconds:.2f} s [{how}]")
+    return 0
+
+
+def _generate_two_gpus(args, prompts: list[str], outs: list[Path], image_format, width: int, height: int,
+                       device: str) -> int:
+    """``generate --gpus 2``: every prompt's image from one two-GPU pipeline, image i with seed + i."""
+    import torch
+
+    import glmq
+    from glmq.errors import GlmqError
+    from glmq.io.images import save_image
+
+    if args.image:
+        raise GlmqError("--image (image-to-image) runs on one GPU; --gpus 2 takes text-to-image prompts")
+    if args.vram_budget_gb is not None or args.memory_mode is not None:
+        raise GlmqError("--vram-budget-gb and --memory-mode apply to one GPU; with --gpus 2 each GPU keeps its "
+                        "part resident")
+    with glmq.load(args.path, device=device, gpus=args.gpus, parallel=args.parallel, attention=args.attention,
+                   attention_precision=args.attention_precision) as pipe:
+        gens = [torch.Generator().manual_seed(args.seed + i) for i in range(len(prompts))]
+        result = pipe(prompts, height=height, width=width, num_inference_steps=args.steps,
+                      guidance_scale=args.guidance, generator=gens, progress=not args.json)
+        for image, path in zip(result, outs):
+            save_image(image, path, image_format)
+        call = pipe.last_call
+        how = f"{pipe.parallel} on 2 {'GPUs' if device == 'cuda' else 'CPU processes'}"
+        return _report_many(args, outs, width, height, device, call["wall_s"], how,
+                            {"gpus": args.gpus, "parallel": pipe.parallel,
+                             "images_per_hour": round(call["images_per_hour"], 1)})
 
 
 def _readme_to_update(arg: str | None) -> Path | None:
@@ -230,7 +310,8 @@ def _cmd_bench(args: argparse.Namespace) -> int:
                       images=args.images, baseline=args.baseline, profile=args.profile, seed=args.seed,
                       device=args.device, compile=not args.no_compile, attention=args.attention,
                       cuda_graph=not args.no_cuda_graph, warmup_steps=args.warmup_steps,
-                      attention_precision=args.attention_precision, edits=edits, guidance=args.guidance)
+                      attention_precision=args.attention_precision, edits=edits, guidance=args.guidance,
+                      gpus=args.gpus, throughput_images=args.throughput_images)
     if args.baseline_only:
         cfg.baseline, cfg.recipes = True, ()
     if cfg.path is None and args.model == "tiny":
@@ -282,6 +363,7 @@ def build_parser() -> argparse.ArgumentParser:
     from glmq.bench.run import BENCH_MODELS
     from glmq.quant.recipe import ATTENTION_KERNELS, ATTENTION_PRECISIONS, available_recipes
     from glmq.runtime.memory import MemoryMode
+    from glmq.runtime.parallel import PARALLEL_MODES
 
     parser = _Parser(prog="glmq", description="Quantize, export and run GLM-Image on ordinary GPUs.")
     parser.add_argument("--version", action="version", version=f"glmq {__version__}")
@@ -332,7 +414,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("generate", help="generate an image (text-to-image or image-to-image)",
                        description="Generate an image with a GLM-Image folder (bf16, make-tiny or glmq-quantized).")
     p.add_argument("path", help="GLM-Image pipeline folder")
-    p.add_argument("--prompt", required=True, help="the prompt; quoted text in it is rendered by the glyph encoder")
+    which = p.add_mutually_exclusive_group(required=True)
+    which.add_argument("--prompt", help="the prompt; quoted text in it is rendered by the glyph encoder")
+    which.add_argument("--prompts", metavar="FILE",
+                       help="one prompt per line, one image each: written as OUT's name plus -000, -001, ...; "
+                            "image i uses seed + i")
     p.add_argument("--image", action="append", metavar="REF", help="reference image (repeat for several)")
     p.add_argument("--size", default="1024x1024", help="WIDTHxHEIGHT, multiples of 32 (default 1024x1024)")
     p.add_argument("--steps", type=_int_at_least(1), default=50, help="denoising steps (default 50)")
@@ -347,6 +433,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="attention kernels: glmq's Triton kernels (auto on CUDA) or PyTorch SDPA")
     p.add_argument("--attention-precision", choices=ATTENTION_PRECISIONS, default=None,
                    help="DiT attention precision of glmq's kernels (default: what the checkpoint's recipe chose)")
+    p.add_argument("--gpus", type=int, choices=(1, 2), default=1,
+                   help="2: run on two GPUs (--device cuda) or two CPU processes (--device cpu) (default 1)")
+    p.add_argument("--parallel", choices=PARALLEL_MODES, default=None,
+                   help="with --gpus 2: latency (default; tensor-parallel AR, one guidance pass per GPU) or "
+                        "throughput (the AR of one image beside the DiT of the previous one)")
     p.add_argument("--out", required=True, help="output PNG path")
     p.add_argument("--force", action="store_true", help="replace OUT if it exists")
     p.add_argument("--json", action="store_true", help="print timings as JSON")
@@ -423,6 +514,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="attention kernels: glmq's Triton kernels (auto on CUDA) or PyTorch SDPA")
     p.add_argument("--attention-precision", choices=ATTENTION_PRECISIONS, default=None,
                    help="DiT attention precision of glmq's kernels (default: each recipe's choice)")
+    p.add_argument("--gpus", type=int, choices=(1, 2), default=1,
+                   help="2: after each recipe's one-GPU rows, a latency row and a throughput row on two GPUs "
+                        "(two CPU processes with --device cpu)")
+    p.add_argument("--throughput-images", type=_int_at_least(2), default=4,
+                   help="images in the two-GPU throughput row's timed call (default 4)")
     p.add_argument("--out", required=True, help="folder for bench.json, bench.md and bench.png")
     p.add_argument("--update-readme", nargs="?", const="README.md", default=None, metavar="README",
                    help="regenerate the hardware-tier table between README's glmq-bench markers (default: "

@@ -58,6 +58,9 @@ class BenchConfig:
     cuda_graph: bool = True
     attention: str = "auto"
     attention_precision: str | None = None  # DiT attention precision; None: each recipe's choice
+    # 2: after each recipe's one-GPU rows, a latency row and a throughput row on two GPUs (glmq.bench.two_gpus)
+    gpus: int = 1
+    throughput_images: int = 4  # images in the throughput row's timed call
     extra: dict = field(default_factory=dict)
 
 
@@ -458,6 +461,10 @@ def run_bench(cfg: BenchConfig, out: Path) -> dict:
     else:
         tiers = list(cfg.tiers) if cfg.tiers else [None]
     rows: list[dict] = []
+    if cfg.gpus == 2:
+        from glmq.bench.two_gpus import check_two_gpus
+
+        check_two_gpus(cfg, device)
     pieces = _offline_pieces()
     tmp = None
     try:
@@ -478,6 +485,7 @@ def run_bench(cfg: BenchConfig, out: Path) -> dict:
                 if recipe != "bf16":
                     _log(f"{recipe}: quantizing in place")
                     quantize_modules({k: comps[k] for k in ("vision_language_encoder", "transformer")}, recipe)
+                one_gpu = None  # the first fitting text-to-image row: what the two-GPU rows are compared with
                 for tier in tiers:
                     row = {"provider": "glmq", "recipe": recipe, "tier_gib": tier, "size": f"{size[0]}x{size[1]}",
                            "steps": cfg.steps, "images": cfg.images}
@@ -514,6 +522,8 @@ def run_bench(cfg: BenchConfig, out: Path) -> dict:
                                    **_device_peak(device, tier))
                         if cfg.profile:
                             row["profile"] = _profile(pipe, cfg, size, device)
+                        if one_gpu is None:
+                            one_gpu = {"row": row, "last": last.cpu(), "prior": pipe.last_prior_token_ids}
                         rows.append(row)
                         write_outputs(_result(env, cfg, tiers, rows), out)
                         row = None
@@ -534,6 +544,12 @@ def run_bench(cfg: BenchConfig, out: Path) -> dict:
                         write_outputs(_result(env, cfg, tiers, rows), out)
                 del comps
                 _reset(device, None)
+                if cfg.gpus == 2:
+                    from glmq.bench.two_gpus import two_gpu_rows
+
+                    for row in two_gpu_rows(cfg, size, recipe, device, one_gpu):
+                        rows.append(row)
+                        write_outputs(_result(env, cfg, tiers, rows), out)
     finally:
         if tmp is not None:
             tmp.cleanup()
@@ -551,7 +567,7 @@ def _result(env: dict, cfg: BenchConfig, tiers, rows: list[dict]) -> dict:
                                            "sizes": [f"{w}x{h}" for w, h in cfg.sizes], "steps": cfg.steps,
                                            "guidance": cfg.guidance,
                                            "warmup_steps": cfg.warmup_steps or cfg.steps, "images": cfg.images,
-                                           "prompt": cfg.prompt, "seed": cfg.seed},
+                                           "prompt": cfg.prompt, "seed": cfg.seed, "gpus": cfg.gpus},
             "rows": rows}
     result["consistency_problems"] = check_consistency(result)
     return result

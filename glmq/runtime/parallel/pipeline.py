@@ -35,6 +35,7 @@ from glmq.runtime.parallel import PARALLEL_MODES
 
 DEFAULT_START_TIMEOUT_S = 1800.0  # loading (or building and quantizing) a full-size model, then its first call
 DEFAULT_COLLECTIVE_TIMEOUT_S = 600.0  # a collective that waits longer than this fails in the worker
+LOG_DIR_ENV = "GLMQ_PARALLEL_LOG_DIR"
 
 
 class ParallelError(GlmqError):
@@ -94,7 +95,12 @@ class ParallelPipeline:
         self.closed = False
         self._procs: list[subprocess.Popen] = []
         self._conns: list = []
-        self._dir = tempfile.mkdtemp(prefix="glmq-parallel-")
+        # Worker logs (and the rendezvous file) live here; GLMQ_PARALLEL_LOG_DIR keeps them in a folder of
+        # the caller's choosing after the pipeline closes (a benchmark's record), else they go with it.
+        self._log_root = os.environ.get(LOG_DIR_ENV) or None
+        if self._log_root:
+            os.makedirs(self._log_root, exist_ok=True)
+        self._dir = tempfile.mkdtemp(prefix="glmq-parallel-", dir=self._log_root)
         self._finalizer = weakref.finalize(self, _kill, self._procs)
         try:
             self._start(source, start_timeout_s, collective_timeout_s)
@@ -198,7 +204,7 @@ class ParallelPipeline:
             c.close()
         self._conns = []
         self.closed = True
-        if not keep_logs:
+        if not keep_logs and not self._log_root:
             shutil.rmtree(self._dir, ignore_errors=True)
 
     def close(self, timeout: float = 30.0) -> None:
@@ -284,8 +290,11 @@ class ParallelPipeline:
         bar = StageProgress(enabled=progress)
         report = callback or (lambda stage, done, total: None)
         ar_times: dict[int, dict] = {}
+        timeline: list[tuple[float, int, str, int]] = []  # (seconds into the call, rank, "ar"|"image", image)
 
         def on_message(rank, msg):
+            if msg.kind in ("ar", "image"):
+                timeline.append((round(time.perf_counter() - t0, 4), rank, msg.kind, msg.meta["index"]))
             if msg.kind == "event":
                 stage, done, total = msg.meta["stage"], msg.meta["done"], msg.meta["total"]
                 if done == 0:
@@ -320,7 +329,10 @@ class ParallelPipeline:
         self.last_prior_token_ids = last.tensors["prior"]
         self.last_call = {"images": len(texts), "wall_s": wall, "images_per_hour": 3600 * len(texts) / wall,
                           "ar_s": [ar_times[i]["ar_s"] for i in sorted(ar_times)],
-                          "total_s": [images[i].meta["times"]["total_s"] for i in range(len(texts))]}
+                          "total_s": [images[i].meta["times"]["total_s"] for i in range(len(texts))],
+                          "timeline": timeline,
+                          "prior_token_ids": [images[i].tensors["prior"] for i in range(len(texts))],
+                          "peak_reserved_gib": {r: msgs[-1].meta.get("peak_reserved_gib") for r, msgs in got.items()}}
         outs = [images[i].tensors["image"] for i in range(len(texts))]
         if output_type != "pil":
             return torch.cat(outs)

@@ -30,6 +30,7 @@ import torch
 from torch import nn
 
 from glmq.errors import GlmqError
+from glmq.quant.formats.base import PerChannelFormat
 from glmq.quant.formats.linear import QuantLinear
 
 
@@ -48,9 +49,8 @@ def even_split(units: int, world: int) -> list[tuple[int, int]]:
 def k_unit(linear: nn.Module) -> int:
     """The granularity at which ``linear``'s input columns (K) can be cut: its format's group size for a
     group-wise quantized layer (int4), 1 for a float layer or a per-output-channel format."""
-    if isinstance(linear, QuantLinear):
-        group = linear.format.group_size_for(linear.in_features)
-        return 1 if group == linear.in_features else group
+    if isinstance(linear, QuantLinear) and not isinstance(linear.format, PerChannelFormat):
+        return linear.format.group_size_for(linear.in_features)
     return 1
 
 
@@ -109,7 +109,7 @@ def take_columns(linear: nn.Module, start: int, stop: int, *, keep_bias: bool) -
         state = {}
         for name, t in linear.stored_tensors().items():
             length = t.shape[1]
-            if length == 1 and unit == 1:
+            if length == 1 and isinstance(linear.format, PerChannelFormat):
                 state[name] = t  # one scale per output row: every column shares it
                 continue
             lo, hi = start * length, stop * length
@@ -201,7 +201,8 @@ def shard_ar(ar: nn.Module, rank: int, world: int, group=None) -> dict:
         attn.v_proj = take_rows(attn.v_proj, kv_rows)
         o = attn.o_proj
         if (h0 * head_dim) % k_unit(o) or (h1 * head_dim) % k_unit(o):
-            raise GlmqError(f"o_proj groups of {k_unit(o)} columns do not align with heads of {head_dim}")
+            raise GlmqError(f"o_proj's quantization groups ({k_unit(o)} input columns) straddle the heads "
+                            f"({head_dim} columns each) where {world} GPUs would split it")
         attn.o_proj = RowParallel(take_columns(o, h0 * head_dim, h1 * head_dim, keep_bias=rank == 0), group)
 
         mlp = layer.mlp

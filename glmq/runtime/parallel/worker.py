@@ -112,7 +112,19 @@ class Worker:
 
         return report
 
+    def peak_reserved_gib(self) -> float | None:
+        """The allocator's peak reserved GiB on this rank's GPU since the request began (None on the CPU)."""
+        import torch
+
+        if self.device.type != "cuda":
+            return None
+        return round(torch.cuda.max_memory_reserved(self.device) / 2**30, 3)
+
     def generate(self, meta: dict, tensors: dict) -> None:
+        import torch
+
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
         gens = self._generators(meta, tensors)
         if self.mode == "latency":
             self._latency(meta, gens)
@@ -279,7 +291,7 @@ def main(argv: list[str] | None = None) -> int:
             if msg.kind != "generate":
                 raise RuntimeError(f"unknown request {msg.kind!r}")
             worker.generate(msg.meta, msg.tensors)
-            wire.send(conn, "done", {})
+            wire.send(conn, "done", {"peak_reserved_gib": worker.peak_reserved_gib()})
     except EOFError:  # the caller went away: nothing to report to
         return 0
     except BaseException as e:  # noqa: BLE001 - every failure goes to the caller, which stops the other rank
