@@ -178,6 +178,8 @@ def main() -> int:
 
     device = torch.device(args.device)
     cuda = device.type == "cuda"
+    if cuda and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())  # NCCL binds to an indexed device
     dtype = torch.bfloat16 if cuda else torch.float32
     RESULTS["env"] = {"card": torch.cuda.get_device_name(device) if cuda else platform.processor() or "cpu",
                       "torch": torch.__version__, "cuda": torch.version.cuda, "transformers": transformers.__version__,

@@ -59,7 +59,7 @@ def test_generate_two_gpu_mistakes_are_one_line(tiny_dir, tmp_path):
 
 def test_bench_gpus_2_adds_latency_and_throughput_rows_beside_the_one_gpu_row(tiny_dir, tmp_path, one_thread):
     proc = run_cli_inprocess("bench", str(tiny_dir), "--device", "cpu", "--gpus", "2", "--recipe", "bf16",
-                             "--steps", "2", "--size", "64x64", "--edits", "none", "--throughput-images", "3",
+                             "--steps", "2", "--size", "64x64", "--edits", "none", "--throughput-images", "2",
                              "--out", str(tmp_path / "bench"), "--json")
     assert proc.returncode == 0, proc.stderr
     result = json.loads(proc.stdout)
@@ -73,8 +73,8 @@ def test_bench_gpus_2_adds_latency_and_throughput_rows_beside_the_one_gpu_row(ti
     assert throughput["checks"]["vs_one_gpu_prior_tokens_equal"] == 1.0
     assert throughput["checks"]["vs_one_gpu_image_max_abs_diff"] == 0
     two = throughput["two_gpus"]
-    assert two["images_per_hour"] == pytest.approx(3600 * 3 / two["wall_s"], rel=1e-3)
-    assert throughput["seconds_per_image"]["median"] == pytest.approx(two["wall_s"] / 3, abs=1e-3)
+    assert two["images_per_hour"] == pytest.approx(3600 * 2 / two["wall_s"], rel=1e-3)
+    assert throughput["seconds_per_image"]["median"] == pytest.approx(two["wall_s"] / 2, abs=1e-3)
     assert two["vs_one_gpu"] == pytest.approx(two["images_per_hour"] / two["one_gpu_images_per_hour"], rel=1e-2)
     md = (tmp_path / "bench" / "bench.md").read_text()
     assert "2 GPUs latency" in md and "2 GPUs throughput" in md and "images/hour" in md
