@@ -25,6 +25,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import weakref
 from multiprocessing import Pipe
@@ -93,6 +94,7 @@ class ParallelPipeline:
         self.last_prior_token_ids = None
         self.last_call: dict = {}
         self.closed = False
+        self._lock = threading.Lock()
         self._procs: list[subprocess.Popen] = []
         self._conns: list = []
         # Worker logs (and the rendezvous file) live here; GLMQ_PARALLEL_LOG_DIR keeps them in a folder of
@@ -251,11 +253,6 @@ class ParallelPipeline:
         and the DiT of another report at the same time); one that raises cancels the call and closes the
         pipeline. ``timeout_s``: fail (and close) if the call takes longer.
         """
-        import torch
-
-        from glmq.runtime import pipeline as one_gpu
-        from glmq.runtime.parallel import wire
-
         if self.closed:
             raise GlmqError("this two-GPU pipeline is closed (after close() or a worker failure); load it again")
         if unsupported:
@@ -278,7 +275,21 @@ class ParallelPipeline:
             raise GlmqError(f"num_inference_steps must be a positive integer, got {num_inference_steps!r}")
         texts = [p for p in prompts for _ in range(num_images_per_prompt)]
         gens, slots = self._generators(generator, len(texts))
+        if self.device == "cpu" and any(g.device.type != "cpu" for g in gens):
+            raise GlmqError("a CUDA generator was given to a pipeline running on the CPU; use torch.Generator()")
+        with self._lock:  # one call at a time: the workers answer requests in order
+            return self._generate(texts, gens, slots, height, width, num_inference_steps, guidance_scale,
+                                  output_type, progress, callback, timeout_s)
 
+    def _generate(self, texts, gens, slots, height, width, num_inference_steps, guidance_scale, output_type,
+                  progress, callback, timeout_s):
+        import torch
+
+        from glmq.runtime import pipeline as one_gpu
+        from glmq.runtime.parallel import wire
+
+        if self.closed:
+            raise GlmqError("this two-GPU pipeline is closed (after close() or a worker failure); load it again")
         jobs = [{"index": i, "prompt": p, "generator": slots[i]} for i, p in enumerate(texts)]
         tensors = {f"generator{i}": g.get_state() for i, g in enumerate(gens)}
         meta = {"jobs": jobs, "generators": [{"device": g.device.type} for g in gens], "height": height,
@@ -306,11 +317,17 @@ class ParallelPipeline:
                 ar_times[msg.meta["index"]] = msg.meta
 
         t0 = time.perf_counter()
-        for c in self._conns:
-            wire.send(c, "generate", meta, tensors)
         try:
+            for c in self._conns:
+                wire.send(c, "generate", meta, tensors)
             got = self._collect({r: "done" for r in range(self.gpus)}, timeout=timeout_s, what="generation",
                                 on_message=on_message)
+        except ParallelError:
+            raise
+        except BaseException:
+            # Ctrl-C, a cancelling callback, a broken pipe: the workers may be mid-request; nothing can resume it.
+            self._abort()
+            raise
         finally:
             bar.close()
         wall = time.perf_counter() - t0

@@ -108,6 +108,23 @@ def test_bad_arguments_are_refused_before_work_and_leave_the_pipeline_usable(thr
     assert throughput("x", generator=torch.Generator().manual_seed(0), output_type="latent", **KW).shape[0] == 1
 
 
+def test_a_callback_that_raises_cancels_the_call_and_stops_the_workers(throughput):
+    procs = list(throughput._procs)
+
+    class Cancel(Exception):
+        pass
+
+    def cancel(stage, done, total):
+        if stage == "DiT" and done == 2:
+            raise Cancel
+
+    t0 = time.monotonic()
+    with pytest.raises(Cancel):
+        throughput(PROMPTS, callback=cancel, **{**KW, "num_inference_steps": 400})
+    print(f"cancelled from the callback in {time.monotonic() - t0:.2f} s")
+    assert all(p.poll() is not None for p in procs) and throughput.closed
+
+
 # ---------------------------------------------------------------------------------------------- latency
 ARGS = {"seed": 0}
 
