@@ -158,11 +158,9 @@ class ParallelPipeline:
                 try:
                     msg = wire.recv(conn)
                 except (EOFError, OSError):
-                    self._fail(f"rank {rank} exited during {what} ({self._exit_status(rank)})", rank)
+                    self._diagnose(what, {rank: None})
                 if msg.kind == "error":
-                    m = msg.meta
-                    text = m["message"] if m.get("user_error") else f"{m['type']}: {m['message']}"
-                    self._fail(f"rank {rank} failed during {what}: {text}", rank, m.get("traceback"))
+                    self._diagnose(what, {rank: msg.meta})
                 got[rank].append(msg)
                 if on_message is not None:
                     try:
@@ -175,10 +173,55 @@ class ParallelPipeline:
             for rank, proc in enumerate(self._procs):
                 # A worker that has exited with nothing left in its pipe (its last words are read first).
                 if proc.poll() is not None and not self._conns[rank].poll():
-                    self._fail(f"rank {rank} exited during {what} ({self._exit_status(rank)})", rank)
+                    self._diagnose(what, {rank: None})
             if deadline is not None and time.monotonic() > deadline:
                 self._fail(f"{what} took longer than {timeout:g} s; stopped the workers", None)
         return got
+
+    def _diagnose(self, what: str, failed: dict, grace_s: float = 2.0):
+        """Raise the :class:`ParallelError` of a failure, naming its cause. One rank failing makes the other
+        fail too (a collective loses its peer), and their reports race: so first gather, for up to
+        ``grace_s``, what every rank says (``failed``: rank -> its error message, or None for a rank that
+        exited without one), then blame a rank's own error over a death, and a death over a lost peer."""
+        from glmq.runtime.parallel import wire
+
+        end = time.monotonic() + grace_s
+        while time.monotonic() < end and len(failed) < self.gpus:
+            for rank, conn in enumerate(self._conns):
+                if rank in failed:
+                    continue
+                try:
+                    while conn.poll(0):
+                        msg = wire.recv(conn)
+                        if msg.kind == "error":
+                            failed[rank] = msg.meta
+                            break
+                except (EOFError, OSError):
+                    failed[rank] = None
+                if rank not in failed and self._procs[rank].poll() is not None and not conn.poll(0):
+                    failed[rank] = None
+            time.sleep(0.05)
+
+        def kind(rank):
+            meta = failed[rank]
+            if meta is None:
+                return 1  # died without a word: killed, or a crash below Python
+            return 2 if _peer_lost(meta) else 0
+
+        ranks = sorted(failed, key=lambda r: (kind(r), r))
+        words = []
+        for n, rank in enumerate(ranks):
+            meta = failed[rank]
+            if meta is None:
+                words.append(f"rank {rank} exited during {what} ({self._exit_status(rank)})")
+            else:
+                text = meta["message"] if meta.get("user_error") else f"{meta['type']}: {meta['message']}"
+                limit = 400 if n == 0 else 120  # the cause in full; its consequences in brief
+                words.append(f"rank {rank} failed during {what}: {text[:limit]}{'...' if len(text) > limit else ''}")
+        first = failed[ranks[0]]
+        message = words[0] + (f"; then {'; '.join(w.replace(' during ' + what, '') for w in words[1:])}"
+                              if len(words) > 1 else "")
+        self._fail(message, ranks[0], first.get("traceback") if first else None)
 
     def _exit_status(self, rank: int) -> str:
         proc = self._procs[rank]
@@ -385,6 +428,16 @@ class ParallelPipeline:
     def __repr__(self) -> str:
         state = "closed" if self.closed else "running"
         return f"ParallelPipeline(parallel={self.parallel!r}, gpus={self.gpus}, device={self.device!r}, {state})"
+
+
+_PEER_LOST = ("connection reset by peer", "connection closed by peer", "broken pipe", "remote process exited",
+              "nccl communicator was aborted", "distbackenderror", "socket closed", "connection refused")
+
+
+def _peer_lost(meta: dict) -> bool:
+    """Whether a worker's error says it lost its peer (the effect of the other rank failing, not a cause)."""
+    text = f"{meta.get('type', '')} {meta.get('message', '')}".lower()
+    return any(w in text for w in _PEER_LOST)
 
 
 def _worker_env() -> dict:
