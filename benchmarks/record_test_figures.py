@@ -34,7 +34,8 @@ def main(argv=None) -> int:
     proc = subprocess.run(cmd, capture_output=True, text=True)
     wall = round(time.perf_counter() - t0, 1)
     versions = {}
-    for name in ("torch", "transformers", "diffusers", "compressed-tensors"):
+    for name in ("torch", "transformers", "diffusers", "compressed-tensors", "starlette", "uvicorn", "python-multipart",
+                 "openai"):
         try:
             versions[name] = version(name)
         except PackageNotFoundError:

@@ -43,7 +43,7 @@ def _int_at_least(low: int, high: int | None = None):
     return parse
 
 
-def _finite_float(*, positive: bool = False):
+def _finite_float(*, positive: bool = False, nonnegative: bool = False):
     def parse(text: str) -> float:
         try:
             value = float(text)
@@ -53,6 +53,8 @@ def _finite_float(*, positive: bool = False):
             raise argparse.ArgumentTypeError(f"must be a finite number, got {text!r}")
         if positive and value <= 0:
             raise argparse.ArgumentTypeError(f"must be positive, got {text!r}")
+        if nonnegative and value < 0:
+            raise argparse.ArgumentTypeError(f"must not be negative, got {text!r}")
         return value
 
     parse.__name__ = "number"
@@ -128,44 +130,29 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
 def _cmd_generate(args: argparse.Namespace) -> int:
     import torch
 
-    import glmq
     from glmq.io.images import check_image_out, parse_size, read_image, save_image
 
+    if args.prompts is not None:
+        return _generate_prompts_file(args)
     width, height = parse_size(args.size)
     out = Path(args.out)
-    prompts = _read_prompts(args.prompts) if args.prompts else None
-    outs = [out] if prompts is None else _numbered(out, len(prompts))
-    image_format = None
-    for path in outs:
-        image_format = check_image_out(path, force=args.force)
+    image_format = check_image_out(out, force=args.force)
     images = [read_image(ref) for ref in args.image or []]
-    if prompts is not None and images:
-        from glmq.errors import GlmqError
-
-        raise GlmqError("--prompts makes text-to-image images; --image takes one --prompt")
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     _check_device(device)
-    if args.gpus != 1 or args.parallel:
-        return _generate_two_gpus(args, prompts or [args.prompt], outs, image_format, width, height, device)
-    pipe = glmq.load(args.path, device=device, vram_budget_gb=args.vram_budget_gb, mode=args.memory_mode,
-                     attention=args.attention, attention_precision=args.attention_precision)
-    if prompts is not None:  # one image per prompt, image i with seed + i
-        seconds = []
-        for i, (prompt, path) in enumerate(zip(prompts, outs)):
-            result = pipe(prompt, height=height, width=width, num_inference_steps=args.steps,
-                          guidance_scale=args.guidance, generator=torch.Generator().manual_seed(args.seed + i),
-                          progress=not args.json)
-            save_image(result[0], path, image_format)
-            seconds.append(pipe.last_times.total_s)
-        return _report_many(args, outs, width, height, device, sum(seconds), f"{pipe.mode} on {device}")
-    generator = torch.Generator(device="cpu").manual_seed(args.seed)
-    result = pipe(args.prompt, image=images or None, height=height, width=width,
-                  num_inference_steps=args.steps, guidance_scale=args.guidance, generator=generator,
-                  progress=not args.json)
-    save_image(result[0], out, image_format)
+    pipe = _load_pipeline(args, device)
+    try:
+        generator = torch.Generator(device="cpu").manual_seed(args.seed)
+        result = pipe(args.prompt, image=images or None, height=height, width=width,
+                      num_inference_steps=args.steps, guidance_scale=args.guidance, generator=generator,
+                      progress=not args.json)
+        save_image(result[0], out, image_format)
+    finally:
+        _close(pipe)
     t = pipe.last_times
     summary = {"out": str(out), "size": [width, height], "steps": args.steps, "seed": args.seed,
                "device": device, "memory_mode": pipe.mode, "dit_attention": pipe.attention_precision,
+               "compiled": pipe.compile,
                "seconds": round(t.total_s, 3),
                "ar_s": round(t.ar_s, 3), "ar_tokens": t.ar_tokens, "glyph_s": round(t.glyph_s, 3),
                "dit_s": round(t.dit_s, 3), "vae_s": round(t.vae_s, 3)}
@@ -178,65 +165,129 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
-def _read_prompts(path: str) -> list[str]:
-    """``--prompts FILE``: one prompt per non-empty line (UTF-8, at most 1 MiB)."""
+def _close(pipe) -> None:
+    """Stop a two-GPU pipeline's workers (a one-GPU pipeline has nothing to stop)."""
+    close = getattr(pipe, "close", None)
+    if close is not None:
+        close()
+
+
+def _load_pipeline(args: argparse.Namespace, device: str):
+    """``glmq.load`` with the command's flags (generate and serve); ``--gpus 2`` gives the two-GPU pipeline."""
+    import glmq
     from glmq.errors import GlmqError
-    from glmq.io.safe_read import read_bytes
 
+    two = getattr(args, "gpus", 1) != 1 or getattr(args, "parallel", None) is not None
+    if two and (args.vram_budget_gb is not None or args.memory_mode is not None):
+        raise GlmqError("--vram-budget-gb and --memory-mode apply to one GPU; with --gpus 2 each GPU keeps its "
+                        "part resident")
+    if two and getattr(args, "image", None):
+        raise GlmqError("--image (image-to-image) runs on one GPU; --gpus 2 takes text-to-image prompts")
+    kwargs = {"gpus": args.gpus, "parallel": args.parallel} if two else {}
+    return glmq.load(args.path, device=device, vram_budget_gb=args.vram_budget_gb, mode=args.memory_mode,
+                     attention=args.attention, attention_precision=args.attention_precision,
+                     compile=_compile_choice(args, device), cache_dir=args.cache_dir, **kwargs)
+
+
+def _compile_choice(args: argparse.Namespace, device: str) -> bool:
+    """``--compile``: on, off, or auto (on when the cache holds a completed compiled run of this model on this
+    card with these versions: compiling then costs little; glmq.runtime.compile_cache)."""
+    if args.compile != "auto" or not device.startswith("cuda"):
+        return args.compile == "on"
+    from glmq.runtime.compile_cache import activate, was_compiled
+
+    return was_compiled(activate(args.cache_dir), args.path, device)
+
+
+def _generate_prompts_file(args: argparse.Namespace) -> int:
+    """``glmq generate PATH --prompts FILE --out DIR``: everything is checked (every line of the file, every
+    reference image, the output folder) before the model loads or anything is written."""
+    import time
+
+    import torch
+
+    from glmq.errors import GlmqError
+    from glmq.generate_file import check_out_dir, generate_file, jobs_for, read_references
+    from glmq.io.images import parse_size
+    from glmq.io.lock import OutputLock
+    from glmq.io.prompts import read_prompts
+
+    if args.image:
+        raise GlmqError("--image goes with --prompt; in a prompts file each .jsonl line names its own \"image\"")
+    lines = read_prompts(args.prompts, size=parse_size(args.size), seed=args.seed, steps=args.steps,
+                         guidance=args.guidance, n=args.num_images)
+    out = Path(args.out)
+    check_out_dir(out)
+    references = read_references(lines, args.prompts)
+    if args.gpus != 1 and any(line.images for line in lines):
+        raise GlmqError("--gpus 2 takes text-to-image prompts; a .jsonl line with \"image\" runs on one GPU")
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    _check_device(device)
+    lock = OutputLock(out)
     try:
-        text = read_bytes(path, "prompts file", 1 << 20).decode("utf-8")
-    except UnicodeDecodeError:
-        raise GlmqError(f"{path}: the prompts file is not UTF-8 text") from None
-    prompts = [line.strip() for line in text.splitlines() if line.strip()]
-    if not prompts:
-        raise GlmqError(f"{path}: no prompts (one prompt per line)")
-    return prompts
-
-
-def _numbered(out: Path, n: int) -> list[Path]:
-    """``--prompts``' image paths: ``OUT``'s name with ``-000``, ``-001``, ... before its suffix."""
-    return [out.with_name(f"{out.stem}-{i:03d}{out.suffix}") for i in range(n)]
-
-
-def _report_many(args, outs: list[Path], width: int, height: int, device: str, seconds: float, how: str,
-                 extra: dict | None = None) -> int:
-    summary = {"out": [str(p) for p in outs], "images": len(outs), "size": [width, height], "steps": args.steps,
-               "seeds": [args.seed + i for i in range(len(outs))], "device": device, "seconds": round(seconds, 3),
-               **(extra or {})}
+        pipe, load_s = None, 0.0
+        if jobs_for(lines, out, force=args.force)[0]:  # a finished run resumes without loading the model
+            t0 = time.perf_counter()
+            pipe = _load_pipeline(args, device)
+            load_s = time.perf_counter() - t0
+        summary = generate_file(pipe, lines, out, references, batch=args.batch, force=args.force,
+                                progress=not args.json)
+    finally:
+        lock.release()
+        _close(pipe)
+    summary.update(prompts_file=str(args.prompts), device=device, load_s=round(load_s, 3),
+                   memory_mode=str(pipe.mode) if pipe is not None else None,
+                   compiled=pipe.compile if pipe is not None else None)
     if args.json:
         print(json.dumps(summary, indent=2))
     else:
-        print(f"wrote {len(outs)} image(s) {outs[0]} .. {outs[-1]} ({width}x{height}, {args.steps} steps, seeds "
-              f"{args.seed}..{args.seed + len(outs) - 1}) in {seconds:.2f} s [{how}]")
+        rate = f", {summary['images_per_hour']} images/hour" if summary["images_per_hour"] else ""
+        print(f"wrote {summary['written']} image(s) to {out} in {summary['seconds']:.2f} s after a {load_s:.2f} s load"
+              f"{rate}; {summary['skipped']} already there")
     return 0
 
 
-def _generate_two_gpus(args, prompts: list[str], outs: list[Path], image_format, width: int, height: int,
-                       device: str) -> int:
-    """``generate --gpus 2``: every prompt's image from one two-GPU pipeline, image i with seed + i."""
+def _cmd_serve(args: argparse.Namespace) -> int:
     import torch
 
-    import glmq
     from glmq.errors import GlmqError
-    from glmq.io.images import save_image
+    from glmq.io.images import parse_size
+    from glmq.serve.api import Limits
+    from glmq.serve.server import GlmqServer, ServeOptions, bind
 
-    if args.image:
-        raise GlmqError("--image (image-to-image) runs on one GPU; --gpus 2 takes text-to-image prompts")
-    if args.vram_budget_gb is not None or args.memory_mode is not None:
-        raise GlmqError("--vram-budget-gb and --memory-mode apply to one GPU; with --gpus 2 each GPU keeps its "
-                        "part resident")
-    with glmq.load(args.path, device=device, gpus=args.gpus, parallel=args.parallel, attention=args.attention,
-                   attention_precision=args.attention_precision) as pipe:
-        gens = [torch.Generator().manual_seed(args.seed + i) for i in range(len(prompts))]
-        result = pipe(prompts, height=height, width=width, num_inference_steps=args.steps,
-                      guidance_scale=args.guidance, generator=gens, progress=not args.json)
-        for image, path in zip(result, outs):
-            save_image(image, path, image_format)
-        call = pipe.last_call
-        how = f"{pipe.parallel} on 2 {'GPUs' if device == 'cuda' else 'CPU processes'}"
-        return _report_many(args, outs, width, height, device, call["wall_s"], how,
-                            {"gpus": args.gpus, "parallel": pipe.parallel,
-                             "images_per_hour": round(call["images_per_hour"], 1)})
+    default_size = parse_size(args.default_size, "--default-size")
+    if args.max_side % 32:
+        raise GlmqError(f"--max-side must be a multiple of 32, got {args.max_side}")
+    if max(default_size) > args.max_side or args.default_steps > args.max_steps:
+        raise GlmqError("--default-size and --default-steps must be within --max-side and --max-steps")
+    if args.default_guidance > Limits.max_guidance:
+        raise GlmqError(f"--default-guidance must be at most {Limits.max_guidance:g}")
+    limits = Limits(max_n=args.max_n, max_side=args.max_side, max_steps=args.max_steps,
+                    max_prompt_chars=args.max_prompt_chars, max_references=args.max_references,
+                    max_upload_bytes=int(args.max_upload_mb * 2**20), default_size=default_size,
+                    default_steps=args.default_steps, default_guidance=args.default_guidance)
+    options = ServeOptions(host=args.host, port=args.port, max_batch=args.max_batch, max_queue=args.max_queue,
+                           batch_window_s=args.batch_window_ms / 1000, shutdown_timeout_s=args.shutdown_timeout,
+                           log_level=args.log_level, model=args.model_name, limits=limits)
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    _check_device(device)
+    sock = bind(args.host, args.port)  # a port in use fails now, not after minutes of loading
+    try:
+        pipe = _load_pipeline(args, device)
+        server = GlmqServer(pipe, options, sock=sock,
+                            info={"device": device, "memory_mode": str(pipe.mode)})
+    except BaseException:
+        sock.close()
+        raise
+    batching = (f"batches of up to {server.batcher.max_batch} images" if server.batcher.batched
+                else "one image per pipeline call")
+    print(f"glmq serve: listening on {server.url} ({args.path}, {pipe.mode} on {device}, {batching})", flush=True)
+    try:
+        server.run()
+    finally:
+        _close(pipe)
+    print("glmq serve: stopped", flush=True)
+    return 0
 
 
 def _readme_to_update(arg: str | None) -> Path | None:
@@ -275,6 +326,20 @@ def _parse_edits(text: str) -> tuple[int, ...]:
     return counts
 
 
+def _parse_batch(text: str | None) -> tuple[int, ...]:
+    from glmq.errors import GlmqError
+
+    if text is None:
+        return ()
+    try:
+        sizes = tuple(int(t) for t in text.split(","))
+    except ValueError:
+        sizes = ()
+    if not sizes or any(not 1 <= b <= 64 for b in sizes):
+        raise GlmqError(f"--batch takes batch sizes from 1 to 64 separated by commas (e.g. 1,4,8); got {text!r}")
+    return sizes
+
+
 def _cmd_bench(args: argparse.Namespace) -> int:
     from glmq.bench.report import markdown, merge_results, update_readme, write_outputs
     from glmq.bench.run import BenchConfig, run_bench
@@ -311,7 +376,8 @@ def _cmd_bench(args: argparse.Namespace) -> int:
                       device=args.device, compile=not args.no_compile, attention=args.attention,
                       cuda_graph=not args.no_cuda_graph, warmup_steps=args.warmup_steps,
                       attention_precision=args.attention_precision, edits=edits, guidance=args.guidance,
-                      gpus=args.gpus, throughput_images=args.throughput_images)
+                      batch=_parse_batch(args.batch), first_image=args.first_image, gpus=args.gpus,
+                      throughput_images=args.throughput_images)
     if args.baseline_only:
         cfg.baseline, cfg.recipes = True, ()
     if cfg.path is None and args.model == "tiny":
@@ -417,8 +483,8 @@ def build_parser() -> argparse.ArgumentParser:
     which = p.add_mutually_exclusive_group(required=True)
     which.add_argument("--prompt", help="the prompt; quoted text in it is rendered by the glyph encoder")
     which.add_argument("--prompts", metavar="FILE",
-                       help="one prompt per line, one image each: written as OUT's name plus -000, -001, ...; "
-                            "image i uses seed + i")
+                       help="many images: a .txt file (one prompt per line) or .jsonl (per line: prompt, and "
+                            "optionally size, seed, image, steps, guidance, n); --out is then a folder")
     p.add_argument("--image", action="append", metavar="REF", help="reference image (repeat for several)")
     p.add_argument("--size", default="1024x1024", help="WIDTHxHEIGHT, multiples of 32 (default 1024x1024)")
     p.add_argument("--steps", type=_int_at_least(1), default=50, help="denoising steps (default 50)")
@@ -434,14 +500,82 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--attention-precision", choices=ATTENTION_PRECISIONS, default=None,
                    help="DiT attention precision of glmq's kernels (default: what the checkpoint's recipe chose)")
     p.add_argument("--gpus", type=int, choices=(1, 2), default=1,
-                   help="2: run on two GPUs (--device cuda) or two CPU processes (--device cpu) (default 1)")
+                   help="2: run on two GPUs (--device cuda) or two CPU processes (--device cpu), text-to-image only "
+                        "(default 1)")
     p.add_argument("--parallel", choices=PARALLEL_MODES, default=None,
                    help="with --gpus 2: latency (default; tensor-parallel AR, one guidance pass per GPU) or "
                         "throughput (the AR of one image beside the DiT of the previous one)")
-    p.add_argument("--out", required=True, help="output PNG path")
-    p.add_argument("--force", action="store_true", help="replace OUT if it exists")
-    p.add_argument("--json", action="store_true", help="print timings as JSON")
+    p.add_argument("--compile", choices=("auto", "on", "off"), default="auto",
+                   help="torch.compile the AR step and DiT blocks (CUDA): faster images, a slow first compilation "
+                        "that the cache folder keeps for later processes; auto (default): on once a compiled run of "
+                        "this model finished on this card")
+    p.add_argument("--cache-dir", default=None,
+                   help="folder for compilation and autotuning caches (default $GLMQ_CACHE_DIR, else "
+                        "$XDG_CACHE_HOME/glmq, else ~/.cache/glmq)")
+    p.add_argument("--num-images", type=_int_at_least(1, 64), default=1,
+                   help="with --prompts: images per prompt (seeds SEED, SEED+1, ...; a .jsonl line's n wins)")
+    p.add_argument("--batch", type=_int_at_least(1, 64), default=8,
+                   help="with --prompts: images per pipeline call (default 8); the memory plan may split a call's "
+                        "denoising into smaller chunks")
+    p.add_argument("--out", required=True, help="output image path (with --prompts: the folder for the images)")
+    p.add_argument("--force", action="store_true",
+                   help="replace OUT if it exists (with --prompts: make images again whose files exist; without it "
+                        "they are skipped, which resumes an interrupted run)")
+    p.add_argument("--json", action="store_true", help="print timings (with --prompts: the run's summary) as JSON")
     p.set_defaults(func=_cmd_generate)
+
+    p = sub.add_parser("serve", help="an OpenAI-style HTTP server: /v1/images/generations and /v1/images/edits",
+                       description="Serve a GLM-Image folder over HTTP with OpenAI's image API (generations and "
+                                   "edits, b64_json), plus /health and /metrics. One GPU worker runs the pipeline; "
+                                   "requests queue and concurrent ones are batched. SIGTERM or Ctrl-C finishes the "
+                                   "requests in flight, then exits.")
+    p.add_argument("path", help="GLM-Image pipeline folder")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1; 0.0.0.0 for all)")
+    p.add_argument("--port", type=_int_at_least(0, 65535), default=8000, help="port (default 8000; 0: any free port)")
+    p.add_argument("--max-batch", type=_int_at_least(1, 64), default=8,
+                   help="images per pipeline call when the pipeline batches (default 8)")
+    p.add_argument("--max-queue", type=_int_at_least(1), default=32,
+                   help="requests that may wait for the GPU; one more is answered 429 (default 32)")
+    p.add_argument("--batch-window-ms", type=_finite_float(nonnegative=True), default=100.0,
+                   help="how long the oldest request waits for others to batch with (default 100)")
+    p.add_argument("--max-n", type=_int_at_least(1), default=10, help="most images per request (default 10)")
+    p.add_argument("--max-side", type=_int_at_least(32), default=2048, help="largest width or height (default 2048)")
+    p.add_argument("--max-steps", type=_int_at_least(1), default=100, help="most denoising steps (default 100)")
+    p.add_argument("--max-prompt-chars", type=_int_at_least(1), default=4000, help="longest prompt (default 4000)")
+    p.add_argument("--max-references", type=_int_at_least(1), default=4,
+                   help="most reference images per edit (default 4)")
+    p.add_argument("--max-upload-mb", type=_finite_float(positive=True), default=20.0,
+                   help="largest reference image file in MiB (default 20)")
+    p.add_argument("--default-size", default="1024x1024", help="size when a request gives none (default 1024x1024)")
+    p.add_argument("--default-steps", type=_int_at_least(1), default=50, help="steps when a request gives none (default 50)")
+    p.add_argument("--default-guidance", type=_finite_float(nonnegative=True), default=1.5,
+                   help="guidance when a request gives none (default 1.5)")
+    p.add_argument("--shutdown-timeout", type=_finite_float(nonnegative=True), default=60.0,
+                   help="seconds SIGTERM waits for requests in flight before answering them 503 (default 60)")
+    p.add_argument("--model-name", default="glm-image", help="the model id /v1/models reports (default glm-image)")
+    p.add_argument("--device", type=_device, default=None, help="cuda, cuda:N or cpu (default: cuda when available)")
+    p.add_argument("--vram-budget-gb", type=_finite_float(positive=True), default=None,
+                   help="plan memory for this many GiB")
+    p.add_argument("--memory-mode", choices=[m.value for m in MemoryMode], default=None,
+                   help="force a memory mode (default: chosen from the budget)")
+    p.add_argument("--compile", choices=("auto", "on", "off"), default="auto",
+                   help="torch.compile the AR step and DiT blocks (CUDA; the first request of each shape pays, the "
+                        "cache folder keeps it for later processes); auto (default): on once a compiled run of this "
+                        "model finished on this card")
+    p.add_argument("--cache-dir", default=None,
+                   help="folder for compilation and autotuning caches (default $GLMQ_CACHE_DIR, else "
+                        "$XDG_CACHE_HOME/glmq, else ~/.cache/glmq)")
+    p.add_argument("--attention", choices=ATTENTION_KERNELS, default="auto",
+                   help="attention kernels: glmq's Triton kernels (auto on CUDA) or PyTorch SDPA")
+    p.add_argument("--attention-precision", choices=ATTENTION_PRECISIONS, default=None,
+                   help="DiT attention precision of glmq's kernels (default: what the checkpoint's recipe chose)")
+    p.add_argument("--log-level", choices=("debug", "info", "warning", "error"), default="info",
+                   help="server log level on stderr (default info)")
+    p.add_argument("--gpus", type=int, choices=(1, 2), default=1,
+                   help="2: serve from two GPUs (text-to-image only; see --parallel) (default 1)")
+    p.add_argument("--parallel", choices=PARALLEL_MODES, default=None,
+                   help="with --gpus 2: latency (default) or throughput (pays off for batches of several images)")
+    p.set_defaults(func=_cmd_serve)
 
     p = sub.add_parser("export", help="write formats other runtimes load: hf (bitsandbytes), gguf, onnx, compressed-tensors",
                        description="Export a bf16 GLM-Image folder for other runtimes, streaming, atomically.")
@@ -503,6 +637,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--edits", default="1,2",
                    help="image-to-image rows after each tier's text-to-image, in the same process: comma-separated "
                         "reference counts (1 or 2; default 1,2), or 'none'")
+    p.add_argument("--batch", default=None, metavar="B,B,...",
+                   help="rows of B images per call (e.g. 1,4,8): images per hour per batch size and tier, instead of "
+                        "the one-image and edit rows")
+    p.add_argument("--first-image", action="store_true",
+                   help="cold (empty compile cache), cached and warm first-image times per tier, each in fresh "
+                        "processes (without --batch: instead of the in-process rows)")
     p.add_argument("--profile", action="store_true", help="add the top kernels of one short run per configuration")
     p.add_argument("--seed", type=SEED, default=0)
     p.add_argument("--device", type=_device, default=None, help="cuda, cuda:N or cpu (default: cuda when available)")

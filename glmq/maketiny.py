@@ -35,7 +35,9 @@ def make_tiny(out: str | Path, *, size: str = "tiny", seed: int = 0, force: bool
         build_model,
         build_processor,
         build_scheduler,
+        fan_in_stds,
         norm_parameter_names,
+        DEFAULT_STD,
         random_tensor,
         tensor_specs,
     )
@@ -46,7 +48,8 @@ def make_tiny(out: str | Path, *, size: str = "tiny", seed: int = 0, force: bool
         max_shard_bytes = TINY_MAX_SHARD_BYTES if size == "tiny" else DEFAULT_MAX_SHARD_BYTES
     import diffusers
 
-    job = {"command": "make-tiny", "size": size, "seed": seed, "glmq": __version__, "shard": max_shard_bytes}
+    job = {"command": "make-tiny", "size": size, "seed": seed, "glmq": __version__, "shard": max_shard_bytes,
+           "init": "fan_in" if size == "tiny" else DEFAULT_STD}
     folder = OutputFolder(out, job=job, force=force)
     folder.write_json("model_index.json", model_index(diffusers.__version__))
 
@@ -72,20 +75,22 @@ def make_tiny(out: str | Path, *, size: str = "tiny", seed: int = 0, force: bool
     for comp in WEIGHT_COMPONENTS:
         model = models[comp.name]
         specs = tensor_specs(model, comp.dtype)
-        writers.append((comp, specs, norm_parameter_names(model), folder.component_writer(
+        stds = fan_in_stds(model) if size == "tiny" else {}
+        writers.append((comp, specs, norm_parameter_names(model), stds, folder.component_writer(
             comp, specs, max_shard_bytes=max_shard_bytes)))
     total = sum(w.total_size for *_, w in writers)
     with ByteProgress(total, f"make-tiny {size}", enabled=progress) as bar:
-        for comp, specs, norms, writer in writers:
+        for comp, specs, norms, stds, writer in writers:
             shapes = {name: (dtype, shape) for name, dtype, shape in specs}
             pending = set(writer.pending())
             for i, shard in enumerate(writer.shards):
                 if i not in pending:
                     bar.update(sum(_nbytes(dt, sh) for _, dt, sh in shard))
 
-            def produce(name, shapes=shapes, norms=norms):
+            def produce(name, shapes=shapes, norms=norms, stds=stds):
                 dtype, shape = shapes[name]
-                return random_tensor(name, shape, dtype, seed=seed, is_norm=name in norms)
+                return random_tensor(name, shape, dtype, seed=seed, is_norm=name in norms,
+                                     std=stds.get(name, DEFAULT_STD))
 
             writer.write(produce, on_tensor=lambda name, n: bar.update(n))
     return folder.commit({"source": {"make-tiny": {"size": size, "seed": seed}}})

@@ -36,12 +36,12 @@ class StageProgress:
         self.enabled = enabled and sys.stderr.isatty()
         self._bar = None
 
-    def stage(self, name: str, total: int | None = None) -> None:
+    def stage(self, name: str, total: int | None = None, unit: str = "step") -> None:
         self.close()
         if self.enabled:
             from tqdm import tqdm
 
-            self._bar = tqdm(total=total, desc=name, unit="step" if total else "", leave=False, dynamic_ncols=True)
+            self._bar = tqdm(total=total, desc=name, unit=unit if total else "", leave=False, dynamic_ncols=True)
 
     def step(self) -> None:
         if self._bar is not None:

@@ -58,6 +58,29 @@ def assert_one_line_error(err: Exception, *needles: str) -> None:
         assert needle in msg, (needle, msg)
 
 
+def tiny_ar(vision_vocab_size: int | None = None, seed: int = 0):
+    """The tiny GLM-Image AR (``GlmImageForConditionalGeneration``, CPU, fp32) with every parameter random, norms
+    and biases included, so every path carries signal."""
+    import torch
+
+    from glmq.io.layout import BY_NAME
+    from glmq.models.build import build_model
+    from glmq.models.configs import component_config
+
+    cfg = component_config("vision_language_encoder", "tiny")
+    if vision_vocab_size is not None:
+        cfg["text_config"]["vision_vocab_size"] = vision_vocab_size
+    model = build_model(BY_NAME["vision_language_encoder"], cfg, device="cpu").eval()
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.copy_(1 + 0.1 * torch.randn(p.shape, generator=gen))
+            else:
+                p.copy_(0.05 * torch.randn(p.shape, generator=gen))
+    return model
+
+
 def format_variants() -> list:
     """Every registered quantization format, int4 at each group size and symmetry: the contract suite."""
     from glmq.quant.formats import FORMATS, Int4Format
@@ -90,3 +113,93 @@ def run_cli_inprocess(*args: str) -> subprocess.CompletedProcess:
         except SystemExit as e:  # argparse usage errors and --help
             code = e.code if isinstance(e.code, int) else 2
     return subprocess.CompletedProcess(["glmq", *args], code, out.getvalue(), err.getvalue())
+
+
+# -- glmq serve ------------------------------------------------------------------------------------------------
+
+def start_server(*args: str, env: dict | None = None, timeout: float = 120):
+    """Start ``glmq serve ARGS --port 0`` in a fresh interpreter; returns ``(process, base URL)`` once it listens.
+
+    The process's stderr goes to a temporary file (``process.stderr_path``) so a chatty server never blocks on
+    a full pipe; its stdout is read for the "listening on" line. The caller ends it (``process.terminate()``)."""
+    import re
+    import tempfile
+    import time
+
+    err = tempfile.NamedTemporaryFile(prefix="glmq-serve-", suffix=".stderr", delete=False)
+    proc = subprocess.Popen([sys.executable, "-m", "glmq", "serve", *args, "--port", "0"], stdout=subprocess.PIPE,
+                            stderr=err, text=True, env={**os.environ, **(env or {})})
+    proc.stderr_path = err.name
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        line = proc.stdout.readline()
+        if not line:
+            break
+        found = re.search(r"listening on (http://\S+)", line)
+        if found:
+            return proc, found.group(1)
+    proc.kill()
+    proc.wait()
+    raise AssertionError(f"glmq serve did not start: {Path(err.name).read_text()[-3000:]}")
+
+
+def http(method: str, url: str, body: bytes | dict | None = None, headers: dict | None = None,
+         timeout: float = 120) -> tuple[int, dict | str, dict]:
+    """One HTTP request with the standard library: ``(status, JSON body or text, headers)``; a dict ``body`` is
+    sent as JSON."""
+    import json
+    import urllib.error
+    import urllib.request
+
+    headers = dict(headers or {})
+    if isinstance(body, dict):
+        body = json.dumps(body).encode()
+        headers.setdefault("Content-Type", "application/json")
+    request = urllib.request.Request(url, data=body, method=method, headers=headers)
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            status, raw, got = response.status, response.read(), dict(response.headers)
+    except urllib.error.HTTPError as e:
+        status, raw, got = e.code, e.read(), dict(e.headers)
+    text = raw.decode("utf-8", "replace")
+    try:
+        return status, json.loads(text), got
+    except ValueError:
+        return status, text, got
+
+
+def multipart(fields: dict[str, str] | list[tuple[str, str]], files: list[tuple[str, str, bytes]]
+              ) -> tuple[bytes, dict]:
+    """A multipart/form-data body and its Content-Type header from text ``fields`` (a dict, or pairs to repeat
+    a name) and ``(part name, file name, bytes)`` files."""
+    import uuid
+
+    boundary = uuid.uuid4().hex
+    parts = []
+    for name, value in (fields.items() if isinstance(fields, dict) else fields):
+        parts.append(f'--{boundary}\r\nContent-Disposition: form-data; name="{name}"\r\n\r\n{value}\r\n'.encode())
+    for name, filename, data in files:
+        parts.append(f'--{boundary}\r\nContent-Disposition: form-data; name="{name}"; filename="{filename}"\r\n'
+                     f"Content-Type: application/octet-stream\r\n\r\n".encode() + data + b"\r\n")
+    parts.append(f"--{boundary}--\r\n".encode())
+    return b"".join(parts), {"Content-Type": f"multipart/form-data; boundary={boundary}"}
+
+
+def post_together(url: str, bodies: list[dict], timeout: float = 300) -> list[tuple]:
+    """POST each JSON body to ``url`` from its own thread, all released at the same moment (a barrier); the
+    answers of :func:`http`, in the order of ``bodies``."""
+    import threading
+
+    answers: list = [None] * len(bodies)
+    start = threading.Barrier(len(bodies))
+
+    def client(i):
+        start.wait()
+        answers[i] = http("POST", url, bodies[i], timeout=timeout)
+
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(len(bodies))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return answers

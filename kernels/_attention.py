@@ -227,6 +227,24 @@ _FORCE_CONFIG: tuple | None = None
 _INTERPRET_FLOAT_CONFIG = (16, 16, 4, 1, False)
 
 
+def tuned_configs() -> list[tuple[tuple, tuple]]:
+    """This process's autotuning choices as ``(key, config)`` pairs: what a persistent cache saves."""
+    return list(_TUNED.items())
+
+
+def adopt_tuned_configs(pairs) -> int:
+    """Take earlier choices (from a persistent cache) for keys not tuned in this process; a config that is not
+    among today's candidates is skipped. Returns how many were adopted."""
+    known = {c for group in _CANDIDATES.values() for c in group}
+    known |= {c[:4] + (False,) for c in known}
+    adopted = 0
+    for key, cfg in pairs:
+        if key not in _TUNED and tuple(cfg) in known:
+            _TUNED[key] = tuple(cfg)
+            adopted += 1
+    return adopted
+
+
 def _autotune_enabled() -> bool:
     return os.environ.get("GLMQ_ATTN_AUTOTUNE", "1") != "0"
 

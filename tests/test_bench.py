@@ -16,8 +16,9 @@ STAGE_FIELDS = {"ar_s", "ar_ms_per_token", "glyph_s", "dit_s", "dit_ms_per_step"
 
 def test_bench_on_cpu_writes_json_markdown_and_png(tiny_dir, tmp_path):
     out = tmp_path / "bench"
+    # Guidance 2.5, not the default 1.5: a label that says 1.5 whatever ran cannot pass.
     proc = run_cli_inprocess("bench", str(tiny_dir), "--out", str(out), "--size", "64x64", "--steps", "2",
-                             "--recipe", "default", "--baseline", "--tiers", "0.5,80", "--json")
+                             "--recipe", "default", "--baseline", "--tiers", "0.5,80", "--guidance", "2.5", "--json")
     assert proc.returncode == 0, proc.stderr
     result = json.loads((out / "bench.json").read_text())
     assert json.loads(proc.stdout) == result
@@ -44,16 +45,18 @@ def test_bench_on_cpu_writes_json_markdown_and_png(tiny_dir, tmp_path):
     # What ran, read from the run, and figures that agree with each other.
     assert result["consistency_problems"] == [], result["consistency_problems"]
     for row in (stock, big_tier, edit1, edit2):
-        assert row["ran"]["steps"] == 2 and row["ran"]["guidance"] == 1.5 and row["ran"]["size"] == "64x64", row
+        assert row["ran"]["steps"] == 2 and row["ran"]["guidance"] == 2.5 and row["ran"]["size"] == "64x64", row
     assert big_tier["ran"]["ar_tokens"] == 261 and edit1["ran"]["ar_tokens"] < 261  # an edit fills only the target
+    assert big_tier["ran"]["dit_attention"] == "sdpa" and big_tier["ran"]["mode"] == "resident"  # CPU: upstream SDPA
     # Where it came from: commit and command.
     assert env["command"] == f"glmq bench {tiny_dir} --out {out} --size 64x64 --steps 2 --recipe default " \
-                             "--baseline --tiers 0.5,80 --json"
+                             "--baseline --tiers 0.5,80 --guidance 2.5 --json"
     assert "git_commit" in env and "git_dirty" in env
     with Image.open(out / "bench.png") as img:
         img.verify()
     md = (out / "bench.md").read_text()
     assert "does not fit" in md and "stock diffusers bf16" in md and "edit, 2 references" in md
+    assert "ran 2 steps, guidance 2.5 (read from each run)" in md
     assert "same seed: 100.0% of AR tokens equal, max pixel diff 0" in md
 
 
@@ -124,3 +127,24 @@ def test_consistency_check_catches_figures_that_disagree(fault, needle):
     problems = check_consistency(result)
     print(problems)
     assert any(needle in p for p in problems), problems
+
+
+def test_markdown_says_what_ran_and_flags_figures_that_disagree():
+    """The steps and guidance in bench.md are the runs' own (not the configuration's label), and a result
+    whose figures disagree says so above its table."""
+    from glmq.bench.report import check_consistency, markdown
+
+    result = _consistent_result()
+    result["config"].update(model="full-random", images=1, prompt="p", guidance=1.5, steps=50)
+    result["environment"] = {"card": "test card", "date": "today", "torch": "t", "transformers": "t",
+                             "diffusers": "d", "glmq": "g"}
+    for r in result["rows"]:
+        r.update(recipe="default", mode="resident", peak_allocated_gib=1.0, peak_reserved_gib=1.0)
+    result["consistency_problems"] = check_consistency(result)
+    md = markdown(result)
+    assert "ran 50 steps, guidance 1.5 (read from each run)" in md and "disagree" not in md
+    result["rows"][0]["ran"].update(steps=25, guidance=1.0)  # a stock row with half the steps and no guidance
+    result["consistency_problems"] = check_consistency(result)
+    md = markdown(result)
+    print(md)
+    assert "ran 25, 50 steps, guidance 1, 1.5" in md and "do not trust them" in md and "ran 25 steps" in md

@@ -1,4 +1,4 @@
-"""``import glmq`` is fast and lean: no torch, no CUDA, no kernel compilation."""
+"""``import glmq`` is fast and lean: no torch, no CUDA, no kernel compilation, no web server stack."""
 
 from __future__ import annotations
 
@@ -10,7 +10,8 @@ import sys, time
 t = time.perf_counter()
 import glmq, glmq.cli, glmq.kernels
 elapsed = time.perf_counter() - t
-heavy = [m for m in ("torch", "triton", "transformers", "diffusers", "bitsandbytes") if m in sys.modules]
+heavy = [m for m in ("torch", "triton", "transformers", "diffusers", "bitsandbytes",
+                     "starlette", "uvicorn", "python_multipart") if m in sys.modules]  # the last three: glmq serve
 print(f"{elapsed:.3f}", ",".join(heavy))
 """
 

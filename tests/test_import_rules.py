@@ -5,7 +5,7 @@ quantization_config) -> io, kernels; checkpoint (validation against the configs)
 io; quant (algorithms, calibration, conversion) -> checkpoint, models, io, kernels; runtime -> quant.formats,
 quant.plan and quant.recipe (what a recipe asks for), checkpoint, models, io, kernels; export -> the same
 without the kernels; evaluate (fidelity, reports, ``glmq quantize`` with its evaluation) -> all of those;
-the CLI, bench, inspect, ComfyUI nodes and the package root on top. ``errors``, ``progress`` and
+serve (the HTTP server) -> runtime, io; the CLI, bench, inspect, ComfyUI nodes and the package root on top. ``errors``, ``progress`` and
 ``quant.metrics`` (arithmetic) may be used from anywhere; ``from glmq import __version__`` too.
 
 The test fails on any edge against these rules; there are no exceptions.
@@ -31,6 +31,7 @@ ALLOWED = {
     "runtime": RECIPES | {"checkpoint", "models", "io", "kernels"},
     "export": RECIPES | {"checkpoint", "models", "io"},
     "evaluate": {"quant", "runtime", "checkpoint", "models", "io", "kernels"},
+    "serve": {"runtime", "io"},  # it serves a pipeline the CLI (or a script) loads
 }
 
 

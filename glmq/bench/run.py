@@ -58,6 +58,11 @@ class BenchConfig:
     cuda_graph: bool = True
     attention: str = "auto"
     attention_precision: str | None = None  # DiT attention precision; None: each recipe's choice
+    # Batch sizes (glmq.bench.batch): rows of B images per call instead of the one-image and edit rows.
+    batch: tuple[int, ...] = ()
+    # Cold/cached/warm first image per recipe and tier, each in fresh processes (glmq.bench.batch); without
+    # ``batch`` it replaces the in-process rows.
+    first_image: bool = False
     # 2: after each recipe's one-GPU rows, a latency row and a throughput row on two GPUs (glmq.bench.two_gpus)
     gpus: int = 1
     throughput_images: int = 4  # images in the throughput row's timed call
@@ -397,7 +402,7 @@ def _reset_peaks(device) -> None:
 def ran_dict(t) -> dict:
     """What a glmq call ran, as the pipeline recorded it (:class:`~glmq.runtime.pipeline.StageTimes`)."""
     return {"steps": t.dit_steps, "guidance": t.extra.get("guidance_scale"), "size": t.extra.get("size"),
-            "mode": t.extra.get("mode"), "ar_tokens": t.ar_tokens}
+            "mode": t.extra.get("mode"), "ar_tokens": t.ar_tokens, "dit_attention": t.extra.get("dit_attention")}
 
 
 def stage_dict(t) -> dict:
@@ -465,10 +470,12 @@ def run_bench(cfg: BenchConfig, out: Path) -> dict:
         from glmq.bench.two_gpus import check_two_gpus
 
         check_two_gpus(cfg, device)
+    first_image: list[dict] = []
     pieces = _offline_pieces()
     tmp = None
+    in_process = cfg.batch or not cfg.first_image
     try:
-        for size in cfg.sizes:
+        for size in cfg.sizes if in_process else ():
             if cfg.baseline:
                 _log(f"baseline {size}: building bf16 components")
                 comps = _load_or_build(cfg, device, pieces)
@@ -509,6 +516,13 @@ def run_bench(cfg: BenchConfig, out: Path) -> dict:
                         row["mode"] = pipe.mode
                         row["dit_attention"] = pipe.attention_precision
                         _log(f"{recipe} tier {tier}: mode {pipe.mode}, generating")
+                        if cfg.batch:
+                            from glmq.bench.batch import run_batches
+
+                            rows.extend(run_batches(pipe, cfg, size, device, tier, recipe))
+                            write_outputs(_result(env, cfg, tiers, rows), out)
+                            row = None
+                            continue
                         warm_steps = min(cfg.steps, cfg.warmup_steps or cfg.steps) if cfg.warmup else None
                         seconds, stages, checks, last = _warm_then_timed(pipe, cfg, size, device, prompt=cfg.prompt,
                                                                          warm_steps=warm_steps)
@@ -550,15 +564,21 @@ def run_bench(cfg: BenchConfig, out: Path) -> dict:
                     for row in two_gpu_rows(cfg, size, recipe, device, one_gpu):
                         rows.append(row)
                         write_outputs(_result(env, cfg, tiers, rows), out)
+        if cfg.first_image:
+            from glmq.bench.batch import first_image_rows
+
+            for size in cfg.sizes:
+                first_image.extend(first_image_rows(cfg, tiers, size, device))
+                write_outputs(_result(env, cfg, tiers, rows, first_image), out)
     finally:
         if tmp is not None:
             tmp.cleanup()
-    result = _result(env, cfg, tiers, rows)
+    result = _result(env, cfg, tiers, rows, first_image)
     write_outputs(result, out)
     return result
 
 
-def _result(env: dict, cfg: BenchConfig, tiers, rows: list[dict]) -> dict:
+def _result(env: dict, cfg: BenchConfig, tiers, rows: list[dict], first_image: list[dict] | None = None) -> dict:
     from glmq.bench.report import add_speedups, check_consistency
 
     add_speedups(rows)
@@ -567,8 +587,11 @@ def _result(env: dict, cfg: BenchConfig, tiers, rows: list[dict]) -> dict:
                                            "sizes": [f"{w}x{h}" for w, h in cfg.sizes], "steps": cfg.steps,
                                            "guidance": cfg.guidance,
                                            "warmup_steps": cfg.warmup_steps or cfg.steps, "images": cfg.images,
-                                           "prompt": cfg.prompt, "seed": cfg.seed, "gpus": cfg.gpus},
+                                           "prompt": cfg.prompt, "seed": cfg.seed, "batch": list(cfg.batch),
+                                           "compile": cfg.compile, "gpus": cfg.gpus},
             "rows": rows}
+    if first_image:
+        result["first_image"] = first_image
     result["consistency_problems"] = check_consistency(result)
     return result
 

@@ -1,7 +1,9 @@
 """Model-level fidelity of a quantized GLM-Image checkpoint against its bf16 source.
 
-Quantized layers are evaluated through their reference math: each stored layer is dequantized into the
-upstream module (``load_dequantized``), which is exactly what every quantized kernel is tested against.
+Quantized layers compute what the runtime computes on a GPU, through the kernels' pure-torch references
+(:func:`load_as_run`: ``QuantLinear`` modules in ``as_run_on_gpu(mode)``): W8A8 layers quantize their
+activations per token, weight-only layers multiply by the dequantized weight. Every kernel is tested
+against these references.
 
 - AR: teacher-forced logits over a full token grid (prompt + preview grid + target grid of a 1024x1024
   image; grid tokens drawn with a fixed seed), SQNR in dB and mean KL(bf16 || quantized) at the grid
@@ -37,6 +39,25 @@ def load_dequantized(cr, *, device="cpu", dtype=None):
     if torch.device(device).type != "cpu":
         cr = OnDeviceReader(cr, device)
     return load_component(cr, device=device, dtype=dtype or torch.float32, dequantize=True)
+
+
+def load_as_run(cr, *, device="cpu"):
+    """A component's upstream module on ``device`` in fp32, its quantized layers :class:`QuantLinear`
+    modules that compute what the runtime's kernels compute (:func:`~glmq.quant.formats.linear.as_run_on_gpu`:
+    ``"auto"`` becomes the kernel's pure-torch reference, which runs anywhere). Tensors are moved to the
+    device as read (see :func:`load_dequantized`)."""
+    import torch
+
+    from glmq.quant.formats.linear import QuantLinear, as_run_on_gpu
+    from glmq.runtime.loader import load_component
+
+    if torch.device(device).type != "cpu":
+        cr = OnDeviceReader(cr, device)
+    model = load_component(cr, device=device, dtype=torch.float32)
+    for mod in model.modules():
+        if isinstance(mod, QuantLinear):
+            mod.mode = as_run_on_gpu(mod.mode)
+    return model
 
 
 class OnDeviceReader:
@@ -88,7 +109,7 @@ def _eval_ar(src_r, q_r, device, seed) -> dict:
     seq, prompt_len = ar_grid_sequence(processor, ref.config, seed, device=device)
     ref_logits = ar_grid_logits(ref, seq, prompt_len)
     del ref
-    q = load_dequantized(q_r.component("vision_language_encoder"), device=device)
+    q = load_as_run(q_r.component("vision_language_encoder"), device=device)
     q_logits = ar_grid_logits(q, seq, prompt_len)
     del q
     return {"tokens": seq.shape[1] - prompt_len, **compare_logits(ref_logits, q_logits)}
@@ -132,7 +153,7 @@ def compare_logits(ref_logits, q_logits) -> dict:
 
 def _eval_dit_and_image(src, src_r, q_r, device, seed, steps):
     def components(reader):
-        return {name: load_dequantized(reader.component(name), device=device)
+        return {name: load_as_run(reader.component(name), device=device)
                 for name in ("transformer", "text_encoder", "vae")}
 
     ref = components(src_r)

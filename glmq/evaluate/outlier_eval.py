@@ -8,9 +8,11 @@ distinct layer shape a recipe rule quantizes in the *released* architecture (``g
 input channels 30x larger than the rest) and records, for the rule's algorithm and for round-to-nearest:
 
 - weight SQNR ``||W||^2 / ||W_q - W||^2``;
-- output SQNR ``||X W^T||^2 / ||X (W_q - W)^T||^2`` on held-out generated activations ``X``
-  (GPTQ's Hessian ``X^T X / n`` is built from separate calibration tokens of the same draw, so the
-  figure is not fitted to the tokens it is scored on).
+- output SQNR ``||X W^T||^2 / ||Y - X W^T||^2`` on held-out generated activations ``X``, where ``Y`` is
+  the layer's output as the runtime computes it (:func:`glmq.quant.formats.linear.runtime_output`: W8A8
+  rules quantize ``X`` per token, as their kernels do; the outlier channels make this the larger error);
+  GPTQ's Hessian ``X^T X / n`` is built from separate calibration tokens of the same draw, so the figure
+  is not fitted to the tokens it is scored on, and RTN is scored on the same held-out tokens.
 
 Bounded cost (about a minute for the shipped recipes on 2 CPU cores; ``seconds`` in the result):
 
@@ -100,6 +102,8 @@ def _evaluate(recipe, size, seed, max_rows, max_gptq_cols, calib_tokens, eval_to
     from glmq.quant.algorithms import get_algorithm
     from glmq.quant.formats import get_format
     from glmq.evaluate.outliers import make_outlier_layer
+    from glmq.quant.formats.linear import as_run_on_gpu
+    from glmq.quant.plan import runtime_mode
 
     start = time.perf_counter()
     entries = released_shapes(recipe, size)
@@ -117,6 +121,7 @@ def _evaluate(recipe, size, seed, max_rows, max_gptq_cols, calib_tokens, eval_to
             t0 = time.perf_counter()
             rule = recipe.rules[e["rule"]]
             fmt = get_format(rule.format, **rule.params)
+            mode = runtime_mode(fmt, rule.activations)
             algo = get_algorithm(rule.algorithm, **rule.algorithm_params)
             row = {
                 "component": e["component"],
@@ -128,9 +133,11 @@ def _evaluate(recipe, size, seed, max_rows, max_gptq_cols, calib_tokens, eval_to
                 "format": rule.format,
                 "format_params": dict(rule.params),
                 "algorithm": rule.algorithm,
+                "runtime_mode": as_run_on_gpu(mode),
+                "activations_quantized": bool(fmt.kernel_quantizes_activations and mode == "auto"),
                 "outlier_channels": layer.outlier_channels.tolist(),
             }
-            full = _score(fmt, rtn, w, None, x_eval)
+            full = _score(fmt, rtn, w, None, x_eval, mode)
             row["rtn_full"] = full
             if algo.name == "rtn":
                 row["evaluated"] = {"rows": n, "cols": k, "selection": "whole layer"}
@@ -140,8 +147,8 @@ def _evaluate(recipe, size, seed, max_rows, max_gptq_cols, calib_tokens, eval_to
                 sel, cols, how = _subset(n, k, fmt, algo, max_rows, max_gptq_cols, seed)
                 ws, xc, xe = w[sel][:, :cols], x_cal[:, :cols], x_eval[:, :cols]
                 h = (xc.double().T @ xc.double() / xc.shape[0]).float() if algo.needs_hessian else None
-                got = _score(fmt, algo, ws, h, xe)
-                base = _score(fmt, rtn, ws, None, xe)
+                got = _score(fmt, algo, ws, h, xe, mode)
+                base = _score(fmt, rtn, ws, None, xe, mode)
                 row["evaluated"] = {"rows": int(ws.shape[0]), "cols": cols, "selection": how,
                                     "outlier_channels_in_slice": int((layer.outlier_channels < cols).sum())}
                 row["weight_sqnr_db"] = {algo.name: got["weight_sqnr_db"], "rtn": base["weight_sqnr_db"]}
@@ -193,18 +200,22 @@ def _subset(n, k, fmt, algo, max_rows, max_cols, seed):
 
 
 @torch.no_grad()
-def _score(fmt, algo, w, h, x_eval) -> dict[str, float | None]:
+def _score(fmt, algo, w, h, x_eval, mode) -> dict[str, float | None]:
     """Weight and output SQNR (dB) of ``algo`` into ``fmt`` on ``w``, in row blocks (GPTQ: one block,
-    so that its Hessian factorization runs once)."""
+    so that its Hessian factorization runs once); outputs as the runtime computes them in ``mode``."""
+    from glmq.quant.formats.linear import runtime_output
+
     n, k = w.shape
     step = n if algo.needs_hessian else max(1, _CHUNK_ELEMENTS // k)
     ws = wn = os_ = on = 0.0
     xe = x_eval.float()
     for r0 in range(0, n, step):
         ref = w[r0:r0 + step].float()
-        err = fmt.dequantize(algo.quantize_weight(fmt, ref, hessian=h), tuple(ref.shape)).sub_(ref)
+        tensors = algo.quantize_weight(fmt, ref, hessian=h)
+        err = fmt.dequantize(tensors, tuple(ref.shape)).sub_(ref)
+        y = xe @ ref.T
         ws += float(ref.double().square().sum())
         wn += float(err.double().square().sum())
-        os_ += float((xe @ ref.T).double().square().sum())
-        on += float((xe @ err.T).double().square().sum())
+        os_ += float(y.double().square().sum())
+        on += float((runtime_output(fmt, tensors, xe, mode).double() - y.double()).square().sum())
     return {"weight_sqnr_db": ratio_db(ws, wn), "output_sqnr_db": ratio_db(os_, on)}

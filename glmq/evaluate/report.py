@@ -79,17 +79,24 @@ def report_markdown(report: dict) -> str:
 
 
 def layer_outputs_note(report: dict) -> list[str]:
-    """Where the output SQNR's calibration activations came from (``glmq.quant.calibrate``)."""
+    """Which data each output SQNR comes from (``glmq.quant.calibrate``, ``glmq.quant.dit_calibrate``) and
+    how the outputs are computed."""
     lo = report.get("layer_outputs")
     if not lo:
-        return ["Output SQNR was not computed (`--no-layer-outputs`)" + (
-            "; GPTQ layers are scored on their calibration Hessian." if report["calibrated"] else ".")]
-    lines = ["Output SQNR is 10 log10(||X W^T||^2 / ||X (W_q - W)^T||^2) on calibration activations X:"]
+        return ["Output SQNR was not computed (`--no-layer-outputs`)."]
+    lines = ["Output SQNR is 10 log10(||X W^T||^2 / ||Y - X W^T||^2) on calibration activations X, where Y is the "
+             "layer's output as the runtime computes it: W8A8 layers (8-bit formats with `dynamic_per_token` "
+             "activations) quantize X per token, as their GPU kernels do (the kernels' pure-torch reference); "
+             "weight-only layers compute X W_q^T."]
     ar, dit = lo.get("vision_language_encoder"), lo.get("transformer")
     if ar:
+        held = ar.get("held_out_sequences")
         lines.append(f"- AR: {ar['sequences']} sequence(s) of {ar['sequence']} (random, teacher-forced), inputs "
-                     f"from the {ar['inputs']}; data-free layers on <= {ar['max_rows']} sampled rows, GPTQ layers "
-                     "on all rows" + (f"; vision tower on {ar['vision_tower']}." if ar.get("vision_tower") else "."))
+                     f"from the {ar['inputs']}; data-free layers on <= {ar['max_rows']} rows sampled from them"
+                     + (f"; GPTQ layers, and RTN beside them, on <= {ar['max_rows']} rows of {held} held-out "
+                        "sequence(s) (other prompts and grid tokens, never in the Hessians GPTQ fitted)"
+                        if held else "")
+                     + (f"; vision tower on {ar['vision_tower']}." if ar.get("vision_tower") else "."))
     if dit:
         lines.append(f"- DiT: {dit['samples']} samples of {dit['size_px']}x{dit['size_px']} px (random latents, "
                      f"prior tokens and {dit['glyph']}; half without prior), timesteps "
@@ -123,7 +130,9 @@ def outlier_markdown(oe: dict | None) -> list[str]:
              f"Each layer shape this recipe quantizes in the released architecture, drawn by `{oe['generator']}` "
              f"(seed {oe['seed']}, {p['n_outlier_channels']} outlier input channels x{p['outlier_scale']:g}, "
              f"activation rank {p['rank']}, weight tail {p['tail']}). Output SQNR is on {oe['eval_tokens']} "
-             f"held-out tokens; GPTQ's Hessian comes from {oe['calib_tokens']} other tokens. HQQ/GPTQ are "
+             f"held-out tokens, for every algorithm and for RTN beside it; GPTQ's Hessian comes from "
+             f"{oe['calib_tokens']} other tokens. Outputs are computed as the runtime does: W8A8 rows quantize "
+             "the activations per token (the kernels' pure-torch reference). HQQ/GPTQ are "
              "scored on the rows (and, for GPTQ, the leading columns) listed, RTN on the same slice; "
              "\"RTN whole layer\" is the full shape.", "",
              "| component | shape | layers | format | algorithm | scored on | weight SQNR | RTN | output SQNR "
@@ -133,6 +142,8 @@ def outlier_markdown(oe: dict | None) -> list[str]:
         a = r["algorithm"]
         params = ", ".join(f"{k}={v}" for k, v in r["format_params"].items())
         fmt = f"{r['format']} ({params})" if params else r["format"]
+        if r.get("activations_quantized"):
+            fmt += ", W8A8"
         full = r["rtn_full"]
         lines.append(f"| {r['component']} | {r['shape'][0]}x{r['shape'][1]} | {r['layers']} | {fmt} | {a} | "
                      f"{r['evaluated']['selection']} | {_fmt(r['weight_sqnr_db'][a])} | "

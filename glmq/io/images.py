@@ -59,6 +59,25 @@ def read_image(path: str | Path):
         raise GlmqError(f"{path}: cannot read image ({e.__class__.__name__})") from None
 
 
+def decode_image(data: bytes, what: str, *, max_pixels: int):
+    """An RGB PIL image from the bytes of an image file (an upload), or a one-line :class:`GlmqError`.
+
+    The size is read from the header and checked against ``max_pixels`` before any pixel is decoded, so a
+    small file that claims a huge image (a decompression bomb) costs nothing."""
+    import io
+
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            width, height = im.size
+            if width * height > max_pixels:
+                raise GlmqError(f"{what} is {width}x{height}, more than {max_pixels} pixels")
+            return im.convert("RGB")
+    except (OSError, UnidentifiedImageError, ValueError, Image.DecompressionBombError, EOFError) as e:
+        raise GlmqError(f"{what} is not a readable image ({e.__class__.__name__})") from None
+
+
 def save_image(image, out: Path, fmt: str | None = None) -> None:
     """Write ``image`` to ``out`` atomically."""
     fmt = fmt or image_format(out)

@@ -2,7 +2,9 @@
 
 Two jobs share one pass over the AR text decoder:
 
-- GPTQ layers get the Hessian ``X^T X / n`` of their inputs and are quantized inside the pass.
+- GPTQ layers get the Hessian ``X^T X / n`` of their inputs and are quantized inside the pass; a sample of
+  their inputs on *held-out* sequences (other prompts and grid tokens, never in the Hessian) is kept for the
+  output SQNR, so that a fitted layer is not scored on the data it was fitted to.
 - Every other planned layer (data-free algorithms: RTN, HQQ) gets a bounded, evenly spaced sample of its
   input rows ``X`` (fp32, at most ``max_rows``), so that the converter can report the *output* SQNR
   ``10 log10(||X W^T||^2 / ||X (W_q - W)^T||^2)`` of every quantized layer on calibration activations.
@@ -42,7 +44,12 @@ DEFAULT_PROMPTS = (
 )
 LAYER_PREFIX = "model.language_model.layers."
 VISION_PREFIX = "model.visual.blocks."
-MAX_ROWS = 256  # input rows kept per layer for the output SQNR of data-free layers
+# Held out from GPTQ's Hessians; their inputs score the GPTQ layers (and RTN on the same rows).
+HELD_OUT_PROMPTS = (
+    "A bowl of ramen on a wooden table, steam rising, overhead shot",
+    "A street sign that reads 'NORTH' under heavy rain at dusk",
+)
+MAX_ROWS = 256  # input rows kept per layer for the output SQNR
 DATA_FREE_TOKENS = 512  # AR tokens of the pass when no layer needs a Hessian (two sequences of 256)
 SEQUENCE_TOKENS = 256
 
@@ -70,7 +77,8 @@ class LayerCalibration:
     hessian: Any = None
     """``[K, K]`` ``X^T X / n`` over all calibration rows (GPTQ), CPU."""
     inputs: Any = None
-    """``[n, K]`` fp32 sample of the layer's input rows (``n <= max_rows``), CPU."""
+    """``[n, K]`` fp32 sample of the layer's input rows (``n <= max_rows``), CPU; for a GPTQ layer, rows of
+    the held-out sequences only."""
 
 
 class InputSampler:
@@ -195,6 +203,8 @@ class ArCalibrator:
             "sequences": len(self.prompts),
             "sequence": f"first {self.seq_tokens} tokens of prompt + {grids}" if self.seq_tokens else f"prompt + {grids}",
             "inputs": "sequentially GPTQ-quantized decoder" if self.gptq else "unquantized model",
+            # GPTQ layers: scored on sequences that are not in their Hessians
+            "held_out_sequences": len(HELD_OUT_PROMPTS) if self.gptq and self.capture else None,
             "max_rows": self.max_rows,
             "vision_tower": ("2 synthetic 256x256 images (smooth random colour fields)"
                              if any(n.startswith(VISION_PREFIX) for n in self.plans) else None),
@@ -217,7 +227,8 @@ class ArCalibrator:
         valid = min(vq, text_config.vision_vocab_size)
         gen = torch.Generator().manual_seed(self.seed)
         sequences = []
-        for prompt in self.prompts:
+        held = list(HELD_OUT_PROMPTS) if self.gptq and self.capture else []
+        for prompt in self.prompts + held:
             inputs = processor.apply_chat_template(
                 [[{"role": "user", "content": [{"type": "text", "text": prompt}]}]], tokenize=True,
                 target_h=self.target, target_w=self.target, return_dict=True, return_tensors="pt")
@@ -226,7 +237,9 @@ class ArCalibrator:
             grid_tokens = torch.randint(0, valid, (1, n_grid), generator=gen)
             seq = torch.cat([inputs["input_ids"], grid_tokens], dim=1)
             sequences.append(seq[:, :self.seq_tokens] if self.seq_tokens else seq)
-        self.tokens = sum(s.shape[1] for s in sequences)
+        self.n_fit = len(self.prompts)  # sequences[n_fit:] are held out (GPTQ only)
+        self.tokens = sum(s.shape[1] for s in sequences[:self.n_fit])
+        held_tokens = sum(s.shape[1] for s in sequences[self.n_fit:])
         # Only the embedding rows of the calibration tokens are read (the table is 1.4 GB at full size).
         ids = torch.cat([s.flatten() for s in sequences]).unique()
         rows = read_rows(self.reader, "model.language_model.embed_tokens.weight", ids.tolist()).to(self.device)
@@ -242,10 +255,13 @@ class ArCalibrator:
             self._pos.append((ids, (cos.float(), sin.float())))
         # Twice the rows finally kept, so that take() still spaces them over every sequence.
         self._sampler = InputSampler(keep=2 * self.max_rows / self.tokens, max_rows=self.max_rows)
+        self._held_sampler = InputSampler(keep=2 * self.max_rows / max(1, held_tokens), max_rows=self.max_rows)
 
-    def _captured(self, name: str) -> bool:
+    def _captured(self, name: str, *, fitted: bool = False) -> bool:
+        """Whether the inputs of ``name`` are sampled: data-free layers' (``fitted`` False) on the calibration
+        sequences, GPTQ layers' (``fitted`` True) on the held-out ones."""
         plan = self.plans.get(name)
-        return (plan is not None and self.capture and not plan.algo.needs_hessian
+        return (plan is not None and self.capture and plan.algo.needs_hessian == fitted
                 and (self.wanted is None or name in self.wanted))
 
     def result(self, name: str) -> LayerCalibration | None:
@@ -278,7 +294,7 @@ class ArCalibrator:
         materialize(layer, self.reader, prefix, self.device)
         layer.self_attn.config._attn_implementation = "sdpa"
         planned = {n[len(prefix):]: p for n, p in self.plans.items() if n.startswith(prefix)}
-        accs, hooks = {}, []
+        accs, hooks, held_hooks = {}, [], []
         for sub, plan in planned.items():
             mod = layer.get_submodule(sub)
             if plan.algo.needs_hessian:
@@ -286,9 +302,16 @@ class ArCalibrator:
                 hooks.append(accs[sub].attach(mod))
             elif self._captured(prefix + sub):
                 hooks.append(self._sampler.attach(mod, prefix + sub))
+        fit, held = list(zip(self._hidden, self._pos))[:self.n_fit], list(zip(self._hidden, self._pos))[self.n_fit:]
         with torch.no_grad():
-            outputs = [self._forward(layer, h, ids, pe) for h, (ids, pe) in zip(self._hidden, self._pos)]
+            outputs = [self._forward(layer, h, ids, pe) for h, (ids, pe) in fit]
             for hook in hooks:
+                hook.remove()
+            for sub, plan in planned.items():  # the held-out sequences reach GPTQ layers' samples only
+                if self._captured(prefix + sub, fitted=True):
+                    held_hooks.append(self._held_sampler.attach(layer.get_submodule(sub), prefix + sub))
+            outputs += [self._forward(layer, h, ids, pe) for h, (ids, pe) in held]
+            for hook in held_hooks:
                 hook.remove()
             for sub, plan in planned.items():
                 if self._captured(prefix + sub):
@@ -302,10 +325,11 @@ class ArCalibrator:
                 if self.wanted is not None and prefix + sub not in self.wanted:
                     continue  # a finished shard's layer (resume): quantized for the pass, not kept
                 self._results[prefix + sub] = LayerCalibration(
-                    tensors={k: v.cpu() for k, v in tensors.items()}, hessian=hessian.cpu())
+                    tensors={k: v.cpu() for k, v in tensors.items()}, hessian=hessian.cpu(),
+                    inputs=self._held_sampler.take(prefix + sub))
             if accs and (i + 1 < self.num_layers or self._captured("lm_head")):
                 # GPTQ changed the weights: the next layer sees the quantized layer's outputs.
-                outputs = [self._forward(layer, h, ids, pe) for h, (ids, pe) in zip(self._hidden, self._pos)]
+                outputs = [self._forward(layer, h, ids, pe) for h, (ids, pe) in fit + held]
             self._hidden = outputs
         del layer
         self.meta.model.language_model.layers[i] = self.meta.model.language_model.layers[i].to("meta")
@@ -324,7 +348,7 @@ class ArCalibrator:
         norm = self.meta.model.language_model.norm
         materialize(norm, self.reader, "model.language_model.norm.", self.device)
         with torch.no_grad():
-            for h in self._hidden:
+            for h in self._hidden[:self.n_fit]:
                 self._sampler.add("lm_head", norm(h))
         self._results["lm_head"] = LayerCalibration(inputs=self._sampler.take("lm_head"))
         self.meta.model.language_model.norm = norm.to("meta")

@@ -262,9 +262,13 @@ def _calibrators(reader, components: dict, calib_prompts, device: str, layer_out
 
 def _quantize_layer(plan: LayerPlan, w, calib, device: str) -> dict:
     """Quantize one layer (or take the tensors a calibrator computed); returns stored tensors (CPU) plus
-    ``__stats__``: weight SQNR, and output SQNR on the calibration activations when ``calib`` (a
-    :class:`~glmq.quant.calibrate.LayerCalibration` or None) has a Hessian or sampled inputs. Layers not
-    rounded to nearest also get the output SQNR RTN would reach (``rtn_output_sqnr_db``)."""
+    ``__stats__``: weight SQNR, and output SQNR on the sampled inputs of ``calib`` (a
+    :class:`~glmq.quant.calibrate.LayerCalibration` or None) when it has them. Layers not rounded to
+    nearest also get the output SQNR RTN reaches on the same inputs (``rtn_output_sqnr_db``).
+
+    Outputs are computed as the runtime computes them (:func:`~glmq.quant.formats.linear.runtime_output`):
+    a W8A8 layer's activations are quantized per token, as its GPU kernel does. For calibrated (GPTQ)
+    layers the inputs are held out: they never entered the Hessian the weights were fitted to."""
     import torch
 
     from glmq.quant.algorithms import get_algorithm
@@ -274,8 +278,8 @@ def _quantize_layer(plan: LayerPlan, w, calib, device: str) -> dict:
     hessian = calib.hessian if calib is not None else None
     x = calib.inputs.to(device) if calib is not None and calib.inputs is not None else None
     wd = w.to(device)
+    rows = max(1, _CHUNK_ELEMENTS // plan.shape[1])
     if tensors is None:
-        rows = max(1, _CHUNK_ELEMENTS // plan.shape[1])
         h = hessian.to(device) if hessian is not None else None
         parts = []
         try:
@@ -295,53 +299,37 @@ def _quantize_layer(plan: LayerPlan, w, calib, device: str) -> dict:
         "output_sqnr_db": None,
     }
     rtn = get_algorithm("rtn") if plan.algo.name != "rtn" else None
-    if hessian is None:
-        # Over row blocks: sums of squares of the weight and its quantization error, and (with sampled
-        # inputs X) of X W^T, X E^T and, for other algorithms, of RTN's X E^T.
-        signal = noise = out_signal = out_noise = rtn_noise = 0.0
-        rows = max(1, _CHUNK_ELEMENTS // plan.shape[1])
-        for start in range(0, plan.shape[0], rows):
-            part = {k: v[start:start + rows].to(device) for k, v in tensors.items()}
-            ref = wd[start:start + rows].float()
-            err = plan.fmt.dequantize(part, tuple(ref.shape)).sub_(ref)
-            signal += float(ref.square().sum())
-            noise += float(err.square().sum())
-            if x is not None:
-                out_signal += float((x @ ref.T).double().square().sum())
-                out_noise += float((x @ err.T).double().square().sum())
-                if rtn is not None:
-                    r = plan.fmt.dequantize(rtn.quantize_weight(plan.fmt, wd[start:start + rows]), tuple(ref.shape))
-                    rtn_noise += float((x @ r.sub_(ref).T).double().square().sum())
-        stats["weight_sqnr_db"] = ratio_db(signal, noise)
+    # Over row blocks: sums of squares of the weight and its quantization error, and (with sampled inputs X)
+    # of X W^T and of the runtime's output error, for the layer and (other algorithms) for RTN's.
+    signal = noise = out_signal = out_noise = rtn_noise = 0.0
+    for start in range(0, plan.shape[0], rows):
+        part = {k: v[start:start + rows].to(device) for k, v in tensors.items()}
+        ref = wd[start:start + rows].float()
+        err = plan.fmt.dequantize(part, tuple(ref.shape)).sub_(ref)
+        signal += float(ref.double().square().sum())
+        noise += float(err.double().square().sum())
         if x is not None:
-            stats["output_sqnr_db"] = ratio_db(out_signal, out_noise)
+            y = x @ ref.T
+            out_signal += float(y.double().square().sum())
+            out_noise += float(_runtime_error(plan, part, x, y).square().sum())
             if rtn is not None:
-                stats["rtn_output_sqnr_db"] = ratio_db(out_signal, rtn_noise)
-    else:
-        # Calibrated layers (the AR decoder's, at most 27392 x 4096) are scored on all calibration rows.
-        tensors = {k: v.to(device) for k, v in tensors.items()}
-        ref = wd.float()
-        err = plan.fmt.dequantize(tensors, plan.shape).sub_(ref)
-        stats["weight_sqnr_db"] = ratio_db(float(ref.square().sum()), float(err.square().sum()))
-        h = hessian.to(device).double()
-        stats["output_sqnr_db"] = _output_sqnr(ref, err, h)
-        if rtn is not None:  # what calibration bought: the same layer rounded to nearest
-            q = rtn.quantize_weight(plan.fmt, wd)
-            stats["rtn_output_sqnr_db"] = _output_sqnr(ref, plan.fmt.dequantize(q, plan.shape).sub_(ref), h)
+                r = rtn.quantize_weight(plan.fmt, wd[start:start + rows])
+                rtn_noise += float(_runtime_error(plan, r, x, y).square().sum())
+    stats["weight_sqnr_db"] = ratio_db(signal, noise)
+    if x is not None:
+        stats["output_sqnr_db"] = ratio_db(out_signal, out_noise)
+        if rtn is not None:
+            stats["rtn_output_sqnr_db"] = ratio_db(out_signal, rtn_noise)
     out = {k: v.cpu() for k, v in tensors.items()}
     out["__stats__"] = stats
     return out
 
 
-def _output_sqnr(ref, err, h) -> float | None:
-    """SQNR of X W^T against X W_q^T given H = X^T X / n and the error E = W_q - W:
-    ||X W^T||^2 = n tr(W H W^T), and the same for E."""
-    from glmq.quant.metrics import ratio_db
+def _runtime_error(plan: LayerPlan, tensors: dict, x, y):
+    """The runtime's output for inputs ``x`` minus the exact ``y = x W^T`` (float64)."""
+    from glmq.quant.formats.linear import runtime_output
 
-    err = err.double()
-    num = float((ref.double() @ h * ref.double()).sum())
-    den = float((err @ h * err).sum())
-    return ratio_db(num, den)
+    return runtime_output(plan.fmt, tensors, x, plan.mode).double() - y.double()
 
 
 def _build_report(rec: Recipe, components: dict, layers: dict[str, dict], *, calibrated: bool,

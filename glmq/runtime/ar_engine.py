@@ -4,7 +4,7 @@ Stock ``generate`` spends ~83 ms per token on an H100 (1281 tokens at 1024x1024)
 Python and kernel-launch overhead around a dynamic KV cache. This engine keeps the upstream modules and
 owns only the loop around them:
 
-- a static KV cache ``[layers, B, kv_heads, max_len, head_dim]`` written in place;
+- a static KV cache ``[layers, B, kv_heads, max_len, head_dim]`` written in place, one row per sequence;
 - one prefill through the upstream decoder layers, then a per-token step that calls the same layers
   (embedding, M-RoPE rotary module, ``GlmImageTextDecoderLayer``, final norm, ``lm_head``) and samples on
   the device; on CUDA that step is captured once in a CUDA graph and replayed, with no host sync per token;
@@ -28,6 +28,12 @@ Attention contract. Every decoder layer receives, besides the upstream arguments
 
 A decode kernel may ignore the dense mask and use ``kv_len`` (and ``key_padding_mask``) instead.
 
+Batches. ``generate`` takes one left-padded batch that shares one grid plan, as HF ``generate`` does.
+``generate_batch`` decodes independent sequences together (B = 1..``max_batch``): each request is prefilled
+on its own (exactly the computation of a request made alone), then one decode step serves every row, each
+with its own prompt length and cache slots, M-RoPE positions, grids and grid mask, sampling noise (its own
+generator), temperature and top-p, and stopping point. The weights are read once per step for all rows.
+
 Optionally (``compile=True``) the step goes through ``torch.compile`` before capture, which fuses the many
 small elementwise kernels of the upstream layers.
 """
@@ -37,11 +43,13 @@ from __future__ import annotations
 import contextlib
 import inspect
 import warnings
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import torch
 
+from glmq.runtime.ar_plan import GridPlan, insert_image_tokens, rope_positions
+from glmq.runtime.ar_plan import prior_tokens_from_generated  # noqa: F401  (public name, re-exported)
+from glmq.runtime.ar_state import ArRequest, BatchState, RowSpec, StaticKVCache, StepKey  # noqa: F401  (re-exported)
 from glmq.runtime.sampling import sample_tokens
 
 if TYPE_CHECKING:
@@ -51,172 +59,7 @@ _CACHE_ROUND = 128  # cache lengths are rounded up so nearby requests share one 
 
 
 # ---------------------------------------------------------------------------------------------------------
-# What is generated
-
-
-@dataclass(frozen=True)
-class GridPlan:
-    """The token layout of one generation: the grids the AR fills, in generation order, then one more token.
-
-    Text-to-image generates the preview grid first, then the target grid (``grids = ((16, 16), (32, 32))``
-    at 1024x1024: 256 + 1024 grid tokens + EOS = 1281). Image-to-image generates only the target grid.
-    """
-
-    grids: tuple[tuple[int, int], ...]
-
-    @property
-    def grid_tokens(self) -> tuple[int, ...]:
-        return tuple(h * w for h, w in self.grids)
-
-    @property
-    def num_grid_tokens(self) -> int:
-        return sum(self.grid_tokens)
-
-    @property
-    def max_new_tokens(self) -> int:
-        """Grid tokens plus the final EOS (what the diffusers pipeline passes to ``generate``)."""
-        return self.num_grid_tokens + 1
-
-    @property
-    def target_slice(self) -> slice:
-        """Where the full-resolution target grid (the last one generated) sits in the generated tokens."""
-        start = self.num_grid_tokens - self.grid_tokens[-1]
-        return slice(start, self.num_grid_tokens)
-
-    @classmethod
-    def from_grids(cls, image_grid_thw: torch.Tensor | Sequence[Sequence[int]], num_source_images: int) -> GridPlan:
-        """Plan for one sample from its ``image_grid_thw`` rows (processor order: sources, then targets).
-
-        Mirrors ``GlmImageModel.get_rope_index``: the grids not matched by a complete image in the prompt
-        are decoded, last row first (text-to-image: ``[target, preview]`` rows -> preview, then target).
-        """
-        rows = [tuple(int(x) for x in r) for r in (image_grid_thw.tolist() if torch.is_tensor(image_grid_thw)
-                                                   else image_grid_thw)]
-        n_decode = max(len(rows) - int(num_source_images), 0)
-        if n_decode == 0:
-            raise ValueError(f"no grid left to generate: {len(rows)} grids, {num_source_images} source images")
-        return cls(tuple((rows[-i][1], rows[-i][2]) for i in range(1, n_decode + 1)))
-
-    @classmethod
-    def for_image(cls, height: int, width: int, *, is_text_to_image: bool = True) -> GridPlan:
-        """Plan for a ``height`` x ``width`` image, with the grid sizes ``GlmImageProcessor`` prompts for.
-
-        The target grid is 1/32 of the image; the text-to-image preview keeps ~256 tokens at the same
-        aspect ratio: ``prev_h = int(sqrt(h / w) * 16)``.
-        """
-        token_h, token_w = height // 32, width // 32
-        if token_h < 1 or token_w < 1:
-            raise ValueError(f"image {height}x{width} is smaller than one 32x32 token")
-        ratio = token_h / token_w
-        target = (token_h, token_w)
-        if not is_text_to_image:
-            return cls((target,))
-        preview = (int(ratio**0.5 * 16), int((1 / ratio) ** 0.5 * 16))
-        return cls((preview, target))
-
-
-def prior_tokens_from_generated(
-    tokens: torch.Tensor, grids: torch.Tensor | Sequence[Sequence[int]], is_text_to_image: bool
-) -> torch.Tensor:
-    """The DiT's prior ids from generated tokens: the target grid, upsampled 2x (nearest).
-
-    Same result as diffusers' ``GlmImagePipeline._extract_large_image_tokens`` + ``_upsample_token_ids``.
-
-    Args:
-        tokens: long [B, N] generated tokens only (the engine's output; no prompt).
-        grids: ``image_grid_thw`` rows of one sample (processor order: sources, then targets).
-        is_text_to_image: True when the prompt has no reference images.
-
-    Returns:
-        long [B, 4 * h * w] for a target grid of h x w.
-    """
-    rows = [tuple(int(x) for x in r) for r in (grids.tolist() if torch.is_tensor(grids) else grids)]
-    if is_text_to_image:
-        offset = sum(t * h * w for t, h, w in rows[1:])
-        _, h, w = rows[0]
-    else:
-        offset = 0
-        _, h, w = rows[-1]
-    if tokens.shape[-1] < offset + h * w:
-        raise ValueError(f"tokens: need at least {offset + h * w} generated tokens, got {tokens.shape[-1]}")
-    grid = tokens[:, offset : offset + h * w].reshape(-1, h, w)
-    return grid.repeat_interleave(2, dim=1).repeat_interleave(2, dim=2).reshape(tokens.shape[0], -1).long()
-
-
-# ---------------------------------------------------------------------------------------------------------
-# The static cache
-
-
-class StaticKVCache:
-    """Keys and values of every decoder layer: per layer ``[B, kv_heads, max_len, head_dim]``, preallocated.
-
-    Duck-types the one method of ``transformers.Cache`` the decoder layers call, ``update``. The engine sets
-    ``write_pos`` (long ``[q]``, on the device) before each forward: the slots the ``q`` new tokens go to.
-    One tensor per layer (not views of one block) and an ``index_put_`` write keep ``torch.compile`` from
-    copying the cache: it sees independent inputs mutated in place, the pattern it re-inplaces.
-    Batches smaller than the allocation use the leading rows.
-    """
-
-    is_compileable = True
-
-    def __init__(self, num_layers: int, batch: int, kv_heads: int, max_len: int, head_dim: int, *,
-                 dtype: torch.dtype, device: torch.device):
-        shape = (batch, kv_heads, max_len, head_dim)
-        self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
-        self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
-        self.max_len = max_len
-        self.write_pos: torch.Tensor | None = None
-
-    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
-        keys, values = self.keys[layer_idx], self.values[layer_idx]
-        b = key_states.shape[0]
-        if b != keys.shape[0]:
-            keys, values = keys[:b], values[:b]
-        keys[:, :, self.write_pos] = key_states
-        values[:, :, self.write_pos] = value_states
-        return keys, values
-
-    def reset(self) -> None:
-        # Stale values in unwritten slots are masked, but 0 * NaN is NaN in a masked softmax @ V: clear them.
-        for t in (*self.keys, *self.values):
-            t.zero_()
-
-
-# ---------------------------------------------------------------------------------------------------------
 # The engine
-
-
-@dataclass(frozen=True)
-class _StepKey:
-    """Everything a captured decode step bakes in (one CUDA graph per distinct key)."""
-
-    batch: int
-    greedy: bool
-    top_k: int | None
-    padded: bool
-    additive_mask: bool
-    output_logits: bool
-
-
-class _State:
-    """Static device buffers of one batch size; a CUDA graph reads and writes only these."""
-
-    def __init__(self, batch: int, max_len: int, vocab: int, device: torch.device):
-        long = dict(dtype=torch.long, device=device)
-        self.batch = batch
-        self.tok = torch.zeros(batch, 1, **long)  # the token fed at the next step
-        self.step = torch.zeros(1, **long)  # index j of that token among the generated ones
-        self.prompt_len = torch.zeros(1, **long)
-        self.pos_table = torch.zeros(3, batch, max_len, **long)  # M-RoPE position of generated token j
-        self.limits = torch.full((max_len + 1,), vocab, **long)  # ids < limits[k] allowed for token k
-        self.uniform = torch.full((max_len + 1, batch), 0.5, dtype=torch.float32, device=device)
-        self.key_ok = torch.ones(batch, max_len, dtype=torch.bool, device=device)  # False at left padding
-        self.out = torch.zeros(batch, max_len + 1, **long)
-        self.finished = torch.zeros(batch, dtype=torch.bool, device=device)
-        self.temperature = torch.ones(1, dtype=torch.float32, device=device)
-        self.top_p = torch.ones(1, dtype=torch.float32, device=device)
-        self.logits: torch.Tensor | None = None  # [B, max_len + 1, V] float32, only when asked for
-        self.graphs: dict[_StepKey, Any] = {}
 
 
 def _out_features(linear: torch.nn.Module) -> int:
@@ -231,7 +74,8 @@ class ArEngine:
         model: a ``GlmImageForConditionalGeneration`` in eval mode (any dtype; its linear and attention
             modules may be swapped). Only the text decoder, ``lm_head`` and, for image-to-image, the vision
             tower and VQ are used.
-        max_batch: the largest batch ``generate`` will be called with (the cache is allocated for it).
+        max_batch: the largest batch ``generate`` or ``generate_batch`` will be called with (the cache is
+            allocated for it; :meth:`reserve` grows it).
         max_cache_len: cache slots (prompt + new tokens). ``None``: sized by the first request (rounded up
             to 128) and regrown when a later request needs more.
         device: where the decode runs; default the embedding's device.
@@ -282,7 +126,7 @@ class ArEngine:
         params = inspect.signature(self.text.layers[0].forward).parameters
         self._cache_arg = "cache" if "cache" in params or "past_key_values" not in params else "past_key_values"
         self._cache: StaticKVCache | None = None
-        self._states: dict[int, _State] = {}
+        self._states: dict[int, BatchState] = {}
         if max_cache_len is not None:
             self._ensure_cache(int(max_cache_len))
 
@@ -326,7 +170,8 @@ class ArEngine:
         """Generate like ``model.generate(**processor_inputs, max_new_tokens=..., do_sample=True)``.
 
         Args:
-            input_ids: long [B, L] prompt from ``GlmImageProcessor`` (left-padded when B > 1).
+            input_ids: long [B, L] prompt from ``GlmImageProcessor`` (left-padded when B > 1; the samples share
+                one grid plan: see :meth:`generate_batch` for independent sequences).
             image_grid_thw, attention_mask, images_per_sample, pixel_values: the processor's other outputs
                 (``pixel_values`` only for image-to-image: its reference images become VQ ids in the prompt).
             max_new_tokens: default ``grid_plan.max_new_tokens`` (grid tokens + EOS).
@@ -347,8 +192,7 @@ class ArEngine:
         if input_ids.ndim != 2:
             raise ValueError(f"input_ids must be [B, L], got shape {tuple(input_ids.shape)}")
         batch, prompt_len = input_ids.shape
-        if batch > self.max_batch:
-            raise ValueError(f"batch {batch} exceeds max_batch={self.max_batch}")
+        self._check_batch(batch)
         ids = input_ids.to(self.device)
         mask2d = attention_mask.to(self.device) if attention_mask is not None else None
         if pixel_values is not None:
@@ -357,36 +201,124 @@ class ArEngine:
         n_new = int(max_new_tokens) if max_new_tokens is not None else plan.max_new_tokens
         if n_new < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {n_new}")
-        limit = self.valid_vocab if valid_vocab is None else int(valid_vocab)
-        if not 1 <= limit <= self.vocab_size:
-            raise ValueError(f"valid_vocab must be in [1, {self.vocab_size}] (lm_head rows), got {limit}")
+        limit = self._limit(valid_vocab)
         prefill_pos, decode_pos = self._positions(ids, image_grid_thw, images_per_sample, mask2d)
-
+        rows = [RowSpec(prompt_len, n_new, plan.num_grid_tokens, decode_pos[:, b] if decode_pos is not None else None,
+                     float(temperature), float(top_p)) for b in range(batch)]
         self._ensure_cache(prompt_len + n_new)
         st = self._state(batch)
         padded = mask2d is not None and not bool(mask2d.bool().all())
-        key = _StepKey(batch, bool(greedy), int(top_k) if top_k else None, padded,
-                       self.text.config._attn_implementation == "eager", bool(output_logits))
-        if output_logits and st.logits is None:
-            st.logits = torch.zeros(batch, self._cache.max_len + 1, self.vocab_size, device=self.device)
-        with self._attention_backends():
-            graph = self._graph(st, key) if self.cuda_graph else None  # capture first: warm-up dirties buffers
-            self._load(st, prompt_len, n_new, plan, limit, decode_pos, mask2d, generator, temperature, top_p,
-                       greedy)
-            self._prefill(st, key, ids, prefill_pos)
-            if step_callback is not None:
-                step_callback(1, n_new)
-            for i in range(n_new - 1):
-                if graph is not None:
-                    graph.replay()
-                else:
-                    self._run_step(st, key)
-                if step_callback is not None:
-                    step_callback(i + 2, n_new)
-        tokens = st.out[:, :n_new].clone()
+        key = StepKey(batch, bool(greedy), int(top_k) if top_k else None, padded, self._additive(), bool(output_logits))
+        noise = None
+        if not greedy:
+            gen_device = generator.device if generator is not None else torch.device("cpu")
+            noise = torch.rand((n_new, batch), generator=generator, device=gen_device, dtype=torch.float32)
+
+        def prefill():
+            slots = torch.arange(prompt_len, device=self.device).expand(batch, prompt_len)
+            kv_len = torch.full((batch,), prompt_len, dtype=torch.int32, device=self.device)
+            logits = self._forward(key, ids, prefill_pos, slice(0, batch), st.rows, slots, kv_len, st.key_ok)
+            self._emit(st, key, logits, torch.zeros(1, dtype=torch.long, device=self.device))
+
+        n = self._run(st, key, rows, limit, noise, mask2d, prefill, step_callback)
         if output_logits:
-            return tokens, st.logits[:, :n_new].clone()
+            return st.out[:, :n].clone(), st.logits[:, :n].clone()
+        return st.out[:, :n].clone()
+
+    @torch.no_grad()
+    def generate_batch(self, requests: Sequence[ArRequest], *, top_k: int | None = None, greedy: bool = False,
+                       valid_vocab: int | None = None, output_logits: bool = False, step_callback=None,
+                       rows: int | None = None) -> list:
+        """Decode independent sequences together: one decode step for all B rows (B <= ``max_batch``).
+
+        Each request is prefilled alone (the same computation as a request made alone), and keeps its own
+        prompt, positions, grids, grid mask, sampling noise (from its generator, drawn up front, in request order
+        for a shared generator), temperature, top-p and length; a row that is done emits padding while the
+        others continue. ``top_k``, ``greedy``, ``valid_vocab``, ``output_logits`` and ``step_callback`` as in
+        :meth:`generate` (``total`` is the longest request's token count).
+
+        ``rows``: decode with this many rows (>= the requests), the extra ones idle: a caller that rounds its
+        batch sizes up (to powers of two, say) compiles and captures one decode step per size it uses, not one
+        per number of requests.
+
+        Returns one long ``[1, n_new]`` tensor per request (with ``output_logits``: ``(tokens, logits [1, n_new,
+        V])`` per request). The tokens of a row equal those of the same request made alone, up to the floating
+        point of the decode step's matrix products at B rows instead of one (see
+        tests/runtime/test_ar_batch.py).
+        """
+        if not requests:
+            raise ValueError("generate_batch needs at least one request")
+        batch = max(len(requests), int(rows or 0))
+        self._check_batch(batch)
+        limit = self._limit(valid_vocab)
+        prepared, with_images = [], {}
+        for r in requests:
+            if r.input_ids.ndim != 2 or r.input_ids.shape[0] != 1:
+                raise ValueError(f"each request's input_ids must be [1, L], got {tuple(r.input_ids.shape)}")
+            ids = r.input_ids.to(self.device)
+            mask = r.attention_mask.to(self.device) if r.attention_mask is not None else None
+            if r.pixel_values is not None:  # requests sharing a prompt and its references: one vision pass
+                key_images = (id(r.input_ids), id(r.pixel_values))
+                if key_images not in with_images:
+                    with_images[key_images] = self._insert_image_tokens(ids, r.pixel_values, r.image_grid_thw,
+                                                                        r.images_per_sample)
+                ids = with_images[key_images]
+            plan = r.grid_plan or self.plan(ids, r.image_grid_thw, r.images_per_sample, mask)
+            n_new = int(r.max_new_tokens) if r.max_new_tokens is not None else plan.max_new_tokens
+            if n_new < 1:
+                raise ValueError(f"max_new_tokens must be >= 1, got {n_new}")
+            prefill_pos, decode_pos = self._positions(ids, r.image_grid_thw, r.images_per_sample, mask)
+            row = RowSpec(ids.shape[1], n_new, plan.num_grid_tokens,
+                          decode_pos[:, 0] if decode_pos is not None else None, float(r.temperature), float(r.top_p))
+            prepared.append((ids, mask, prefill_pos, row))
+        idle = RowSpec(1, 0, 0, None, 1.0, 1.0)  # padding rows: no prompt, no tokens (they emit padding)
+        rows = [p[3] for p in prepared] + [idle] * (batch - len(prepared))
+        self._ensure_cache(max(r.prompt_len + r.n_new for r in rows))
+        st = self._state(batch)
+        padded = any(m is not None and not bool(m.bool().all()) for _, m, _, _ in prepared)
+        key = StepKey(batch, bool(greedy), int(top_k) if top_k else None, padded, self._additive(), bool(output_logits))
+        noise = None
+        if not greedy:
+            noise = torch.zeros((max(r.n_new for r in rows), batch), dtype=torch.float32)
+            for b, (r, row) in enumerate(zip(requests, rows)):  # padding rows draw nothing
+                gen_device = r.generator.device if r.generator is not None else torch.device("cpu")
+                noise[: row.n_new, b : b + 1] = torch.rand((row.n_new, 1), generator=r.generator, device=gen_device,
+                                                           dtype=torch.float32).cpu()
+        key_ok = torch.ones(batch, max(r.prompt_len for r in rows), dtype=torch.bool, device=self.device)
+        for b, (ids, mask, _, _) in enumerate(prepared):
+            if mask is not None:
+                key_ok[b, : ids.shape[1]] = mask[0].bool()
+
+        def prefill():
+            logits = []
+            for b, (ids, _, positions, row) in enumerate(prepared):
+                slots = torch.arange(row.prompt_len, device=self.device)[None]
+                kv_len = torch.full((1,), row.prompt_len, dtype=torch.int32, device=self.device)
+                logits.append(self._forward(key, ids, positions, slice(b, b + 1), st.rows[b : b + 1], slots, kv_len,
+                                            st.key_ok[b : b + 1]))
+            if batch > len(prepared):
+                logits.append(torch.zeros(batch - len(prepared), logits[0].shape[-1], device=self.device))
+            self._emit(st, key, torch.cat(logits), torch.zeros(1, dtype=torch.long, device=self.device))
+
+        self._run(st, key, rows, limit, noise, key_ok, prefill, step_callback)
+        rows = rows[: len(prepared)]
+        tokens = [st.out[b : b + 1, : row.n_new].clone() for b, row in enumerate(rows)]
+        if output_logits:
+            return [(t, st.logits[b : b + 1, : row.n_new].clone()) for b, (t, row) in enumerate(zip(tokens, rows))]
         return tokens
+
+    def reserve(self, batch: int) -> None:
+        """Allocate for ``batch`` sequences from the next generation on (a larger cache, new buffers and CUDA
+        graphs; the compiled step stays). Never shrinks."""
+        if batch > self.max_batch:
+            self.max_batch = int(batch)
+            self.free()
+
+    def free(self) -> None:
+        """Give the KV cache, the per-batch buffers and their CUDA graphs back (the next generation allocates
+        them again): between calls of a pipeline whose other stages need the memory."""
+        self._cache = None
+        self._states = {}
 
     def drop_graphs(self) -> None:
         """Forget the captured CUDA graphs (they hold the addresses of the weights they were captured with);
@@ -396,30 +328,24 @@ class ArEngine:
 
     # -- setup --------------------------------------------------------------------------------------------
 
+    def _check_batch(self, batch: int) -> None:
+        if batch > self.max_batch:
+            raise ValueError(f"batch {batch} exceeds max_batch={self.max_batch}")
+
+    def _limit(self, valid_vocab: int | None) -> int:
+        limit = self.valid_vocab if valid_vocab is None else int(valid_vocab)
+        if not 1 <= limit <= self.vocab_size:
+            raise ValueError(f"valid_vocab must be in [1, {self.vocab_size}] (lm_head rows), got {limit}")
+        return limit
+
+    def _additive(self) -> bool:
+        return self.text.config._attn_implementation == "eager"
+
     def _insert_image_tokens(self, ids, pixel_values, image_grid_thw, images_per_sample):
-        """Replace ``<|image|>`` placeholders by the reference images' VQ ids, as ``GlmImageModel.forward`` does."""
-        inner = self.model.model
-        grids = image_grid_thw.to(self.device)
-        ips = images_per_sample.to(self.device) if images_per_sample is not None else None
-        source_grids = inner.get_image_grids_for_generation(ips, grids)
-        features = inner.get_image_features(pixel_values.to(self.device), source_grids, return_dict=True)
-        image_ids = inner.get_image_tokens(features.pooler_output).view(-1).to(ids.device)
-        return ids.masked_scatter(inner.get_placeholder_mask(ids, image_ids), image_ids)
+        return insert_image_tokens(self.model, ids, pixel_values, image_grid_thw, images_per_sample, self.device)
 
     def _positions(self, ids, image_grid_thw, images_per_sample, attention_mask):
-        """Upstream ``get_rope_index``: prompt positions [3, B, L] and decode positions [3, B, N] (or None).
-
-        It caches the decode table on the model; that state is restored so HF ``generate`` is unaffected.
-        """
-        inner = self.model.model
-        saved = (inner.rope_deltas, inner._cached_decode_position_ids, inner._prefill_len)
-        try:
-            prefill, _ = inner.get_rope_index(ids, image_grid_thw=image_grid_thw.to(ids.device),
-                                              images_per_sample=images_per_sample, attention_mask=attention_mask)
-            decode = inner._cached_decode_position_ids
-        finally:
-            inner.rope_deltas, inner._cached_decode_position_ids, inner._prefill_len = saved
-        return prefill, (decode.permute(1, 0, 2) if decode is not None else None)
+        return rope_positions(self.model, ids, image_grid_thw, images_per_sample, attention_mask)
 
     def _ensure_cache(self, needed: int) -> None:
         if self._cache is not None and self._cache.max_len >= needed:
@@ -433,57 +359,85 @@ class ArEngine:
                                     dtype=self.dtype, device=self.device)
         self._states = {}
 
-    def _state(self, batch: int) -> _State:
+    def _state(self, batch: int) -> BatchState:
         if batch not in self._states:
-            self._states[batch] = _State(batch, self._cache.max_len, self.vocab_size, self.device)
+            self._states[batch] = BatchState(batch, self._cache.max_len, self.vocab_size, self.device)
         return self._states[batch]
 
-    def _load(self, st, prompt_len, n_new, plan, limit, decode_pos, mask2d, generator, temperature, top_p, greedy):
-        """Fill the static buffers for one request (all host work happens here, before the loop)."""
+    def _load(self, st: BatchState, rows: list[RowSpec], limit: int, noise, key_ok) -> None:
+        """Fill the static buffers for one generation (all host work happens here, before the loop)."""
         self._cache.reset()
         st.step.zero_()
-        st.prompt_len.fill_(prompt_len)
         st.finished.zero_()
         st.out.zero_()
-        st.temperature.fill_(float(temperature))
-        st.top_p.fill_(float(top_p))
-        st.limits.fill_(self.vocab_size)
-        st.limits[: min(plan.num_grid_tokens, st.limits.numel())] = limit
+        st.prompt_len.copy_(torch.tensor([r.prompt_len for r in rows]))
+        st.n_new.copy_(torch.tensor([r.n_new for r in rows]))
+        st.temperature.copy_(torch.tensor([[r.temperature] for r in rows]))
+        st.top_p.copy_(torch.tensor([[r.top_p] for r in rows]))
+        limits = torch.full(tuple(st.limits.shape), self.vocab_size, dtype=torch.long)
+        for b, r in enumerate(rows):
+            limits[: min(r.grid_tokens, limits.shape[0]), b] = limit
+        st.limits.copy_(limits)
         st.key_ok.fill_(True)
-        if mask2d is not None:
-            st.key_ok[:, :prompt_len] = mask2d.bool()
-        if decode_pos is None:  # no grids: text positions continue after the prompt
-            decode_pos = (torch.arange(n_new, device=self.device) + prompt_len).expand(3, st.batch, n_new)
-        n = min(decode_pos.shape[-1], st.pos_table.shape[-1])
-        st.pos_table[..., :n] = decode_pos[..., :n]
-        st.pos_table[..., n:] = decode_pos[..., n - 1 : n]  # past the table: repeat the end marker
-        if not greedy:
-            gen_device = generator.device if generator is not None else torch.device("cpu")
-            noise = torch.rand((n_new, st.batch), generator=generator, device=gen_device, dtype=torch.float32)
-            st.uniform[:n_new] = noise.to(self.device)
+        if key_ok is not None:
+            st.key_ok[:, : key_ok.shape[1]] = key_ok.bool()
+        width = st.pos_table.shape[-1]
+        for b, r in enumerate(rows):
+            pos = r.decode_pos
+            if pos is None:  # no grids: text positions continue after the prompt (an idle row: one position)
+                pos = (torch.arange(max(r.n_new, 1), device=self.device) + r.prompt_len).expand(3, max(r.n_new, 1))
+            n = min(pos.shape[-1], width)
+            st.pos_table[:, b, :n] = pos[:, :n]
+            st.pos_table[:, b, n:] = pos[:, n - 1 : n]  # past the table: repeat the end marker
+        if noise is not None:
+            st.uniform[: noise.shape[0]] = noise.to(self.device)
+
+    def _run(self, st: BatchState, key: StepKey, rows: list[RowSpec], limit: int, noise, key_ok, prefill,
+             step_callback) -> int:
+        """Load the buffers, prefill, then decode until the longest row is done; returns its token count."""
+        n_max = max(r.n_new for r in rows)
+        if key.output_logits and st.logits is None:
+            st.logits = torch.zeros(st.batch, self._cache.max_len + 1, self.vocab_size, device=self.device)
+        with self._attention_backends():
+            graph = self._graph(st, key) if self.cuda_graph else None  # capture first: warm-up dirties buffers
+            self._load(st, rows, limit, noise, key_ok)
+            prefill()
+            if step_callback is not None:
+                step_callback(1, n_max)
+            for i in range(n_max - 1):
+                if graph is not None:
+                    graph.replay()
+                else:
+                    self._run_step(st, key)
+                if step_callback is not None:
+                    step_callback(i + 2, n_max)
+        return n_max
 
     # -- the per-token work ---------------------------------------------------------------------------------
 
-    def _mask(self, st: _State, key: _StepKey, slots: torch.Tensor) -> torch.Tensor:
-        """Attention mask [B, 1, q, max_len] for queries at cache ``slots`` [q]."""
-        keys = torch.arange(st.key_ok.shape[1], device=self.device)
-        ok = (keys[None, :] <= slots[:, None])[None] & st.key_ok[:, None, :]
-        ok = ok | (keys[None, None, :] == slots[None, :, None])  # a padded query sees itself: no empty rows
+    def _mask(self, key: StepKey, slots: torch.Tensor, key_ok: torch.Tensor) -> torch.Tensor:
+        """Attention mask [R, 1, q, max_len] for the queries of each row at cache ``slots`` [R, q]."""
+        keys = torch.arange(key_ok.shape[1], device=self.device)
+        at = slots[..., None]
+        ok = (keys <= at) & key_ok[:, None, :]
+        ok = ok | (keys == at)  # a padded query sees itself: no empty rows
         ok = ok[:, None]
         if key.additive_mask:
             return torch.zeros(ok.shape, dtype=self.dtype, device=self.device).masked_fill_(
                 ~ok, torch.finfo(self.dtype).min)
         return ok
 
-    def _forward(self, st: _State, key: _StepKey, ids, positions, slots, kv_len) -> torch.Tensor:
-        """Decoder on ``ids`` [B, q] written at cache ``slots`` [q]: float32 logits of the last position."""
+    def _forward(self, key: StepKey, ids, positions, rows: slice, write_rows, slots, kv_len, key_ok) -> torch.Tensor:
+        """Decoder on ``ids`` [R, q] of cache ``rows``, written at ``slots`` [R, q]: float32 logits of the last
+        position of each row."""
         hidden = self.text.embed_tokens(ids)
         position_embeddings = self.text.rotary_emb(hidden, positions)
-        mask = self._mask(st, key, slots)
-        self._cache.write_pos = slots
-        kwargs = {self._cache_arg: self._cache, "kv_len": kv_len}
+        mask = self._mask(key, slots, key_ok)
+        cache = self._cache
+        cache.read_rows, cache.write_rows, cache.write_pos = rows, write_rows, slots
+        kwargs = {self._cache_arg: cache, "kv_len": kv_len}
         if key.padded:
-            kwargs["key_padding_mask"] = st.key_ok
+            kwargs["key_padding_mask"] = key_ok
         for layer in self.text.layers:
             hidden = layer(hidden, position_embeddings=position_embeddings, attention_mask=mask, **kwargs)
             if isinstance(hidden, tuple):  # older transformers return (hidden_states, ...)
@@ -491,36 +445,31 @@ class ArEngine:
         hidden = self.text.norm(hidden[:, -1:])
         return self.lm_head(hidden)[:, -1].float()
 
-    def _emit(self, st: _State, key: _StepKey, logits: torch.Tensor, k: torch.Tensor) -> None:
-        """Sample generated token ``k`` ([1] long) from ``logits``, record it and make it the next input."""
+    def _emit(self, st: BatchState, key: StepKey, logits: torch.Tensor, k: torch.Tensor) -> None:
+        """Sample generated token ``k`` ([1] long) of every row from ``logits``, record it and make it the next
+        input. A row past its EOS or its length emits padding, as HF does past EOS."""
         if key.output_logits:
             st.logits.index_copy_(1, k, logits[:, None])
-        nxt = sample_tokens(logits, vocab_limit=st.limits.index_select(0, k),
+        nxt = sample_tokens(logits, vocab_limit=st.limits.index_select(0, k).reshape(-1),
                             uniform=st.uniform.index_select(0, k).reshape(-1), temperature=st.temperature,
                             top_p=st.top_p, top_k=key.top_k, greedy=key.greedy)
-        nxt = torch.where(st.finished, self.pad_token_id, nxt)  # HF: rows past EOS emit padding
+        nxt = torch.where(st.finished | (k >= st.n_new), self.pad_token_id, nxt)
         st.finished.logical_or_((nxt[:, None] == self._eos[None, :]).any(dim=-1))
         st.out.index_copy_(1, k, nxt[:, None])
         st.tok.copy_(nxt[:, None])
 
-    def _prefill(self, st: _State, key: _StepKey, ids: torch.Tensor, positions: torch.Tensor) -> None:
-        length = ids.shape[1]
-        slots = torch.arange(length, device=self.device)
-        kv_len = torch.full((st.batch,), length, dtype=torch.int32, device=self.device)
-        logits = self._forward(st, key, ids, positions, slots, kv_len)
-        self._emit(st, key, logits, torch.zeros(1, dtype=torch.long, device=self.device))
-
-    def _decode_step(self, st: _State, key: _StepKey) -> None:
-        """Feed generated token j = ``st.step`` and sample token j + 1. Device-only: graph-capturable."""
-        slot = st.prompt_len + st.step
+    def _decode_step(self, st: BatchState, key: StepKey) -> None:
+        """Feed generated token j = ``st.step`` of every row and sample token j + 1. Device-only:
+        graph-capturable."""
+        slots = (st.prompt_len + st.step)[:, None]
         positions = st.pos_table.index_select(2, st.step)
-        kv_len = (slot + 1).to(torch.int32).expand(st.batch).contiguous()
-        logits = self._forward(st, key, st.tok, positions, slot, kv_len)
+        kv_len = (slots[:, 0] + 1).to(torch.int32)
+        logits = self._forward(key, st.tok, positions, slice(0, st.batch), st.rows, slots, kv_len, st.key_ok)
         self._emit(st, key, logits, st.step + 1)
         st.step.add_(1)
 
     @torch.no_grad()
-    def _run_step(self, st: _State, key: _StepKey) -> None:
+    def _run_step(self, st: BatchState, key: StepKey) -> None:
         """One decode step, compiled when asked; a step that fails to compile falls back to eager for good."""
         if not self._compiled:
             return self._decode_step(st, key)
@@ -541,7 +490,7 @@ class ArEngine:
 
         return sdpa_kernel(self.sdpa_backends)
 
-    def _graph(self, st: _State, key: _StepKey):
+    def _graph(self, st: BatchState, key: StepKey):
         """The CUDA graph of one decode step for ``key`` (captured on first use)."""
         if key not in st.graphs:
             stream = torch.cuda.Stream(self.device)

@@ -135,8 +135,8 @@ class _Pass:
     """One forward per step: the rows it holds and their fixed inputs."""
 
     rows: int
-    glyph: list[torch.Tensor]  # raw glyph embeddings of each half, (B, T_half, text_dim)
-    prior_drop: list[bool]  # per half: unconditional (prior embedding zeroed)?
+    glyph: list[torch.Tensor]  # raw glyph embeddings of consecutive rows sharing a length, (n, T, text_dim)
+    prior_drop: list[bool]  # per half (B rows each): unconditional (prior embedding zeroed)?
     groups: tuple[RowGroup, ...] | None
     use_kv: bool
     glyph_hidden: torch.Tensor | None = None  # precomputed (rows, T, inner_dim)
@@ -277,8 +277,9 @@ class DitRunner:
 
         Args:
             latents: (B, C, height / 8, width / 8) initial noise.
-            prompt_embeds: (B, T_cond, text_embed_dim) glyph embeddings of the prompt.
-            negative_prompt_embeds: (B, T_uncond, text_embed_dim) glyph embeddings of ""; T_uncond may
+            prompt_embeds: (B, T_cond, text_embed_dim) glyph embeddings of the prompt, or a list of B
+                (1, T_b, text_embed_dim), one per image (prompts of a batch quote texts of different lengths).
+            negative_prompt_embeds: (B or 1, T_uncond, text_embed_dim) glyph embeddings of ""; T_uncond may
                 differ from T_cond. Unused (may be None) when ``guidance_scale <= 1``.
             prior_token_ids: (B, image_tokens) upsampled AR tokens.
             height, width: the image size in pixels.
@@ -299,7 +300,10 @@ class DitRunner:
         ts = self.schedule(height, width, (lh, lw), num_inference_steps, timesteps, sigmas)
         # THE TIMESTEP TRAP: the DiT sees the unshifted timestep minus one; only the sigmas are shifted.
         self._dit_t = ts - 1
-        edt = prompt_embeds.dtype  # the pipeline builds the size conditions in the embeddings' dtype
+        rows = list(prompt_embeds) if isinstance(prompt_embeds, (list, tuple)) else list(prompt_embeds.split(1))
+        if len(rows) != bsz:
+            raise ValueError(f"{len(rows)} prompt embeddings for {bsz} latents")
+        edt = rows[0].dtype  # the pipeline builds the size conditions in the embeddings' dtype
         self._target = torch.tensor([(height, width)], dtype=edt, device=self.device)
         self._crop = torch.tensor([crops_coords_top_left], dtype=edt, device=self.device)
         self._kv = kv_caches
@@ -307,8 +311,11 @@ class DitRunner:
             kv_caches.set_mode("read")
         prior_token_ids = prior_token_ids.to(self.device)
         self._prior_ids = prior_token_ids
-        passes = self._plan(bsz, prompt_embeds.to(self.device, self.dtype),
-                            negative_prompt_embeds.to(self.device, self.dtype) if cfg else None, kv_caches is not None)
+        uncond = None
+        if cfg:
+            uncond = negative_prompt_embeds.to(self.device, self.dtype)
+            uncond = uncond.expand(bsz, -1, -1).contiguous() if uncond.shape[0] == 1 and bsz > 1 else uncond
+        passes = self._plan(bsz, _blocks([r.to(self.device, self.dtype) for r in rows]), uncond, kv_caches is not None)
         try:
             self._prepare(passes, lh, lw)
             static_x = torch.empty((bsz, latents.shape[1], lh, lw), device=self.device, dtype=self.dtype)
@@ -334,17 +341,19 @@ class DitRunner:
                 kv_caches.set_mode(None)
         return latents
 
-    def _plan(self, bsz: int, cond: torch.Tensor, uncond: torch.Tensor | None, use_kv: bool) -> list[_Pass]:
-        if uncond is None:
-            return [_Pass(bsz, [cond], [False], None, use_kv)]
-        if not self.batch_cfg:
-            return [_Pass(bsz, [cond], [False], None, use_kv), _Pass(bsz, [uncond], [True], None, False)]
-        tc, tu = cond.shape[1], uncond.shape[1]
-        t = max(tc, tu)
-        groups = (RowGroup(0, bsz, t - tc, use_kv), RowGroup(bsz, 2 * bsz, t - tu, False))
-        if tc == tu and not use_kv:
-            groups = None  # one attention call over all 2B rows
-        return [_Pass(2 * bsz, [cond, uncond], [False, True], groups, use_kv)]
+    def _plan(self, bsz: int, cond: list[torch.Tensor], uncond: torch.Tensor | None, use_kv: bool) -> list[_Pass]:
+        """The forwards of one step. ``cond``: the conditional rows' glyph embeddings in blocks of one length
+        (one block for a single image); ``uncond``: (B, T_uncond, d) or None without guidance."""
+        if uncond is None or not self.batch_cfg:
+            groups = _row_groups(cond, 0, use_kv) if len(cond) > 1 else None
+            passes = [_Pass(bsz, cond, [False], groups, use_kv)]
+            return passes if uncond is None else passes + [_Pass(bsz, [uncond], [True], None, False)]
+        blocks = [*cond, uncond]
+        if len(blocks) == 2 and cond[0].shape[1] == uncond.shape[1] and not use_kv:
+            return [_Pass(2 * bsz, blocks, [False, True], None, use_kv)]  # one attention call over all 2B rows
+        t = max(b.shape[1] for b in blocks)
+        groups = _row_groups(cond, t, use_kv) + (RowGroup(bsz, 2 * bsz, t - uncond.shape[1], False),)
+        return [_Pass(2 * bsz, blocks, [False, True], groups, use_kv)]
 
     # -- per-generation precomputation ---------------------------------------------------------------------
     def _glyph_hidden(self, p: _Pass) -> torch.Tensor:
@@ -406,6 +415,27 @@ class DitRunner:
         ps = t.config.patch_size
         hidden = hidden.reshape(p.rows, h // ps, w // ps, -1, ps, ps)
         return hidden.permute(0, 3, 1, 4, 2, 5).flatten(4, 5).flatten(2, 3)
+
+
+def _blocks(rows: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Per-image glyph embeddings (1, T_b, d) as blocks of consecutive rows that share a length."""
+    blocks: list[list[torch.Tensor]] = []
+    for r in rows:
+        if blocks and blocks[-1][0].shape[1] == r.shape[1]:
+            blocks[-1].append(r)
+        else:
+            blocks.append([r])
+    return [b[0] if len(b) == 1 else torch.cat(b) for b in blocks]
+
+
+def _row_groups(blocks: list[torch.Tensor], length: int, read_kv: bool) -> tuple[RowGroup, ...]:
+    """One :class:`RowGroup` per block of rows, each left-padded to ``length`` (0: the longest block's)."""
+    length = length or max(b.shape[1] for b in blocks)
+    groups, start = [], 0
+    for b in blocks:
+        groups.append(RowGroup(start, start + b.shape[0], length - b.shape[1], read_kv))
+        start += b.shape[0]
+    return tuple(groups)
 
 
 def _capture(fn: Callable[[], torch.Tensor]) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:

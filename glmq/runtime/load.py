@@ -14,15 +14,19 @@ from glmq.runtime.pipeline import GlmqPipeline
 
 def _assemble(components: dict, *, sizes: StageSizes, mode: str | None, vram_budget_gb: float | None,
               device: torch.device, dtype: torch.dtype, transformer_config: dict, attention: str,
-              attention_precision: str | None, **pipeline_kwargs) -> GlmqPipeline:
-    """The one place a pipeline is put together (``load`` and ``from_modules``): budget, mode, attention."""
+              attention_precision: str | None, cache_dir=None, **pipeline_kwargs) -> GlmqPipeline:
+    """The one place a pipeline is put together (``load`` and ``from_modules``): budget, mode, attention, the
+    compile caches."""
     from glmq.runtime.attention import install_attention
+    from glmq.runtime.compile_cache import activate
 
     budget = int(vram_budget_gb * GiB) if vram_budget_gb is not None and device.type == "cuda" else None
     chosen = choose_mode(sizes, budget, requested=mode) if device.type == "cuda" else MemoryMode.RESIDENT
     precision = install_attention(components, device, attention, attention_precision, transformer_config)
+    cache_root = activate(cache_dir) if device.type == "cuda" else None
     return GlmqPipeline(device=device, dtype=dtype, mode=chosen, sizes=sizes, components=components,
-                        attention=attention, attention_precision=precision, vram_budget=budget, **pipeline_kwargs)
+                        attention=attention, attention_precision=precision, vram_budget=budget, cache_root=cache_root,
+                        **pipeline_kwargs)
 
 
 def _device_and_dtype(device: str, dtype: torch.dtype | None) -> tuple[torch.device, torch.dtype]:
@@ -35,9 +39,10 @@ def _device_and_dtype(device: str, dtype: torch.dtype | None) -> tuple[torch.dev
 def from_modules(components: dict, *, processor, tokenizer, scheduler_config: dict, device: str = "cuda",
                  vram_budget_gb: float | None = None, dtype: torch.dtype | None = None, mode: str | None = None,
                  attention: str = "auto", cuda_graph: bool = True, compile: bool = False,
-                 path: Path | None = None, attention_precision: str | None = None) -> GlmqPipeline:
+                 path: Path | None = None, attention_precision: str | None = None, cache_dir=None) -> GlmqPipeline:
     """A pipeline over already-built modules (e.g. random full-size weights built on the GPU).
-    ``attention_precision``: see :func:`load`; None reads the recipe's choice from the transformer's config."""
+    ``attention_precision``, ``cache_dir``: see :func:`load`; None reads the recipe's choice from the
+    transformer's config."""
     from glmq.runtime.sizes import stage_sizes_from_modules
 
     dev, dtype = _device_and_dtype(device, dtype)
@@ -51,13 +56,14 @@ def from_modules(components: dict, *, processor, tokenizer, scheduler_config: di
     return _assemble(components, sizes=stage_sizes_from_modules(components), mode=mode,
                      vram_budget_gb=vram_budget_gb, device=dev, dtype=dtype, transformer_config=tcfg,
                      attention=attention, attention_precision=attention_precision, path=path, processor=processor,
-                     tokenizer=tokenizer, scheduler_config=scheduler_config, cuda_graph=cuda_graph, compile=compile)
+                     tokenizer=tokenizer, scheduler_config=scheduler_config, cuda_graph=cuda_graph, compile=compile,
+                     cache_dir=cache_dir)
 
 
 def load(path: str | Path, device: str = "cuda", vram_budget_gb: float | None = None, *,
          dtype: torch.dtype | None = None, mode: str | None = None, attention: str = "auto",
          cuda_graph: bool = True, compile: bool = False, attention_precision: str | None = None,
-         gpus: int = 1, parallel: str | None = None) -> GlmqPipeline:
+         cache_dir: str | Path | None = None, gpus: int = 1, parallel: str | None = None) -> GlmqPipeline:
     """Load a GLM-Image folder (the bf16 release, make-tiny output, ``glmq quantize`` or GGUF export output).
 
     Args:
@@ -76,6 +82,9 @@ def load(path: str | Path, device: str = "cuda", vram_budget_gb: float | None = 
         attention_precision: DiT attention kernel precision, "bf16", "fp8" or "int8"; None (default) uses what
             the quantizing recipe recorded (its ``[attention]`` table), bf16 for unquantized folders. Applies
             to glmq's kernels only (``attention`` "auto" on CUDA, or "glmq").
+        cache_dir: the folder for compilation and autotuning artifacts that later processes reuse (CUDA; see
+            :mod:`glmq.runtime.compile_cache`); None: ``$GLMQ_CACHE_DIR``, else ``$XDG_CACHE_HOME/glmq``, else
+            ``~/.cache/glmq``.
         gpus: 2 runs the pipeline on two GPUs (``device`` "cuda": GPUs 0 and 1; "cpu": two CPU processes), in
             worker processes this call starts; returns a :class:`~glmq.runtime.parallel.pipeline.ParallelPipeline`.
         parallel: with ``gpus=2``, "latency" (default: tensor-parallel AR, one guidance pass per GPU) or
@@ -90,7 +99,7 @@ def load(path: str | Path, device: str = "cuda", vram_budget_gb: float | None = 
             raise GlmqError("vram_budget_gb and mode apply to one GPU; with gpus=2 each GPU keeps its part resident")
         return load_parallel(path, device=device, gpus=gpus, parallel=parallel or "latency", dtype=dtype,
                              attention=attention, cuda_graph=cuda_graph, compile=compile,
-                             attention_precision=attention_precision)
+                             attention_precision=attention_precision, cache_dir=cache_dir)
     from transformers import ByT5Tokenizer, GlmImageProcessor
 
     from glmq.io.layout import read_json
@@ -125,4 +134,4 @@ def load(path: str | Path, device: str = "cuda", vram_budget_gb: float | None = 
                      processor=GlmImageProcessor.from_pretrained(path / "processor"),
                      tokenizer=ByT5Tokenizer.from_pretrained(path / "tokenizer"),
                      scheduler_config=read_json(path / "scheduler" / "scheduler_config.json", "scheduler config"),
-                     cuda_graph=cuda_graph, compile=compile)
+                     cuda_graph=cuda_graph, compile=compile, cache_dir=cache_dir)

@@ -70,6 +70,8 @@ class StageSizes:
     largest_dit_block: int
     # bf16 K and V of one reference token in every DiT layer (image-to-image's reference cache).
     dit_kv_bytes_per_token: int = 0
+    # K and V of one token in every AR decoder layer (the decode engine's static cache, one row per sequence).
+    ar_kv_bytes_per_token: int = 0
     # The (height, width) the activations above were sized for.
     size: tuple[int, int] = (1024, 1024)
 
@@ -126,9 +128,21 @@ def _scaled(nbytes: int, s: StageSizes, req: Request) -> int:
     return int(nbytes * want / have)
 
 
-def stage_peaks(s: StageSizes, mode: str, request: Request | None = None) -> dict[str, int]:
+def ar_sequence_bytes(s: StageSizes, req: Request) -> int:
+    """The decode engine's cache for one more sequence of ``req``: its prompt (a generous 512 tokens of text, and
+    the references' tokens), the grids it generates, rounded up to the engine's 128-slot cache."""
+    grid = (req.height // 32) * (req.width // 32)
+    tokens = 512 + sum(req.reference_tokens) // 4 + grid + (0 if req.image_to_image else 256) + 1
+    return s.ar_kv_bytes_per_token * (-(-tokens // 128) * 128)
+
+
+def stage_peaks(s: StageSizes, mode: str, request: Request | None = None, *, ar_batch: int = 1,
+                dit_batch: int = 1, images: int = 1) -> dict[str, int]:
     """Estimated GPU bytes (reserved + context) at the peak of each stage of one call in ``mode`` (``request``
-    default: text-to-image at the size ``s`` was measured for)."""
+    default: text-to-image at the size ``s`` was measured for). ``ar_batch``: sequences the AR decodes together
+    (each adds its cache rows); ``dit_batch``: images per DiT forward, all of ``request``'s kind and sharing its
+    references (each adds the activations of its conditional and unconditional pass); ``images``: the call's
+    images, whose decoded pixels (fp32) stay on the GPU until the call returns."""
     req = request or Request(*s.size)
     if mode not in MODES:
         raise GlmqError(f"unknown memory mode {mode!r}; valid modes: {', '.join(MODES)}")
@@ -141,7 +155,7 @@ def stage_peaks(s: StageSizes, mode: str, request: Request | None = None) -> dic
     base_area = _area(*s.size)
     encode_act = max((s.vae_activations * _area(side, side) // base_area
                       for side in (int(t**0.5) * 16 for t in req.reference_tokens)), default=0)
-    dit_act = _scaled(s.dit_activations, s, req)
+    dit_act = _scaled(s.dit_activations, s, req) * max(int(dit_batch), 1)
     vae_act = s.vae_activations * _area(req.height, req.width) // base_area
     if mode is MemoryMode.RESIDENT:
         everything = s.ar_weights + s.vision_weights + s.glyph_weights + s.dit_weights + s.vae_weights
@@ -152,8 +166,10 @@ def stage_peaks(s: StageSizes, mode: str, request: Request | None = None) -> dic
         dit_w = s.largest_dit_block * 2 + s.dit_weights // 20 if mode.streams_dit else s.dit_weights
         dit = dit_w + s.vae_weights
         vae = s.vae_weights
-    peaks = {"ar": ar + _scaled(s.ar_activations, s, req) + (s.ar_activations if i2i else 0),
-             "encode": enc + encode_act, "dit": dit + dit_act + kv, "vae": vae + vae_act}
+    more_sequences = (max(int(ar_batch), 1) - 1) * ar_sequence_bytes(s, req)
+    peaks = {"ar": ar + _scaled(s.ar_activations, s, req) + (s.ar_activations if i2i else 0) + more_sequences,
+             "encode": enc + encode_act, "dit": dit + dit_act + kv,
+             "vae": vae + vae_act + (max(int(images), 1) - 1) * 3 * req.height * req.width * 4}
     return {k: int(v * (1 + FRAGMENTATION)) + OVERHEAD_BYTES for k, v in peaks.items()}
 
 
@@ -164,8 +180,8 @@ def _area(height: int, width: int) -> int:
     return height * width
 
 
-def peak_bytes(s: StageSizes, mode: str, request: Request | None = None) -> int:
-    return max(stage_peaks(s, mode, request).values())
+def peak_bytes(s: StageSizes, mode: str, request: Request | None = None, **batches) -> int:
+    return max(stage_peaks(s, mode, request, **batches).values())
 
 
 def choose_mode(s: StageSizes, budget_bytes: int | None, *, requested: str | None = None) -> MemoryMode:
@@ -235,3 +251,54 @@ def prefer_expandable_segments() -> None:
     if setter is not None:
         with contextlib.suppress(RuntimeError, ValueError):
             setter("expandable_segments:True")
+
+
+MAX_AR_BATCH = 16  # sequences one AR decode step serves (the engine's tested range, issue #13)
+
+
+@dataclass(frozen=True)
+class CallPlan:
+    """How one call of several images runs: its memory mode, the images per DiT forward and the rows of an AR
+    decode step (a power of two; more sequences run in further rounds, fewer leave rows idle)."""
+
+    mode: MemoryMode
+    dit_batch: int
+    ar_batch: int
+
+
+def plan_call(s: StageSizes, budget_bytes: int | None, base_mode: str, requests: list[Request], *,
+              refuse: bool = True) -> CallPlan:
+    """Plan a call of ``requests`` (one per image, one size) before any work.
+
+    The mode is the one the most demanding image needs (:func:`mode_for_request`: a GlmqError when even one
+    image does not fit and ``refuse``); then as many images per DiT forward and sequences per AR decode as
+    fit the budget in that mode, at least one. A batch therefore never runs out of memory where its images
+    made one at a time would not: it runs in smaller chunks. ``refuse=False`` (a GPU without a budget: the
+    card's size stands in for one) keeps ``base_mode`` and only sizes the chunks."""
+    if not requests:
+        raise GlmqError("a call needs at least one image")
+    n = len(requests)
+    worst = max(requests, key=lambda r: (sum(r.reference_tokens), len(r.reference_tokens), r.height * r.width))
+    if budget_bytes is None:
+        return CallPlan(MemoryMode(base_mode), n, min(_next_pow2(n), MAX_AR_BATCH))
+    mode = mode_for_request(s, budget_bytes, base_mode, worst) if refuse else MemoryMode(base_mode)
+    if refuse and peak_bytes(s, mode, worst, images=n) > budget_bytes:
+        raise GlmqError(f"{n} images of {worst.height}x{worst.width} need about "
+                        f"{peak_bytes(s, mode, worst, images=n) / GiB:.1f} GiB of GPU memory for their pixels at the "
+                        f"end of the call; the budget is {budget_bytes / GiB:.1f} GiB (make fewer images per call)")
+
+    def fits(**batch) -> bool:
+        return peak_bytes(s, mode, worst, images=n, **batch) <= budget_bytes
+
+    # Stages hold one batch each (the AR's sequences, or the DiT's images): each size is chosen on its own. AR
+    # batches are powers of two (a round of 5 decodes as 8 rows): one compiled step and graph per size.
+    dit = max((k for k in range(1, n + 1) if fits(dit_batch=k)), default=1)
+    ar = max((k for k in _AR_SIZES if k <= _next_pow2(n) and fits(ar_batch=k)), default=1)
+    return CallPlan(mode, dit, ar)
+
+
+_AR_SIZES = tuple(2**i for i in range(MAX_AR_BATCH.bit_length()) if 2**i <= MAX_AR_BATCH)
+
+
+def _next_pow2(n: int) -> int:
+    return 1 << max(int(n) - 1, 0).bit_length()

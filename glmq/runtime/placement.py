@@ -74,24 +74,66 @@ class BlockStreamer:
 
     ``resident``: submodule names of each block that stay with the rest of the network instead (the DiT's
     AdaLN ``norm1``, which the loop evaluates for all timesteps up front, outside the blocks' forward).
+
+    With ``GLMQ_PREFETCH=1`` on a GPU the copies overlap the compute: while block i runs, block i + 1 (after
+    the last block, the first, for the next step) is already being copied on a side stream, so a step should
+    cost about max(compute, copies) instead of their sum, with at most two blocks on the GPU at once (which
+    the memory plan counts: :func:`glmq.runtime.memory.stage_peaks`, offload). It is off by default: it has
+    not run on a GPU yet (``benchmarks/check_offload_prefetch.py`` is the measurement to make). Off, each
+    block copies on the compute stream just before it runs.
     """
 
     def __init__(self, blocks, device: torch.device, resident: tuple[str, ...] = ()):
         self.handles = []
         self.keys = set()
-        for block in blocks:
+        self.device = device
+        self.parked: list[Parked] = []
+        self.prefetch = device.type == "cuda" and os.environ.get("GLMQ_PREFETCH", "0") == "1"
+        self.copy_stream = torch.cuda.Stream(device) if self.prefetch else None
+        self.pending: dict[int, tuple] = {}  # block index -> (copy-done event, its GPU tensors)
+        for i, block in enumerate(blocks):
             keep = set()
             for sub in resident:
                 keep |= slot_keys(block.get_submodule(sub))
             parked = Parked(block, device, exclude=keep)
+            self.parked.append(parked)
             self.keys |= {(id(m), kind, n) for m, kind, n, _ in parked.slots}
-            self.handles.append(block.register_forward_pre_hook(lambda m, a, p=parked: p.to_gpu()))
+            self.handles.append(block.register_forward_pre_hook(lambda m, a, i=i: self._bring(i)))
             self.handles.append(block.register_forward_hook(lambda m, a, o, p=parked: p.to_cpu()))
+
+    def _issue(self, i: int) -> tuple:
+        """Start copying block ``i`` in on the side stream; its pinned source never changes, so the copy
+        need not wait for anything."""
+        with torch.cuda.stream(self.copy_stream):
+            tensors = [cpu.to(self.device, non_blocking=True) for _, _, _, cpu in self.parked[i].slots]
+            done = torch.cuda.Event()
+            done.record(self.copy_stream)
+        return done, tensors
+
+    def _bring(self, i: int) -> None:
+        parked = self.parked[i]
+        if not self.prefetch:
+            parked.to_gpu()
+            return
+        done, tensors = self.pending.pop(i, None) or self._issue(i)  # a miss: the first block of a stage
+        compute = torch.cuda.current_stream(self.device)
+        compute.wait_event(done)
+        for (mod, kind, name, _), t in zip(parked.slots, tensors):
+            t.record_stream(compute)  # freed after this block's kernels, not when the hook drops it
+            Parked.set(mod, kind, name, t)
+        nxt = (i + 1) % len(self.parked)
+        if nxt != i and nxt not in self.pending:
+            self.pending[nxt] = self._issue(nxt)
+
+    def drop_prefetched(self) -> None:
+        """Release the block copied ahead (the first block, after a stage's last step)."""
+        self.pending.clear()
 
     def remove(self) -> None:
         for handle in self.handles:
             handle.remove()
         self.handles.clear()
+        self.drop_prefetched()
 
 
 class Placement:
@@ -134,6 +176,9 @@ class Placement:
         """
         if not self.gpu() or not self.parked:
             return
+        if stage != "dit":
+            for streamer in self.streamers.values():
+                streamer.drop_prefetched()
         keep_on_cpu = set(self.streamers["dit"].keys) if "dit" in self.streamers else set()
         if not image_to_image:
             keep_on_cpu |= self._vision_keys
@@ -156,6 +201,8 @@ class Placement:
 
     def park_all(self) -> None:
         """Every parked network back to its pinned CPU copy (between calls, and after a failed one)."""
+        for streamer in self.streamers.values():
+            streamer.drop_prefetched()
         for parked in self.parked.values():
             parked.to_cpu()
         if self.parked and self.gpu():

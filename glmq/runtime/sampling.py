@@ -29,9 +29,10 @@ import torch
 
 
 def mask_outside_vocab(logits: torch.Tensor, vocab_limit: torch.Tensor) -> torch.Tensor:
-    """``logits`` [B, V] with ids ``>= vocab_limit`` (a [1] or 0-d long tensor) set to ``-inf``."""
+    """``logits`` [B, V] with ids ``>= vocab_limit`` set to ``-inf``: one limit for every row (a [1] or 0-d long
+    tensor) or one per row ([B])."""
     ids = torch.arange(logits.shape[-1], device=logits.device)
-    return logits.masked_fill(ids >= vocab_limit.reshape(()), float("-inf"))
+    return logits.masked_fill(ids >= vocab_limit.reshape(-1, 1), float("-inf"))
 
 
 def top_k_filter(logits: torch.Tensor, top_k: int) -> torch.Tensor:
@@ -74,9 +75,10 @@ def sample_tokens(
 
     Args:
         logits: float32 [B, V] raw lm_head logits.
-        vocab_limit: long [1] (device): only ids ``< vocab_limit`` may be drawn.
+        vocab_limit: long [1] or [B] (device): only ids ``< vocab_limit`` (of the row) may be drawn.
         uniform: float32 [B] in [0, 1): the random number of each row (ignored when ``greedy``).
-        temperature, top_p: floats or device scalar tensors (tensors let a CUDA graph serve any value).
+        temperature, top_p: floats, or device tensors [1] or [B, 1] (one value per row); tensors let a CUDA
+            graph serve any value.
         top_k: optional HF top-k, applied before top-p.
         greedy: argmax instead of sampling.
 

@@ -44,7 +44,21 @@ def _kv_bytes_per_token(dit_config) -> int:
     return 2 * int(get("num_layers", 0) or 0) * inner * 2
 
 
-def _stage_sizes(named: dict[str, list[tuple[str, int]]], height: int, width: int, dit_config=None) -> StageSizes:
+def _ar_kv_bytes_per_token(ar_config) -> int:
+    """bf16 K and V of one token in every AR decoder layer: one slot of the decode engine's cache."""
+    if ar_config is None:
+        return 0
+    if isinstance(ar_config, dict):  # a config.json: what it leaves out takes the class's defaults
+        from transformers import GlmImageConfig
+
+        ar_config = GlmImageConfig(**ar_config)
+    text = ar_config.text_config
+    head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
+    return 2 * text.num_hidden_layers * text.num_key_value_heads * head_dim * 2
+
+
+def _stage_sizes(named: dict[str, list[tuple[str, int]]], height: int, width: int, dit_config=None,
+                 ar_config=None) -> StageSizes:
     ar, dit = named["vision_language_encoder"], named["transformer"]
     vision = sum(b for n, b in ar if n.startswith(_VISION_PREFIXES))
     act_ar, act_dit, act_vae = activation_allowance(height, width)
@@ -60,6 +74,7 @@ def _stage_sizes(named: dict[str, list[tuple[str, int]]], height: int, width: in
         largest_ar_block=_largest_group(ar, "model.language_model.layers."),
         largest_dit_block=_largest_group(dit, "transformer_blocks."),
         dit_kv_bytes_per_token=_kv_bytes_per_token(dit_config) if dit_config is not None else 0,
+        ar_kv_bytes_per_token=_ar_kv_bytes_per_token(ar_config),
         size=(height, width),
     )
 
@@ -68,11 +83,12 @@ def stage_sizes(reader, height: int = 1024, width: int = 1024) -> StageSizes:
     """Per-stage GPU bytes from a checkpoint's headers (bf16 compute; the glyph encoder stays fp32)."""
     widths = {"vision_language_encoder": 2, "transformer": 2, "text_encoder": 4, "vae": 2}
     return _stage_sizes({name: _gpu_tensor_bytes(reader.component(name), w) for name, w in widths.items()},
-                        height, width, reader.component("transformer").config)
+                        height, width, reader.component("transformer").config,
+                        reader.component("vision_language_encoder").config)
 
 
 def stage_sizes_from_modules(components: dict, height: int = 1024, width: int = 1024) -> StageSizes:
     """Like :func:`stage_sizes`, measured on live modules (their current dtypes)."""
     names = ("vision_language_encoder", "transformer", "text_encoder", "vae")
     return _stage_sizes({name: _module_tensor_bytes(components[name]) for name in names}, height, width,
-                        components["transformer"].config)
+                        components["transformer"].config, components["vision_language_encoder"].config)

@@ -30,9 +30,10 @@ from glmq.quant.formats import get_format
 REPO = Path(__file__).resolve().parents[2]
 EXAMPLE = REPO / "examples" / "onnx_generate.py"
 GRAPHS = ["ar_decoder", "glyph_encoder", "dit", "vae_decoder"]
-# SQNR floors (dB) of the tiny model's outputs against fp32: measured 13.5-14.6 (int4 AR, g128 asymmetric) and
-# > 100 (int8 DiT, whose tiny random blocks barely move the output).
-SQNR_FLOOR = {("int4", "ar_decoder"): 11.0, ("int8", "dit"): 60.0}
+# SQNR floors (dB) of the tiny model's outputs against fp32, about 2 dB under the lowest measured: 13.3-13.4
+# (int4 AR, g128 asymmetric) and 45.3-46.4 (int8 DiT; ORT's default and no-fusion sessions). The floor was 60 dB
+# while the tiny DiT's blocks barely moved its output (> 100 dB then); with fan-in init every block matters.
+SQNR_FLOOR = {("int4", "ar_decoder"): 11.0, ("int8", "dit"): 43.0}
 
 
 @pytest.fixture(scope="module")
@@ -131,14 +132,17 @@ def _run_torch(module, args) -> list[np.ndarray]:
 
 
 def _check_close(ort_out, spec, args, what: str) -> None:
-    """ORT vs the torch module: error against float64 at most 2x torch fp32's own (+ 1 ulp of scale)."""
+    """ORT vs the torch module: error against float64 at most 2x torch fp32's own, plus 8 ulp of the output's
+    scale. The ulp term covers how ORT's fp32 kernels order their sums differently from torch's: on the tiny
+    DiT, whose attention logits and AdaLN gates are of order one (fan-in init), ORT's noise_pred error is
+    4.7x torch's (3.3e-6 against 7.2e-7, outputs up to ~5) while an export error moves outputs by >1e-3."""
     ref32 = _run_torch(spec.module, args)
     ref64 = _run_torch(spec.module.double(), _as(args, torch.float64))
     spec.module.float()
     for name, o, r32, r64 in zip(spec.outputs, ort_out, ref32, ref64):
         err_ort = float(np.abs(o.astype(np.float64) - r64).max())
         err_torch = float(np.abs(r32.astype(np.float64) - r64).max())
-        bound = 2 * err_torch + np.finfo(np.float32).eps * float(np.abs(r64).max())
+        bound = 2 * err_torch + 8 * np.finfo(np.float32).eps * float(np.abs(r64).max())
         print(f"{what} {name}: ort err {err_ort:.3g}, torch fp32 err {err_torch:.3g}, bound {bound:.3g}")
         assert o.shape == r64.shape, (name, o.shape, r64.shape)
         assert err_ort <= bound, (what, name)

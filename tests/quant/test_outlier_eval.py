@@ -92,3 +92,37 @@ def test_quantize_writes_the_section(tiny_dir, tmp_path, monkeypatch):
     assert oe["architecture"] == "tiny" and oe["rows"]
     assert "## Outlier layers at tiny-size shapes" in (tmp_path / "q" / "quantization_report.md").read_text()
     assert quantize(tiny_dir, tmp_path / "n", recipe="fast", progress=False, evaluate=False).get("outlier_eval") is None
+
+
+@pytest.mark.parametrize("recipe, fmt", [("default", "fp8_e4m3"), ("ampere", "int8")])
+def test_w8a8_rows_are_scored_with_quantized_activations(recipe, fmt):
+    """W8A8 rules quantize the outlier activations per token, as their kernels do: their output SQNR is the
+    runtime's (QuantLinear on the kernels' reference path), below what a weight-only reading would show; the
+    weight-only AdaLN rule stays weight-only."""
+    import torch
+
+    from glmq.evaluate.outliers import make_outlier_layer
+    from glmq.quant.formats import get_format
+    from glmq.quant.formats.linear import QuantLinear
+    from glmq.quant.metrics import sqnr_db
+
+    oe = evaluate_outliers(load_recipe(recipe), size="tiny")
+    rows = [r for r in oe["rows"] if r["component"] == "transformer"]
+    w8a8 = [r for r in rows if r["activations_quantized"]]
+    assert w8a8 and all(r["format"] == fmt and r["runtime_mode"] == "reference" for r in w8a8)
+    assert all(r["runtime_mode"] == "weight_only" for r in rows if "norm1" in r["example"])
+    for r in w8a8:
+        n, k = r["shape"]
+        layer = make_outlier_layer(n, k, n_tokens=oe["calib_tokens"] + oe["eval_tokens"], seed=oe["seed"],
+                                   **oe["generator_params"])
+        x = layer.activations[oe["calib_tokens"]:]
+        q = QuantLinear.from_linear(torch.nn.Linear(k, n, bias=False), get_format(fmt),
+                                    get_format(fmt).quantize(layer.weight), mode="weight_only")
+        ref = x @ layer.weight.T
+        weight_only = sqnr_db(ref, q(x))
+        q.mode = "reference"
+        as_run = sqnr_db(ref, q(x))
+        print(f"{r['example']} {r['shape']}: report {r['output_sqnr_db']['rtn']:.2f} dB, as run {as_run:.2f}, "
+              f"weight-only {weight_only:.2f}")
+        assert abs(r["rtn_full"]["output_sqnr_db"] - as_run) < 0.01
+        assert weight_only - as_run > 0.5

@@ -30,22 +30,9 @@ def one_thread():
 
 
 def _build(vision_vocab_size: int | None = None, seed: int = 0):
-    from glmq.io.layout import BY_NAME
-    from glmq.models.build import build_model
-    from glmq.models.configs import component_config
+    from glmq.testing import tiny_ar
 
-    cfg = component_config("vision_language_encoder", "tiny")
-    if vision_vocab_size is not None:
-        cfg["text_config"]["vision_vocab_size"] = vision_vocab_size
-    model = build_model(BY_NAME["vision_language_encoder"], cfg, device="cpu").eval()
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():  # random everything, norms and biases included, so every path carries signal
-        for name, p in model.named_parameters():
-            if "norm" in name:
-                p.copy_(1 + 0.1 * torch.randn(p.shape, generator=gen))
-            else:
-                p.copy_(0.05 * torch.randn(p.shape, generator=gen))
-    return model
+    return tiny_ar(vision_vocab_size, seed)
 
 
 @pytest.fixture(scope="module")

@@ -148,6 +148,8 @@ def test_load_applies_the_recorded_precision_and_overrides(quantized_fast, tiny_
     proc = pipe.transformer.transformer_blocks[0].attn1.processor
     assert len(procs) == 1 and (proc.precision, proc.min_tokens) == ("fp8", 8192)
     assert pipe.attention_precision == "fp8 (>= 8192 tokens, else bf16)"
+    # What a call records as run (StageTimes.extra, the bench's "ran"): the processor's choice for its sequence.
+    assert pipe._attention_for(8 + 4096) == "bf16" and pipe._attention_for(8 + 16384) == "fp8"
 
     pipe = glmq.load(quantized_fast, device="cpu", attention="glmq", attention_precision="int8")
     proc = pipe.transformer.transformer_blocks[0].attn1.processor
@@ -155,6 +157,7 @@ def test_load_applies_the_recorded_precision_and_overrides(quantized_fast, tiny_
 
     # On the CPU "auto" keeps upstream SDPA: the recipe's choice does not apply, and asking for 8-bit is an error.
     assert glmq.load(quantized_fast, device="cpu").attention_precision == "sdpa"
+    assert glmq.load(quantized_fast, device="cpu")._attention_for(16392) == "sdpa"
     with pytest.raises(GlmqError, match="attention precision 'fp8' needs glmq's attention kernels"):
         glmq.load(quantized_fast, device="cpu", attention_precision="fp8")
     # An unquantized folder runs bf16 attention.

@@ -115,21 +115,37 @@ def test_staged_modes_keep_the_ar_engine_and_drop_its_graphs(pipe, monkeypatch):
         assert ("captured" in state.graphs) == kept, mode
 
 
-def test_quantized_checkpoint_stays_within_its_recorded_fidelity(tiny_dir, tmp_path, pipe):
+def test_quantized_checkpoint_stays_within_its_recorded_fidelity(tiny_dir, tmp_path, pipe, tiny_default_fidelity):
+    """glmq.load's image against the bf16 pipeline's, with the report's prior tokens and noise: on the kernels'
+    reference path (W8A8 activations quantized per token, as on a GPU) it is the report's figure; as loaded
+    on a CPU (W8A8 layers fall back to weight-only) it is at least as good. A broken quantized layer at run
+    time drops either below the band measured on the tiny model (tests/conftest.py TINY_DEFAULT)."""
+    from glmq.evaluate.fidelity import dit_inputs
     from glmq.evaluate.quantize import quantize
+    from glmq.quant.formats.linear import QuantLinear, as_run_on_gpu
+    from glmq.quant.metrics import psnr
 
     report = quantize(tiny_dir, tmp_path / "q", progress=False)
     qpipe = glmq.load(tmp_path / "q", device="cpu")
-    prior, latents = _fixed_inputs(pipe, seed=5)
-    kwargs = dict(height=64, width=64, num_inference_steps=20, prior_token_ids=prior, latents=latents,
-                  output_type="pt")
-    ref, got = pipe(PROMPT, **kwargs), qpipe(PROMPT, **kwargs)
-    from glmq.quant.metrics import psnr
-
-    measured = float(psnr(ref, got))
+    inputs = dit_inputs(qpipe.transformer.config, 8, report["model_level"]["seed"])
+    kwargs = dict(height=64, width=64, num_inference_steps=report["model_level"]["image"]["steps"],
+                  prior_token_ids=inputs["prior_token_id"], latents=inputs["hidden_states"], output_type="pt")
+    prompt = "A lighthouse on a cliff, 'GLM' painted on it"  # the report's (glmq.evaluate.fidelity)
+    ref = pipe(prompt, **kwargs)
+    as_loaded = float(psnr(ref, qpipe(prompt, **kwargs)))
+    quantized = [m for m in qpipe.transformer.modules() if isinstance(m, QuantLinear)]
+    assert quantized and any(m.mode == "auto" for m in quantized)
+    for m in quantized:
+        m.mode = as_run_on_gpu(m.mode)
+    as_run = float(psnr(ref, qpipe(prompt, **kwargs)))
     recorded = report["model_level"]["image"]["psnr_db"]
-    print("image PSNR through glmq.load", measured, "recorded by quantize", recorded)
-    assert measured >= min(recorded - 1.0, 60.0)
+    low, high, _ = tiny_default_fidelity["image_psnr_db"]
+    print("image PSNR through glmq.load: as run", as_run, "as loaded on the CPU", as_loaded, "recorded", recorded,
+          "band", low, high)
+    # The report runs stock diffusers' pipeline, glmq.load its own (equal to 1e-3 relative, test above).
+    assert abs(as_run - recorded) < 0.5
+    assert low <= as_run <= high
+    assert as_loaded >= low
 
 
 def _sizes(**kw):

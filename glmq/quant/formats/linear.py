@@ -24,7 +24,7 @@ from torch import nn
 
 from glmq.quant.formats import QuantFormat, get_format
 
-__all__ = ["QuantLinear", "swap_linears", "MODES"]
+__all__ = ["QuantLinear", "swap_linears", "MODES", "as_run_on_gpu", "runtime_output"]
 
 MODES = ("auto", "kernel", "reference", "weight_only")
 _PLAN_KEYS = ("format", "mode")
@@ -178,6 +178,28 @@ class QuantLinear(nn.Module):
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, format={self.format}, "
                 f"bias={self.bias is not None}, mode={self.mode}")
+
+
+def as_run_on_gpu(mode: str) -> str:
+    """The mode whose pure-torch computation is what ``mode`` runs on a capable GPU: ``"auto"`` becomes
+    ``"reference"`` (the kernel's reference: W8A8 formats quantize activations per token, as their kernels
+    do), other modes stay. On a CPU ``"auto"`` itself falls back to weight-only, which would hide the
+    activation error of every W8A8 layer from an evaluation."""
+    return "reference" if mode == "auto" else mode
+
+
+def runtime_output(fmt: QuantFormat, tensors: dict[str, torch.Tensor], x: torch.Tensor, mode: str,
+                   bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``x @ W^T (+ bias)`` for a weight stored as ``tensors`` (bare names, any number of output rows) in
+    ``fmt``, computed by :meth:`QuantLinear.forward` in ``as_run_on_gpu(mode)``: what the runtime computes
+    for a layer planned with ``mode`` (:attr:`glmq.quant.plan.LayerPlan.mode`), on any device. The
+    fidelity report scores layers through this function, so that its figures are the runtime's."""
+    n, k = fmt._stored_shape(tensors)
+    layer = QuantLinear(k, n, fmt, bias=bias is not None, mode=as_run_on_gpu(mode), device="meta",
+                        bias_dtype=bias.dtype if bias is not None else torch.float32)
+    state = dict(tensors, bias=bias) if bias is not None else dict(tensors)
+    layer.load_state_dict(state, assign=True)
+    return layer(x)
 
 
 def swap_linears(module: nn.Module, plan: dict[str, Any]) -> nn.Module:

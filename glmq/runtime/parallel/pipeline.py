@@ -72,6 +72,8 @@ class ParallelPipeline:
     stops its workers too.
     """
 
+    supports_batch = True  # a call takes a list of prompts and a generator per image (glmq serve batches into it)
+
     def __init__(self, source: dict, *, device: str = "cuda", gpus: int = 2, parallel: str = "latency",
                  start_timeout_s: float = DEFAULT_START_TIMEOUT_S,
                  collective_timeout_s: float = DEFAULT_COLLECTIVE_TIMEOUT_S):
@@ -136,6 +138,7 @@ class ParallelPipeline:
             wire.send(conn, "load", {"source": source, "mode": self.parallel})
         ready = self._collect({r: "ready" for r in range(self.gpus)}, timeout=start_timeout_s, what="starting")
         info = ready[0][0].meta
+        self.compile = info.get("compile", False)
         self.mode = info["memory_mode"]
         self.attention_precision = info["attention_precision"]
         self.dtype = info["dtype"]
@@ -293,8 +296,10 @@ class ParallelPipeline:
         successive one-GPU calls with that generator), or a list with one per image (image ``i`` equals the
         one-GPU image made with ``generator[i]``). The caller's generators are left as a one-GPU run would
         leave them. ``callback(stage, done, total)``: as one GPU's (in the throughput mode the AR of one image
-        and the DiT of another report at the same time); one that raises cancels the call and closes the
-        pipeline. ``timeout_s``: fail (and close) if the call takes longer.
+        and the DiT of another report at the same time). One that raises an ``Exception`` cancels the call:
+        the workers finish the image they are on (two ranks in a collective can only stop together), skip the
+        rest, and the call raises that exception; the pipeline stays usable. A ``KeyboardInterrupt`` stops the
+        workers at once and closes the pipeline. ``timeout_s``: fail (and close) if the call takes longer.
         """
         if self.closed:
             raise GlmqError("this two-GPU pipeline is closed (after close() or a worker failure); load it again")
@@ -346,16 +351,23 @@ class ParallelPipeline:
         ar_times: dict[int, dict] = {}
         timeline: list[tuple[float, int, str, int]] = []  # (seconds into the call, rank, "ar"|"image", image)
 
+        cancel: list[Exception] = []
+
         def on_message(rank, msg):
             if msg.kind in ("ar", "image"):
                 timeline.append((round(time.perf_counter() - t0, 4), rank, msg.kind, msg.meta["index"]))
-            if msg.kind == "event":
+            if msg.kind == "event" and not cancel:
                 stage, done, total = msg.meta["stage"], msg.meta["done"], msg.meta["total"]
                 if done == 0:
                     bar.stage(stage, total=total if stage == "DiT" else None)
                 elif stage == "DiT":
                     bar.step()
-                report(stage, done, total)
+                try:
+                    report(stage, done, total)
+                except Exception as e:  # noqa: BLE001 - the host cancels: the workers stop at the next image
+                    cancel.append(e)
+                    for c in self._conns:
+                        wire.send(c, "cancel")
             elif msg.kind == "ar":
                 ar_times[msg.meta["index"]] = msg.meta
 
@@ -374,6 +386,8 @@ class ParallelPipeline:
         finally:
             bar.close()
         wall = time.perf_counter() - t0
+        if cancel:
+            raise cancel[0]
         images = {m.meta["index"]: m for msgs in got.values() for m in msgs if m.kind == "image"}
         if sorted(images) != list(range(len(texts))):
             self._fail(f"the workers returned images {sorted(images)} for {len(texts)} prompts", None)
@@ -448,7 +462,7 @@ def _worker_env() -> dict:
 
 def load_parallel(path, *, device: str = "cuda", gpus: int = 2, parallel: str = "latency",
                   dtype=None, attention: str = "auto", cuda_graph: bool = True, compile: bool = False,
-                  attention_precision: str | None = None, **timeouts) -> ParallelPipeline:
+                  attention_precision: str | None = None, cache_dir=None, **timeouts) -> ParallelPipeline:
     """``glmq.load(path, gpus=2, parallel=...)``: the folder is checked here first (as ``glmq inspect`` does,
     one line on a problem), then each worker loads it onto its GPU."""
     from pathlib import Path
@@ -458,7 +472,8 @@ def load_parallel(path, *, device: str = "cuda", gpus: int = 2, parallel: str = 
     path = Path(path)
     check_before_load(path)
     options = {"dtype": str(dtype).removeprefix("torch.") if dtype is not None else None, "attention": attention,
-               "cuda_graph": cuda_graph, "compile": compile, "attention_precision": attention_precision}
+               "cuda_graph": cuda_graph, "compile": compile, "attention_precision": attention_precision,
+               "cache_dir": str(cache_dir) if cache_dir is not None else None}
     return ParallelPipeline({"path": str(path.resolve()), "options": options}, device=device, gpus=gpus,
                             parallel=parallel, **timeouts)
 

@@ -50,6 +50,7 @@ class Worker:
         self.device_group, self.cpu_group = groups["device"], groups["cpu"]
         self.pipe = None
         self.mode = None
+        self._cancel = False
 
     # -- set-up ------------------------------------------------------------------------------------------
     def build(self, meta: dict) -> dict:
@@ -69,6 +70,7 @@ class Worker:
             self.pipe = builder(device=str(self.device), **source.get("args", {}))
         self.mode = meta["mode"]
         info = {"memory_mode": str(self.pipe.mode), "attention_precision": self.pipe.attention_precision,
+                "compile": bool(self.pipe.compile),
                 "device": str(self.device), "dtype": str(self.pipe.dtype).removeprefix("torch.")}
         if self.mode == "latency":
             from glmq.runtime.parallel.guidance import GuidanceParallelRunner
@@ -120,9 +122,29 @@ class Worker:
             return None
         return round(torch.cuda.max_memory_reserved(self.device) / 2**30, 3)
 
+    def cancelled(self) -> bool:
+        """Whether the caller asked to stop this request (read from the pipe without waiting)."""
+        from glmq.runtime.parallel import wire
+
+        while not self._cancel and self.conn.poll(0):
+            if wire.recv(self.conn).kind == "cancel":
+                self._cancel = True
+        return self._cancel
+
+    def _agree_cancelled(self) -> bool:
+        """Rank 0 decides, for both ranks: the two must stop before the same image (a rank that stopped alone
+        would leave the other waiting in a collective)."""
+        import torch
+        import torch.distributed as dist
+
+        flag = torch.tensor([int(self.cancelled()) if self.rank == 0 else 0])
+        dist.broadcast(flag, src=0, group=self.cpu_group)
+        return bool(flag.item())
+
     def generate(self, meta: dict, tensors: dict) -> None:
         import torch
 
+        self._cancel = False
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
         gens = self._generators(meta, tensors)
@@ -146,6 +168,8 @@ class Worker:
         out_type = meta["output_type"] if self.rank == 0 else "latent"  # the VAE runs on rank 0 only
         callback = self._callback(meta) if self.rank == 0 else None
         for job in meta["jobs"]:
+            if self._agree_cancelled():
+                return
             gen = gens[job["generator"]]
             out = self.pipe(job["prompt"], generator=gen, output_type="pt" if out_type == "pil" else out_type,
                             callback=callback, **self._call_kwargs(meta))
@@ -172,6 +196,10 @@ class Worker:
         jobs = meta["jobs"]
         h, w = meta["height"], meta["width"]
         for n, job in enumerate(jobs):
+            if self.cancelled():  # tell rank 1 that no more images come
+                stop = torch.tensor([-1, 0, 0], dtype=torch.long)
+                pending.append((dist.isend(stop, dst=1, group=self.cpu_group), stop))
+                break
             gen = gens[job["generator"]]
             if callback:
                 callback("AR", 0, 1)
@@ -207,10 +235,14 @@ class Worker:
             header = torch.empty(3, dtype=torch.long)
             dist.recv(header, src=0, group=self.cpu_group)
             index, n_prior, n_state = (int(x) for x in header)
+            if index < 0:  # the call was cancelled: rank 0 sends no more images
+                break
             prior = torch.empty((1, n_prior), dtype=torch.long)
             state = torch.empty(n_state, dtype=torch.uint8)
             dist.recv(prior, src=0, group=self.cpu_group)
             dist.recv(state, src=0, group=self.cpu_group)
+            if self.cancelled():  # images rank 0 sent before it heard of the cancel: received, not made
+                continue
             job = by_index[index]
             device = self.device if meta["generators"][job["generator"]]["device"] == "cuda" else "cpu"
             gen = torch.Generator(device=device)
@@ -288,10 +320,12 @@ def main(argv: list[str] | None = None) -> int:
             msg = wire.recv(conn)
             if msg.kind == "close":
                 break
-            if msg.kind != "generate":
+            if msg.kind not in ("generate", "cancel"):
                 raise RuntimeError(f"unknown request {msg.kind!r}")
+            if msg.kind == "cancel":  # for a request that had already finished
+                continue
             worker.generate(msg.meta, msg.tensors)
-            wire.send(conn, "done", {"peak_reserved_gib": worker.peak_reserved_gib()})
+            wire.send(conn, "done", {"peak_reserved_gib": worker.peak_reserved_gib(), "cancelled": worker._cancel})
     except EOFError:  # the caller went away: nothing to report to
         return 0
     except BaseException as e:  # noqa: BLE001 - every failure goes to the caller, which stops the other rank

@@ -1,0 +1,61 @@
+#!/usr/bin/env bash
+# Batched generation, the batched AR decode and the first image, on one H200 (issue #15 items 1, 2, 4, 5;
+# issue #13 item 2). Each subcommand fits one device call (<= ~9 minutes); results land in $OUT/<name>/ with
+# provenance (set GLMQ_GIT_COMMIT to the commit the tree holds). transformers/diffusers wheels go in .whl/
+# (carry ".whl"), as for benchmarks/gpu_e2e.sh.
+#
+#   bash benchmarks/gpu_batch.sh batch80      # glmq bench --batch 1,4,8, 80 GiB tier, 1024x1024, 50 steps  (~8 min)
+#   bash benchmarks/gpu_batch.sh batch16      # the same in the 16 GiB tier (staged; the plan sizes DiT chunks)
+#   bash benchmarks/gpu_batch.sh decode       # benchmarks/ar_batch_decode.py: ms/step, tokens/s for B = 1..16
+#   bash benchmarks/gpu_batch.sh first80      # glmq bench --first-image: cold/cached/warm, fresh processes, 80 GiB
+#   bash benchmarks/gpu_batch.sh first16      # the same, 16 GiB tier
+#   bash benchmarks/gpu_batch.sh gen_prep     # a full-size checkpoint on disk: make-tiny --size full, quantize
+#   bash benchmarks/gpu_batch.sh gen_times    # glmq generate process wall time: off, on (cold cache), auto (cached)
+#   bash benchmarks/gpu_batch.sh unchanged    # single-prompt calls against the pre-batching commit, on the GPU
+#   bash benchmarks/gpu_batch.sh smoke        # a few minutes: small sizes, every path once
+# gen_prep and gen_times share /tmp on the machine: run gen_times right after gen_prep (the machine stays warm
+# only briefly between calls); gen_times re-runs gen_prep when the checkpoint is gone (and then has no time left).
+set -uo pipefail
+export PYTHONUNBUFFERED=1
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
+export PYTHONPATH=/tmp/site
+python3 -m pip install -q --no-deps --no-build-isolation -e . >/dev/null 2>&1 || { echo "editable install failed"; exit 1; }
+CKPT=/tmp/glmq-full-q
+BASE_COMMIT=9b8745e  # main before batching: single-prompt outputs must not change
+filter() { grep -v "^  File\|^    \|^Extension\|^W[0-9]\{4\}"; }
+bench() {  # name, timeout, bench args...
+  local name=$1 limit=$2; shift 2
+  timeout "$limit" python3 -X faulthandler -m glmq bench --model full-random --recipe default --size 1024x1024 \
+    --steps 50 --out "$OUT/$name" "$@" > "$OUT/$name.log" 2>&1
+  echo "== $name rc=$?"; filter < "$OUT/$name.log" | tail -30
+}
+case "$1" in
+  batch80) bench batch80 560 --tiers 80 --batch 1,4,8 ;;
+  batch16) bench batch16 560 --tiers 16 --batch 1,4,8 ;;
+  first80) bench first80 560 --tiers 80 --first-image ;;
+  first16) bench first16 560 --tiers 16 --first-image ;;
+  decode)  timeout 560 python3 -X faulthandler benchmarks/ar_batch_decode.py --out "$OUT/decode" > "$OUT/decode.log" 2>&1
+           echo "== decode rc=$?"; filter < "$OUT/decode.log" | tail -14 ;;
+  gen_prep)
+    rm -rf /tmp/glmq-full "$CKPT"
+    t0=$(date +%s)
+    timeout 330 python3 -m glmq make-tiny /tmp/glmq-full --size full > "$OUT/gen_prep.log" 2>&1; echo "== make-tiny rc=$? $(( $(date +%s) - t0 )) s"
+    timeout 220 python3 -m glmq quantize /tmp/glmq-full --out "$CKPT" --recipe fast --device cuda --no-eval \
+      --no-layer-outputs >> "$OUT/gen_prep.log" 2>&1; echo "== quantize rc=$? $(( $(date +%s) - t0 )) s"
+    rm -rf /tmp/glmq-full; du -sh "$CKPT"; tail -3 "$OUT/gen_prep.log" ;;
+  gen_times)
+    [ -d "$CKPT" ] || { echo "no $CKPT: running gen_prep first"; bash "$0" gen_prep; }
+    timeout 560 python3 benchmarks/generate_wall_time.py "$CKPT" --out "$OUT/gen_times" > "$OUT/gen_times.log" 2>&1
+    echo "== gen_times rc=$?"; filter < "$OUT/gen_times.log" | tail -16 ;;
+  unchanged)
+    rm -rf /tmp/base && mkdir -p /tmp/base
+    if git archive "$BASE_COMMIT" 2>/dev/null | tar -x -C /tmp/base; then
+      timeout 500 python3 benchmarks/check_single_prompt_unchanged.py --base-tree /tmp/base --base-commit "$BASE_COMMIT" --device cuda \
+        --out "$OUT/unchanged/single_prompt_unchanged_h200.json" 2>&1 | tail -12
+    else echo "commit $BASE_COMMIT is not in this tree's .git: copy a checkout of it to /tmp/base"; fi ;;
+  smoke)
+    bench smoke_bench 300 --tiers 80,16 --size 512x512 --steps 4 --batch 1,3 --no-compile
+    timeout 200 python3 benchmarks/ar_batch_decode.py --batches 1,4 --tokens 64 --out "$OUT/smoke_decode" \
+      > "$OUT/smoke_decode.log" 2>&1; echo "== smoke decode rc=$?"; filter < "$OUT/smoke_decode.log" | tail -8 ;;
+  *) echo "unknown subcommand $1"; exit 2 ;;
+esac
