@@ -17,14 +17,23 @@
 # pipelines' worker logs), gpu.csv (the cards and their links).
 set -uo pipefail
 OUT=${1:?usage: benchmarks/gpu_two_gpus.sh OUT}
-mkdir -p "$OUT"
+mkdir -p "$OUT" && OUT=$(cd "$OUT" && pwd)
 export PYTHONUNBUFFERED=1
 if ls .whl/*.whl >/dev/null 2>&1; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
     || exit 1
   export PYTHONPATH=/tmp/site
 fi
-python3 -m pip install -q --no-deps --no-build-isolation -e . >/dev/null 2>&1 || { echo "editable install failed"; exit 1; }
+if ! python3 -m pip install -q --no-deps --no-build-isolation -e . >/dev/null 2>&1; then
+  # An older setuptools there may refuse pyproject.toml (no build isolation, no network): import glmq from a
+  # copy of the package with the kernels linked in where the install would map them (glmq.kernels).
+  echo "editable install failed; importing glmq from a copy of the source instead"
+  # (Run from there: Python puts the working folder first on its path, and ./glmq has no kernels.)
+  rm -rf /tmp/glmq-src && mkdir -p /tmp/glmq-src && cp -r glmq /tmp/glmq-src/ && ln -s "$PWD/kernels" /tmp/glmq-src/glmq/kernels
+  export PYTHONPATH="/tmp/glmq-src${PYTHONPATH:+:$PYTHONPATH}"
+  cd /tmp/glmq-src || exit 1
+fi
+python3 -c "import glmq.kernels, glmq.runtime.parallel.pipeline" || { echo "glmq does not import"; exit 1; }
 if [ "${BENCH_DRY:-0}" = 1 ]; then
   ARGS=(--model tiny --device cpu --recipe bf16 --size 64x64 --steps 2)
 else
