@@ -130,7 +130,6 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
 def _cmd_generate(args: argparse.Namespace) -> int:
     import torch
 
-    import glmq
     from glmq.io.images import check_image_out, parse_size, read_image, save_image
 
     if args.prompts is not None:
@@ -141,15 +140,15 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     images = [read_image(ref) for ref in args.image or []]
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     _check_device(device)
-    compile_ = _compile_choice(args, device)
-    pipe = glmq.load(args.path, device=device, vram_budget_gb=args.vram_budget_gb, mode=args.memory_mode,
-                     attention=args.attention, attention_precision=args.attention_precision, compile=compile_,
-                     cache_dir=args.cache_dir)
-    generator = torch.Generator(device="cpu").manual_seed(args.seed)
-    result = pipe(args.prompt, image=images or None, height=height, width=width,
-                  num_inference_steps=args.steps, guidance_scale=args.guidance, generator=generator,
-                  progress=not args.json)
-    save_image(result[0], out, image_format)
+    pipe = _load_pipeline(args, device)
+    try:
+        generator = torch.Generator(device="cpu").manual_seed(args.seed)
+        result = pipe(args.prompt, image=images or None, height=height, width=width,
+                      num_inference_steps=args.steps, guidance_scale=args.guidance, generator=generator,
+                      progress=not args.json)
+        save_image(result[0], out, image_format)
+    finally:
+        _close(pipe)
     t = pipe.last_times
     summary = {"out": str(out), "size": [width, height], "steps": args.steps, "seed": args.seed,
                "device": device, "memory_mode": pipe.mode, "dit_attention": pipe.attention_precision,
@@ -164,6 +163,30 @@ def _cmd_generate(args: argparse.Namespace) -> int:
               f"[AR {t.ar_s:.2f} s / {t.ar_tokens} tokens, DiT {t.dit_s:.2f} s, VAE {t.vae_s:.2f} s; "
               f"{pipe.mode} on {device}]")
     return 0
+
+
+def _close(pipe) -> None:
+    """Stop a two-GPU pipeline's workers (a one-GPU pipeline has nothing to stop)."""
+    close = getattr(pipe, "close", None)
+    if close is not None:
+        close()
+
+
+def _load_pipeline(args: argparse.Namespace, device: str):
+    """``glmq.load`` with the command's flags (generate and serve); ``--gpus 2`` gives the two-GPU pipeline."""
+    import glmq
+    from glmq.errors import GlmqError
+
+    two = getattr(args, "gpus", 1) != 1 or getattr(args, "parallel", None) is not None
+    if two and (args.vram_budget_gb is not None or args.memory_mode is not None):
+        raise GlmqError("--vram-budget-gb and --memory-mode apply to one GPU; with --gpus 2 each GPU keeps its "
+                        "part resident")
+    if two and getattr(args, "image", None):
+        raise GlmqError("--image (image-to-image) runs on one GPU; --gpus 2 takes text-to-image prompts")
+    kwargs = {"gpus": args.gpus, "parallel": args.parallel} if two else {}
+    return glmq.load(args.path, device=device, vram_budget_gb=args.vram_budget_gb, mode=args.memory_mode,
+                     attention=args.attention, attention_precision=args.attention_precision,
+                     compile=_compile_choice(args, device), cache_dir=args.cache_dir, **kwargs)
 
 
 def _compile_choice(args: argparse.Namespace, device: str) -> bool:
@@ -183,7 +206,6 @@ def _generate_prompts_file(args: argparse.Namespace) -> int:
 
     import torch
 
-    import glmq
     from glmq.errors import GlmqError
     from glmq.generate_file import check_out_dir, generate_file, jobs_for, read_references
     from glmq.io.images import parse_size
@@ -197,6 +219,8 @@ def _generate_prompts_file(args: argparse.Namespace) -> int:
     out = Path(args.out)
     check_out_dir(out)
     references = read_references(lines, args.prompts)
+    if args.gpus != 1 and any(line.images for line in lines):
+        raise GlmqError("--gpus 2 takes text-to-image prompts; a .jsonl line with \"image\" runs on one GPU")
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     _check_device(device)
     lock = OutputLock(out)
@@ -204,14 +228,13 @@ def _generate_prompts_file(args: argparse.Namespace) -> int:
         pipe, load_s = None, 0.0
         if jobs_for(lines, out, force=args.force)[0]:  # a finished run resumes without loading the model
             t0 = time.perf_counter()
-            pipe = glmq.load(args.path, device=device, vram_budget_gb=args.vram_budget_gb, mode=args.memory_mode,
-                             attention=args.attention, attention_precision=args.attention_precision,
-                             compile=_compile_choice(args, device), cache_dir=args.cache_dir)
+            pipe = _load_pipeline(args, device)
             load_s = time.perf_counter() - t0
         summary = generate_file(pipe, lines, out, references, batch=args.batch, force=args.force,
                                 progress=not args.json)
     finally:
         lock.release()
+        _close(pipe)
     summary.update(prompts_file=str(args.prompts), device=device, load_s=round(load_s, 3),
                    memory_mode=str(pipe.mode) if pipe is not None else None,
                    compiled=pipe.compile if pipe is not None else None)
@@ -227,7 +250,6 @@ def _generate_prompts_file(args: argparse.Namespace) -> int:
 def _cmd_serve(args: argparse.Namespace) -> int:
     import torch
 
-    import glmq
     from glmq.errors import GlmqError
     from glmq.io.images import parse_size
     from glmq.serve.api import Limits
@@ -251,9 +273,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     _check_device(device)
     sock = bind(args.host, args.port)  # a port in use fails now, not after minutes of loading
     try:
-        pipe = glmq.load(args.path, device=device, vram_budget_gb=args.vram_budget_gb, mode=args.memory_mode,
-                         attention=args.attention, attention_precision=args.attention_precision,
-                         compile=_compile_choice(args, device), cache_dir=args.cache_dir)
+        pipe = _load_pipeline(args, device)
         server = GlmqServer(pipe, options, sock=sock,
                             info={"device": device, "memory_mode": str(pipe.mode)})
     except BaseException:
@@ -262,7 +282,10 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     batching = (f"batches of up to {server.batcher.max_batch} images" if server.batcher.batched
                 else "one image per pipeline call")
     print(f"glmq serve: listening on {server.url} ({args.path}, {pipe.mode} on {device}, {batching})", flush=True)
-    server.run()
+    try:
+        server.run()
+    finally:
+        _close(pipe)
     print("glmq serve: stopped", flush=True)
     return 0
 
@@ -353,7 +376,8 @@ def _cmd_bench(args: argparse.Namespace) -> int:
                       device=args.device, compile=not args.no_compile, attention=args.attention,
                       cuda_graph=not args.no_cuda_graph, warmup_steps=args.warmup_steps,
                       attention_precision=args.attention_precision, edits=edits, guidance=args.guidance,
-                      batch=_parse_batch(args.batch), first_image=args.first_image)
+                      batch=_parse_batch(args.batch), first_image=args.first_image, gpus=args.gpus,
+                      throughput_images=args.throughput_images)
     if args.baseline_only:
         cfg.baseline, cfg.recipes = True, ()
     if cfg.path is None and args.model == "tiny":
@@ -405,6 +429,7 @@ def build_parser() -> argparse.ArgumentParser:
     from glmq.bench.run import BENCH_MODELS
     from glmq.quant.recipe import ATTENTION_KERNELS, ATTENTION_PRECISIONS, available_recipes
     from glmq.runtime.memory import MemoryMode
+    from glmq.runtime.parallel import PARALLEL_MODES
 
     parser = _Parser(prog="glmq", description="Quantize, export and run GLM-Image on ordinary GPUs.")
     parser.add_argument("--version", action="version", version=f"glmq {__version__}")
@@ -474,6 +499,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="attention kernels: glmq's Triton kernels (auto on CUDA) or PyTorch SDPA")
     p.add_argument("--attention-precision", choices=ATTENTION_PRECISIONS, default=None,
                    help="DiT attention precision of glmq's kernels (default: what the checkpoint's recipe chose)")
+    p.add_argument("--gpus", type=int, choices=(1, 2), default=1,
+                   help="2: run on two GPUs (--device cuda) or two CPU processes (--device cpu), text-to-image only "
+                        "(default 1)")
+    p.add_argument("--parallel", choices=PARALLEL_MODES, default=None,
+                   help="with --gpus 2: latency (default; tensor-parallel AR, one guidance pass per GPU) or "
+                        "throughput (the AR of one image beside the DiT of the previous one)")
     p.add_argument("--compile", choices=("auto", "on", "off"), default="auto",
                    help="torch.compile the AR step and DiT blocks (CUDA): faster images, a slow first compilation "
                         "that the cache folder keeps for later processes; auto (default): on once a compiled run of "
@@ -540,6 +571,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="DiT attention precision of glmq's kernels (default: what the checkpoint's recipe chose)")
     p.add_argument("--log-level", choices=("debug", "info", "warning", "error"), default="info",
                    help="server log level on stderr (default info)")
+    p.add_argument("--gpus", type=int, choices=(1, 2), default=1,
+                   help="2: serve from two GPUs (text-to-image only; see --parallel) (default 1)")
+    p.add_argument("--parallel", choices=PARALLEL_MODES, default=None,
+                   help="with --gpus 2: latency (default) or throughput (pays off for batches of several images)")
     p.set_defaults(func=_cmd_serve)
 
     p = sub.add_parser("export", help="write formats other runtimes load: hf (bitsandbytes), gguf, onnx, compressed-tensors",
@@ -619,6 +654,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="attention kernels: glmq's Triton kernels (auto on CUDA) or PyTorch SDPA")
     p.add_argument("--attention-precision", choices=ATTENTION_PRECISIONS, default=None,
                    help="DiT attention precision of glmq's kernels (default: each recipe's choice)")
+    p.add_argument("--gpus", type=int, choices=(1, 2), default=1,
+                   help="2: after each recipe's one-GPU rows, a latency row and a throughput row on two GPUs "
+                        "(two CPU processes with --device cpu)")
+    p.add_argument("--throughput-images", type=_int_at_least(2), default=4,
+                   help="images in the two-GPU throughput row's timed call (default 4)")
     p.add_argument("--out", required=True, help="folder for bench.json, bench.md and bench.png")
     p.add_argument("--update-readme", nargs="?", const="README.md", default=None, metavar="README",
                    help="regenerate the hardware-tier table between README's glmq-bench markers (default: "

@@ -32,9 +32,20 @@ def table_rows(result: dict) -> list[list[str]]:
             f"{s['median']:.2f} ({s['min']:.2f}-{s['max']:.2f})",
             _cell(st.get("ar_ms_per_token")), _cell(st.get("dit_ms_per_step"), "{:.1f}"),
             _cell(r.get("peak_allocated_gib")), _cell(r.get("peak_reserved_gib")), device,
-            _cell(r.get("speedup_vs_stock"), "{:.1f}x"), _checks_note(r.get("checks") or {}),
+            _cell(r.get("speedup_vs_stock"), "{:.1f}x"),
+            "; ".join(filter(None, [_two_gpus_note(r.get("two_gpus")), _checks_note(r.get("checks") or {})])),
         ])
     return rows
+
+
+def _two_gpus_note(two: dict | None) -> str:
+    """A two-GPU row's comparison with the one-GPU row of its recipe (glmq.bench.two_gpus)."""
+    if not two or two.get("vs_one_gpu") is None:
+        return ""
+    if "images_per_hour" in two:
+        return (f"{two['images_per_hour']:.0f} images/hour, {two['vs_one_gpu']:.2f}x one GPU's "
+                f"{two['one_gpu_images_per_hour']:.0f}")
+    return f"{two['vs_one_gpu']:.2f}x one GPU's speed"
 
 
 def _checks_note(checks: dict) -> str:
@@ -42,6 +53,9 @@ def _checks_note(checks: dict) -> str:
     parts = []
     if "warmup_s" in checks:
         parts.append(f"warm-up image {checks['warmup_s']:.0f} s")
+    if "vs_one_gpu_prior_tokens_equal" in checks:
+        parts.append(f"vs one GPU, same seed: {100 * checks['vs_one_gpu_prior_tokens_equal']:.1f}% of AR tokens equal, "
+                     f"max pixel diff {checks['vs_one_gpu_image_max_abs_diff']:.3g}")
     if "same_seed_prior_tokens_equal" in checks:
         same = f"same seed: {100 * checks['same_seed_prior_tokens_equal']:.1f}% of AR tokens equal"
         if "same_seed_image_max_abs_diff" in checks:
@@ -200,7 +214,8 @@ def check_consistency(result: dict, rel_tol: float = 0.02) -> list[str]:
             problems.append(f"{name}: DiT {st['dit_s']} s is not {ran['steps']} steps x {st['dit_ms_per_step']} ms")
         staged = st["ar_s"] + st["dit_s"] + st.get("glyph_s", 0) + st.get("vae_s", 0)
         whole = r.get("seconds_per_call", r["seconds_per_image"])["max"]  # a batch row's stages serve the call
-        if staged > whole * (1 + rel_tol) + 1e-3:
+        # A two-GPU throughput row's seconds are its call's wall time per image: its images' stages overlap.
+        if r.get("parallel") != "throughput" and staged > whole * (1 + rel_tol) + 1e-3:
             problems.append(f"{name}: its stages add up to {staged:.3f} s, more than the "
                             f"{'call' if 'seconds_per_call' in r else 'image'}'s {whole} s")
         if want_steps is not None and ran["steps"] != want_steps:

@@ -63,6 +63,9 @@ class BenchConfig:
     # Cold/cached/warm first image per recipe and tier, each in fresh processes (glmq.bench.batch); without
     # ``batch`` it replaces the in-process rows.
     first_image: bool = False
+    # 2: after each recipe's one-GPU rows, a latency row and a throughput row on two GPUs (glmq.bench.two_gpus)
+    gpus: int = 1
+    throughput_images: int = 4  # images in the throughput row's timed call
     extra: dict = field(default_factory=dict)
 
 
@@ -463,6 +466,10 @@ def run_bench(cfg: BenchConfig, out: Path) -> dict:
     else:
         tiers = list(cfg.tiers) if cfg.tiers else [None]
     rows: list[dict] = []
+    if cfg.gpus == 2:
+        from glmq.bench.two_gpus import check_two_gpus
+
+        check_two_gpus(cfg, device)
     first_image: list[dict] = []
     pieces = _offline_pieces()
     tmp = None
@@ -485,6 +492,7 @@ def run_bench(cfg: BenchConfig, out: Path) -> dict:
                 if recipe != "bf16":
                     _log(f"{recipe}: quantizing in place")
                     quantize_modules({k: comps[k] for k in ("vision_language_encoder", "transformer")}, recipe)
+                one_gpu = None  # the first fitting text-to-image row: what the two-GPU rows are compared with
                 for tier in tiers:
                     row = {"provider": "glmq", "recipe": recipe, "tier_gib": tier, "size": f"{size[0]}x{size[1]}",
                            "steps": cfg.steps, "images": cfg.images}
@@ -528,6 +536,8 @@ def run_bench(cfg: BenchConfig, out: Path) -> dict:
                                    **_device_peak(device, tier))
                         if cfg.profile:
                             row["profile"] = _profile(pipe, cfg, size, device)
+                        if one_gpu is None:
+                            one_gpu = {"row": row, "last": last.cpu(), "prior": pipe.last_prior_token_ids}
                         rows.append(row)
                         write_outputs(_result(env, cfg, tiers, rows), out)
                         row = None
@@ -548,6 +558,12 @@ def run_bench(cfg: BenchConfig, out: Path) -> dict:
                         write_outputs(_result(env, cfg, tiers, rows), out)
                 del comps
                 _reset(device, None)
+                if cfg.gpus == 2:
+                    from glmq.bench.two_gpus import two_gpu_rows
+
+                    for row in two_gpu_rows(cfg, size, recipe, device, one_gpu):
+                        rows.append(row)
+                        write_outputs(_result(env, cfg, tiers, rows), out)
         if cfg.first_image:
             from glmq.bench.batch import first_image_rows
 
@@ -572,7 +588,7 @@ def _result(env: dict, cfg: BenchConfig, tiers, rows: list[dict], first_image: l
                                            "guidance": cfg.guidance,
                                            "warmup_steps": cfg.warmup_steps or cfg.steps, "images": cfg.images,
                                            "prompt": cfg.prompt, "seed": cfg.seed, "batch": list(cfg.batch),
-                                           "compile": cfg.compile},
+                                           "compile": cfg.compile, "gpus": cfg.gpus},
             "rows": rows}
     if first_image:
         result["first_image"] = first_image

@@ -63,7 +63,7 @@ def from_modules(components: dict, *, processor, tokenizer, scheduler_config: di
 def load(path: str | Path, device: str = "cuda", vram_budget_gb: float | None = None, *,
          dtype: torch.dtype | None = None, mode: str | None = None, attention: str = "auto",
          cuda_graph: bool = True, compile: bool = False, attention_precision: str | None = None,
-         cache_dir: str | Path | None = None) -> GlmqPipeline:
+         cache_dir: str | Path | None = None, gpus: int = 1, parallel: str | None = None) -> GlmqPipeline:
     """Load a GLM-Image folder (the bf16 release, make-tiny output, ``glmq quantize`` or GGUF export output).
 
     Args:
@@ -85,7 +85,21 @@ def load(path: str | Path, device: str = "cuda", vram_budget_gb: float | None = 
         cache_dir: the folder for compilation and autotuning artifacts that later processes reuse (CUDA; see
             :mod:`glmq.runtime.compile_cache`); None: ``$GLMQ_CACHE_DIR``, else ``$XDG_CACHE_HOME/glmq``, else
             ``~/.cache/glmq``.
+        gpus: 2 runs the pipeline on two GPUs (``device`` "cuda": GPUs 0 and 1; "cpu": two CPU processes), in
+            worker processes this call starts; returns a :class:`~glmq.runtime.parallel.pipeline.ParallelPipeline`.
+        parallel: with ``gpus=2``, "latency" (default: tensor-parallel AR, one guidance pass per GPU) or
+            "throughput" (the AR of one image beside the DiT of the previous one); see :mod:`glmq.runtime.parallel`.
     """
+    if gpus != 1 or parallel is not None:
+        from glmq.runtime.parallel.pipeline import load_parallel
+
+        if gpus == 1:
+            raise GlmqError(f"parallel={parallel!r} needs gpus=2")
+        if vram_budget_gb is not None or mode is not None:
+            raise GlmqError("vram_budget_gb and mode apply to one GPU; with gpus=2 each GPU keeps its part resident")
+        return load_parallel(path, device=device, gpus=gpus, parallel=parallel or "latency", dtype=dtype,
+                             attention=attention, cuda_graph=cuda_graph, compile=compile,
+                             attention_precision=attention_precision, cache_dir=cache_dir)
     from transformers import ByT5Tokenizer, GlmImageProcessor
 
     from glmq.io.layout import read_json
