@@ -423,6 +423,17 @@ def _cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_compile_options(p: argparse.ArgumentParser) -> None:
+    """``--compile`` and ``--cache-dir``, the same for generate and serve."""
+    p.add_argument("--compile", choices=("auto", "on", "off"), default="auto",
+                   help="torch.compile the AR step and DiT blocks (CUDA): faster images, a slow first compilation "
+                        "that the cache folder keeps for later processes; auto (default): on once a compiled run of "
+                        "this model finished on this card")
+    p.add_argument("--cache-dir", default=None,
+                   help="folder for compilation and autotuning caches (default $GLMQ_CACHE_DIR, else "
+                        "$XDG_CACHE_HOME/glmq, else ~/.cache/glmq)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from glmq import __version__
     from glmq.models.configs import SIZES
@@ -505,13 +516,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--parallel", choices=PARALLEL_MODES, default=None,
                    help="with --gpus 2: latency (default; tensor-parallel AR, one guidance pass per GPU) or "
                         "throughput (the AR of one image beside the DiT of the previous one)")
-    p.add_argument("--compile", choices=("auto", "on", "off"), default="auto",
-                   help="torch.compile the AR step and DiT blocks (CUDA): faster images, a slow first compilation "
-                        "that the cache folder keeps for later processes; auto (default): on once a compiled run of "
-                        "this model finished on this card")
-    p.add_argument("--cache-dir", default=None,
-                   help="folder for compilation and autotuning caches (default $GLMQ_CACHE_DIR, else "
-                        "$XDG_CACHE_HOME/glmq, else ~/.cache/glmq)")
+    _add_compile_options(p)
     p.add_argument("--num-images", type=_int_at_least(1, 64), default=1,
                    help="with --prompts: images per prompt (seeds SEED, SEED+1, ...; a .jsonl line's n wins)")
     p.add_argument("--batch", type=_int_at_least(1, 64), default=8,
@@ -558,13 +563,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="plan memory for this many GiB")
     p.add_argument("--memory-mode", choices=[m.value for m in MemoryMode], default=None,
                    help="force a memory mode (default: chosen from the budget)")
-    p.add_argument("--compile", choices=("auto", "on", "off"), default="auto",
-                   help="torch.compile the AR step and DiT blocks (CUDA; the first request of each shape pays, the "
-                        "cache folder keeps it for later processes); auto (default): on once a compiled run of this "
-                        "model finished on this card")
-    p.add_argument("--cache-dir", default=None,
-                   help="folder for compilation and autotuning caches (default $GLMQ_CACHE_DIR, else "
-                        "$XDG_CACHE_HOME/glmq, else ~/.cache/glmq)")
+    _add_compile_options(p)
     p.add_argument("--attention", choices=ATTENTION_KERNELS, default="auto",
                    help="attention kernels: glmq's Triton kernels (auto on CUDA) or PyTorch SDPA")
     p.add_argument("--attention-precision", choices=ATTENTION_PRECISIONS, default=None,
