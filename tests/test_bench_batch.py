@@ -34,7 +34,8 @@ def test_batch_rows_report_images_per_hour_and_match_batch_one(tiny_dir, tmp_pat
     assert (one["task"], three["task"]) == ("t2i x1", "t2i x3") and one["fit"] and three["fit"]
     assert three["dit_batch"] == 3 and three["ar_batch"] == 4  # no budget on the CPU: one chunk; AR rows 2^k
     s = three["seconds_per_call"]["median"]
-    assert three["images_per_hour"] == pytest.approx(3600 * 3 / s, rel=1e-3)
+    # seconds are stored to the millisecond: the rate agrees with them within that rounding (5e-4 s of s).
+    assert three["images_per_hour"] == pytest.approx(3600 * 3 / s, rel=6e-4 / s)
     assert three["seconds_per_image"]["median"] == pytest.approx(s / 3, abs=1e-3)
     assert three["vs_batch_1"] == pytest.approx(three["images_per_hour"] / one["images_per_hour"], abs=0.01)
     assert three["ar_tokens_per_s"] == pytest.approx(3 * 261 / three["stages"]["ar_s"], rel=0.01)

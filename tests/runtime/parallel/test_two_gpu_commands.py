@@ -92,7 +92,8 @@ def test_bench_gpus_2_adds_latency_and_throughput_rows_beside_the_one_gpu_row(ti
     assert throughput["checks"]["vs_one_gpu_prior_tokens_equal"] == 1.0
     assert throughput["checks"]["vs_one_gpu_image_max_abs_diff"] == 0
     two = throughput["two_gpus"]
-    assert two["images_per_hour"] == pytest.approx(3600 * 2 / two["wall_s"], rel=1e-3)
+    # wall_s is stored to the millisecond: the rate agrees with it within that rounding (5e-4 s of wall_s).
+    assert two["images_per_hour"] == pytest.approx(3600 * 2 / two["wall_s"], rel=6e-4 / two["wall_s"])
     assert throughput["seconds_per_image"]["median"] == pytest.approx(two["wall_s"] / 2, abs=1e-3)
     assert two["vs_one_gpu"] == pytest.approx(two["images_per_hour"] / two["one_gpu_images_per_hour"], rel=1e-2)
     md = (tmp_path / "bench" / "bench.md").read_text()
