@@ -16,9 +16,11 @@ config, applied in the same order to float32 logits:
    Equivalently, in descending order a token is kept iff the probability mass strictly before it is
    ``< top_p``: the smallest set of most likely tokens whose mass reaches ``top_p``.
 5. Draw from the softmax of the surviving logits. HF calls ``torch.multinomial``; here the draw is by
-   inverse CDF from one uniform number per row, supplied by the caller (drawn up front from a
-   ``torch.Generator``), so a whole generation is reproducible and no RNG state lives in a CUDA graph.
-   The distribution is the same; the random stream (and so the exact tokens) differs from HF's.
+   inverse CDF, in vocabulary order, from one uniform number per row, supplied by the caller (drawn up
+   front from a ``torch.Generator``), so a whole generation is reproducible and no RNG state lives in a CUDA
+   graph. The distribution is the same; the random stream (and so the exact tokens) differs from HF's.
+   Vocabulary order keeps a draw stable under the rounding by which a batched step's logits differ from
+   the one-row step's (see ``sample_tokens``).
 
 Greedy decoding is ``argmax`` of the masked logits (HF ``do_sample=False``).
 """
@@ -92,9 +94,13 @@ def sample_tokens(
     if top_k is not None and top_k > 0:
         logits = top_k_filter(logits, top_k)
     filtered, sorted_ids = top_p_filter_sorted(logits, top_p)
-    # Inverse CDF over the ascending order: the chosen slot is the first whose cumulative mass exceeds
-    # u * total. Dropped slots carry zero mass, so they can never be the first to exceed it.
-    cdf = filtered.softmax(dim=-1).cumsum(dim=-1)
-    threshold = uniform.reshape(-1, 1) * cdf[..., -1:]
-    slot = (cdf <= threshold).sum(dim=-1, keepdim=True).clamp_(max=logits.shape[-1] - 1)
-    return sorted_ids.gather(-1, slot).squeeze(-1)
+    # Inverse CDF in vocabulary order, not in the sorted order: two tokens whose logits differ by rounding
+    # (a batched step against the one-row step, ~1e-6) may swap places in a sort, which would hand the draw to
+    # the other token; in vocabulary order such a change moves each cumulative boundary by ~1e-8 and changes
+    # the draw only when u lands that close to a boundary. The chosen id is the first whose cumulative mass
+    # exceeds u * total; dropped ids carry zero mass, so they can never be the first to exceed it.
+    probs = torch.empty_like(filtered).scatter_(-1, sorted_ids, filtered).softmax(dim=-1)
+    cdf = probs.cumsum(dim=-1)
+    over = cdf > uniform.reshape(-1, 1) * cdf[..., -1:]
+    # u * total rounded up to total (u just below 1): the most likely id, as the sorted draw would give.
+    return torch.where(over.any(dim=-1), over.int().argmax(dim=-1), probs.argmax(dim=-1))

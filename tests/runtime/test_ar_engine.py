@@ -321,6 +321,25 @@ def test_inverse_cdf_draw_follows_the_filtered_softmax():
     assert limited.tolist() == [0, 0, 0]  # argmax among ids < 4
 
 
+def test_a_draw_does_not_follow_rounding_across_a_near_tie():
+    """A batched decode step's logits differ from the one-row step's by fp32 rounding (~1e-6 here). Two
+    tokens whose logits are that close may swap places in a sort; the draw must not follow the swap (it did
+    when the inverse CDF ran in sorted order: a batched image then sampled other tokens than the same image
+    made alone)."""
+    gen = torch.Generator().manual_seed(1)
+    logits = torch.randn(64, generator=gen)
+    logits[3], logits[7] = 1.5, 1.5 + 1e-6  # a near-tie, then the same two with the rounding the other way
+    swapped = logits.clone()
+    swapped[3], swapped[7] = 1.5 + 1e-6, 1.5
+    n = 20000
+    u = torch.rand(n, generator=gen)
+    kw = dict(vocab_limit=torch.tensor([64]), uniform=u, temperature=0.9, top_p=0.999)
+    a = sample_tokens(logits.expand(n, -1), **kw)
+    b = sample_tokens(swapped.expand(n, -1), **kw)
+    assert int((a == 3).sum()) > 100 and int((a == 7).sum()) > 100  # the tied pair is drawn, often
+    assert torch.equal(a, b)
+
+
 # ----------------------------------------------------------------------------------------------- errors
 
 
