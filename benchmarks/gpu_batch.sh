@@ -21,7 +21,7 @@ python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upg
 export PYTHONPATH=/tmp/site
 python3 -m pip install -q --no-deps --no-build-isolation -e . >/dev/null 2>&1 || { echo "editable install failed"; exit 1; }
 CKPT=/tmp/glmq-full-q
-BASE_COMMIT=9b8745e  # main before batching: single-prompt outputs must not change
+BASE_COMMIT=b1ad57e  # the AR draw in vocabulary order (9b8745e, main before batching, until then)
 filter() { grep -v "^  File\|^    \|^Extension\|^W[0-9]\{4\}"; }
 bench() {  # name, timeout, bench args...
   local name=$1 limit=$2; shift 2

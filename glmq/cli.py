@@ -623,7 +623,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", choices=BENCH_MODELS, default="tiny",
                    help="without PATH: tiny (default) or the full architecture with random weights built on the GPU")
     p.add_argument("--recipe", action="append", help="recipe to benchmark (repeatable; 'bf16' for none); default: default")
-    p.add_argument("--tiers", default=None, help="GPU memory tiers in GiB, comma-separated (default 80,32,24,16,12)")
+    p.add_argument("--tiers", default=None, help="GPU memory tiers in GiB, comma-separated (default 80,32,24,16,12,8)")
     p.add_argument("--size", action="append", help="WIDTHxHEIGHT (repeatable; default 1024x1024)")
     p.add_argument("--steps", type=_int_at_least(1), default=50, help="denoising steps (default 50)")
     p.add_argument("--images", type=_int_at_least(1), default=1, help="timed images per configuration (default 1)")

@@ -35,7 +35,7 @@ class BenchConfig:
     path: Path | None = None
     model: str = "tiny"  # one of BENCH_MODELS
     recipes: tuple[str, ...] = ("default",)
-    # GiB budgets; None: 80,32,24,16,12 on a GPU, one uncapped row on a CPU. Tiers given on a CPU are only
+    # GiB budgets; None: 80,32,24,16,12,8 on a GPU, one uncapped row on a CPU. Tiers given on a CPU are only
     # checked against the memory plan's estimates (nothing caps CPU memory), then run uncapped.
     tiers: tuple[float, ...] | None = None
     sizes: tuple[tuple[int, int], ...] = ((1024, 1024),)
@@ -462,7 +462,7 @@ def run_bench(cfg: BenchConfig, out: Path) -> dict:
     total_gib = torch.cuda.get_device_properties(device).total_memory / GiB if device.type == "cuda" else None
     if device.type == "cuda":
         # An "80 GB" card reports about 79 GiB: keep tiers up to the card's size, rounded generously.
-        tiers = [t for t in (cfg.tiers or (80, 32, 24, 16, 12)) if t <= total_gib * 1.1]
+        tiers = [t for t in (cfg.tiers or (80, 32, 24, 16, 12, 8)) if t <= total_gib * 1.1]
     else:
         tiers = list(cfg.tiers) if cfg.tiers else [None]
     rows: list[dict] = []

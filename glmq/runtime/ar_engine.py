@@ -427,10 +427,13 @@ class ArEngine:
                 ~ok, torch.finfo(self.dtype).min)
         return ok
 
-    def _forward(self, key: StepKey, ids, positions, rows: slice, write_rows, slots, kv_len, key_ok) -> torch.Tensor:
+    def _forward(self, key: StepKey, ids, positions, rows: slice, write_rows, slots, kv_len, key_ok, *,
+                 decode: bool = False) -> torch.Tensor:
         """Decoder on ``ids`` [R, q] of cache ``rows``, written at ``slots`` [R, q]: float32 logits of the last
-        position of each row."""
-        hidden = self.text.embed_tokens(ids)
+        position of each row. ``decode``: ``ids`` are tokens the ``lm_head`` emitted (a split embedding reads its
+        on-device rows, with no host work)."""
+        embed = self.text.embed_tokens
+        hidden = embed.visual(ids) if decode and hasattr(embed, "visual") else embed(ids)
         position_embeddings = self.text.rotary_emb(hidden, positions)
         mask = self._mask(key, slots, key_ok)
         cache = self._cache
@@ -464,7 +467,8 @@ class ArEngine:
         slots = (st.prompt_len + st.step)[:, None]
         positions = st.pos_table.index_select(2, st.step)
         kv_len = (slots[:, 0] + 1).to(torch.int32)
-        logits = self._forward(key, st.tok, positions, slice(0, st.batch), st.rows, slots, kv_len, st.key_ok)
+        logits = self._forward(key, st.tok, positions, slice(0, st.batch), st.rows, slots, kv_len, st.key_ok,
+                               decode=True)
         self._emit(st, key, logits, st.step + 1)
         st.step.add_(1)
 

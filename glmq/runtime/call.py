@@ -2,8 +2,10 @@
 ``encode``, ``dit``, ``vae``), each run once for all of the call's images, in the sizes the memory plan chose
 before any work (:func:`glmq.runtime.memory.plan_call`).
 
-- ``ar``: the decode engine generates every image's tokens together, up to ``ar_batch`` sequences per decode
-  step (:meth:`~glmq.runtime.ar_engine.ArEngine.generate_batch`); each image samples from its own generator.
+- ``ar``: for image-to-image, first the vision tower alone (``vision``: the references' VQ ids, which fill the
+  AR prompts and condition the DiT); then the decode engine generates every image's tokens together, up to
+  ``ar_batch`` sequences per decode step (:meth:`~glmq.runtime.ar_engine.ArEngine.generate_batch`); each
+  image samples from its own generator.
 - ``encode``: the glyph embeddings of each prompt (and of "" for guidance), the references' VAE latents.
 - ``dit``: the denoising loop over chunks of ``dit_batch`` images (:func:`glmq.runtime.batch.dit_chunks`),
   each forward holding the conditional and unconditional passes of every image of the chunk.
@@ -134,17 +136,30 @@ def _ar_stage(pipe, spec: CallSpec, inputs, plan, times, bar, report, prior_toke
     if prior_token_ids is None:
         bar.stage("AR")
         report("AR", 0, 1)
-        pipe.placement.stage("ar", i2i)
+        vision_s = 0.0
+        if i2i:  # the vision tower in a stage of its own: it is never on the GPU beside the text decoder
+            pipe.placement.stage("vision", True)
+            t0 = pipe._sync_time()
+            inputs = list(inputs)
+            for p, refs in enumerate(spec.references):
+                if refs:
+                    ids = conditioning.reference_ids(pipe.ar, inputs[p], len(refs), pipe.device)
+                    if ref_ids[p] is None:
+                        ref_ids[p], ref_grids[p] = conditioning.upsample_reference_ids(
+                            ids, inputs[p]["image_grid_thw"][: len(refs)])
+                    filled = conditioning.fill_image_placeholders(pipe.ar, inputs[p]["input_ids"], ids)
+                    inputs[p] = {**inputs[p], "input_ids": filled.cpu(), "pixel_values": None}
+            vision_s = pipe._sync_time() - t0
+        pipe.placement.stage("ar", False)
         t0 = pipe._sync_time()
         priors, times.ar_tokens = _decode(pipe, spec, inputs, plan.ar_batch, report)
-        times.ar_s = pipe._sync_time() - t0
+        times.ar_s = pipe._sync_time() - t0 + vision_s
         pipe.last_prior_token_ids = torch.cat(priors)
     else:
         priors = _given(prior_token_ids, len(spec.jobs), "prior_token_ids")
     for p, refs in enumerate(spec.references):
-        if refs and ref_ids[p] is None:
-            if prior_token_ids is not None:
-                pipe.placement.stage("ar", True)
+        if refs and ref_ids[p] is None:  # the AR did not run: the references' ids for the DiT alone
+            pipe.placement.stage("vision", True)
             ref_ids[p], ref_grids[p] = conditioning.reference_tokens(pipe.ar, inputs[p], len(refs), pipe.device)
     engine = pipe._engine
     if engine is not None and (pipe.mode is not MemoryMode.RESIDENT or engine.max_batch > 1):

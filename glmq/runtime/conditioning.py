@@ -49,19 +49,38 @@ def as_grids(grids) -> torch.Tensor:
 def reference_tokens(ar, inputs, n_images: int, device) -> tuple[torch.Tensor, torch.Tensor]:
     """VQ ids of the reference images (the AR's vision tower and VQ), upsampled 2x like the prior ids, and
     their upsampled grids."""
+    return upsample_reference_ids(reference_ids(ar, inputs, n_images, device), inputs["image_grid_thw"][:n_images])
+
+
+@torch.no_grad()
+def reference_ids(ar, inputs, n_images: int, device) -> torch.Tensor:
+    """VQ ids [N] of the first ``n_images`` images of the processor's ``inputs`` (the AR's vision tower and VQ), in
+    the order their placeholders take in the AR prompt (:func:`fill_image_placeholders`)."""
     grids = inputs["image_grid_thw"][:n_images].to(device)
     inner = ar.model
     features = inner.get_image_features(inputs["pixel_values"].to(device), grids, return_dict=True)
     # transformers >= 5.2 returns one [C, h, w] map per image, which get_image_tokens takes as is (the stock
     # pipeline concatenates them into the wrong shape and crashes here).
-    ids = inner.get_image_tokens(features.pooler_output).view(-1)
+    return inner.get_image_tokens(features.pooler_output).view(-1)
+
+
+def upsample_reference_ids(ids: torch.Tensor, grids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The DiT's view of reference ids [N] on ``grids`` (n, 3): each id repeated 2x2, and the grids doubled."""
+    grids = grids.cpu()
     upsampled = []
-    for part, (_, h, w) in zip(torch.split(ids, grids.prod(-1).tolist()), grids.tolist()):
+    for part, (_, h, w) in zip(torch.split(ids.cpu(), grids.prod(-1).tolist()), grids.tolist()):
         grid = part.view(1, h, w)
         upsampled.append(grid.repeat_interleave(2, 1).repeat_interleave(2, 2).reshape(-1))
     up_grids = grids.clone()
     up_grids[:, 1:] *= 2
-    return torch.cat(upsampled).cpu(), up_grids.cpu()
+    return torch.cat(upsampled), up_grids
+
+
+def fill_image_placeholders(ar, input_ids: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """The AR prompt ``input_ids`` with its ``<|image|>`` placeholders replaced by the references' VQ ``ids``, as
+    ``GlmImageModel.forward`` does (the decode engine then needs no vision tower)."""
+    ids = ids.to(input_ids.device)
+    return input_ids.masked_scatter(ar.model.get_placeholder_mask(input_ids, ids), ids)
 
 
 @torch.no_grad()

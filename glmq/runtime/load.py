@@ -19,7 +19,14 @@ def _assemble(components: dict, *, sizes: StageSizes, mode: str | None, vram_bud
     compile caches."""
     from glmq.runtime.attention import install_attention
     from glmq.runtime.compile_cache import activate
+    from glmq.runtime.embedding import split_embedding
 
+    split_embedding(components["vision_language_encoder"])  # on every device: one code path, tested on the CPU
+    from glmq.runtime import int4_tinygemm
+
+    if int4_tinygemm.wanted():  # opt-in until a bench run on the GPU decides (glmq.runtime.int4_tinygemm)
+        for module in components.values():
+            int4_tinygemm.install(module, device)
     budget = int(vram_budget_gb * GiB) if vram_budget_gb is not None and device.type == "cuda" else None
     chosen = choose_mode(sizes, budget, requested=mode) if device.type == "cuda" else MemoryMode.RESIDENT
     precision = install_attention(components, device, attention, attention_precision, transformer_config)
@@ -91,7 +98,12 @@ def load(path: str | Path, device: str = "cuda", vram_budget_gb: float | None = 
             "throughput" (the AR of one image beside the DiT of the previous one); see :mod:`glmq.runtime.parallel`.
     """
     if gpus != 1 or parallel is not None:
+        from glmq.runtime.int4_tinygemm import wanted
         from glmq.runtime.parallel.pipeline import load_parallel
+
+        if wanted():
+            raise GlmqError("GLMQ_INT4_KERNEL=tinygemm applies to one GPU (tensor parallelism shards glmq's int4 "
+                            "layers); unset it for gpus=2")
 
         if gpus == 1:
             raise GlmqError(f"parallel={parallel!r} needs gpus=2")

@@ -1,10 +1,11 @@
 """Which components sit on the GPU when: memory modes chosen from a VRAM budget, checked per call.
 
 - ``resident``: every component stays on the GPU (fastest; needs the most memory).
-- ``staged``: one network at a time. A call goes through four stages, each with only what it needs on the
-  GPU (the rest parked in pinned CPU memory; parking is free, the pinned copy already exists):
-  ``ar`` (text decoder; the vision tower and VQ only for image-to-image), ``encode`` (glyph encoder and VAE:
-  glyphs, and the references' latents), ``dit`` (DiT and VAE: the references' K/V, the denoising loop),
+- ``staged``: one network at a time. A call goes through four stages (five for image-to-image), each with
+  only what it needs on the GPU (the rest parked in pinned CPU memory; parking is free, the pinned copy
+  already exists): ``vision`` (image-to-image only: the AR's vision tower and VQ, which turn the references
+  into VQ ids), ``ar`` (the text decoder, with only its embedding's visual rows: :mod:`glmq.runtime.embedding`),
+  ``encode`` (glyph encoder and VAE: glyphs, and the references' latents), ``dit`` (DiT and VAE: the references' K/V, the denoising loop),
   ``vae`` (VAE alone: the decode). Peak is the largest stage.
 - ``offload``: staged, and the DiT streams its blocks through the GPU one at a time (weights parked in
   pinned CPU memory, copied in just before each block runs). The AR stays staged: streaming its layers
@@ -160,8 +161,8 @@ def stage_peaks(s: StageSizes, mode: str, request: Request | None = None, *, ar_
     if mode is MemoryMode.RESIDENT:
         everything = s.ar_weights + s.vision_weights + s.glyph_weights + s.dit_weights + s.vae_weights
         ar = enc = dit = vae = everything
-    else:
-        ar = s.ar_weights + vision
+    else:  # image-to-image: the vision tower runs in a stage of its own, before the text decoder arrives
+        ar = s.ar_weights
         enc = s.glyph_weights + s.vae_weights
         dit_w = s.largest_dit_block * 2 + s.dit_weights // 20 if mode.streams_dit else s.dit_weights
         dit = dit_w + s.vae_weights
@@ -170,6 +171,8 @@ def stage_peaks(s: StageSizes, mode: str, request: Request | None = None, *, ar_
     peaks = {"ar": ar + _scaled(s.ar_activations, s, req) + (s.ar_activations if i2i else 0) + more_sequences,
              "encode": enc + encode_act, "dit": dit + dit_act + kv,
              "vae": vae + vae_act + (max(int(images), 1) - 1) * 3 * req.height * req.width * 4}
+    if i2i and mode is not MemoryMode.RESIDENT:
+        peaks["vision"] = vision + s.ar_activations  # the references' features: within the AR's allowance
     return {k: int(v * (1 + FRAGMENTATION)) + OVERHEAD_BYTES for k, v in peaks.items()}
 
 

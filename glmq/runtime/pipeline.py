@@ -147,13 +147,15 @@ class GlmqPipeline:
         from glmq.runtime.ar_engine import ArRequest, prior_tokens_from_generated
 
         inputs = inputs if inputs is not None else self._ar_inputs(prompt, images, height, width)
-        request = ArRequest(inputs["input_ids"], inputs["image_grid_thw"], inputs.get("images_per_sample"),
-                            inputs.get("pixel_values"), inputs.get("attention_mask"), generator)
+        input_ids, ref_ids, ref_grids = inputs["input_ids"], None, None
+        if images:  # one vision pass: its ids fill the prompt and condition the DiT
+            ids = conditioning.reference_ids(self.ar, inputs, len(images), self.device)
+            ref_ids, ref_grids = conditioning.upsample_reference_ids(ids, inputs["image_grid_thw"][: len(images)])
+            input_ids = conditioning.fill_image_placeholders(self.ar, input_ids, ids).cpu()
+        request = ArRequest(input_ids, inputs["image_grid_thw"], inputs.get("images_per_sample"), None,
+                            inputs.get("attention_mask"), generator)
         tokens, = self._engine_for().generate_batch([request], step_callback=step_callback)
         prior = prior_tokens_from_generated(tokens.cpu(), inputs["image_grid_thw"], is_text_to_image=not images)
-        ref_ids = ref_grids = None
-        if images:
-            ref_ids, ref_grids = conditioning.reference_tokens(self.ar, inputs, len(images), self.device)
         return prior, tokens.shape[-1], ref_ids, ref_grids
 
     def _attention_for(self, seq_len: int) -> str:

@@ -16,7 +16,7 @@ import torch
 from glmq.runtime.memory import GiB, MemoryMode
 
 # What each stage of a call needs on the GPU (staged and offload modes; see glmq.runtime.memory).
-STAGE_NETS = {"ar": {"ar"}, "encode": {"glyph", "vae"}, "dit": {"dit", "vae"}, "vae": {"vae"}}
+STAGE_NETS = {"vision": {"ar"}, "ar": {"ar"}, "encode": {"glyph", "vae"}, "dit": {"dit", "vae"}, "vae": {"vae"}}
 
 
 def _debug(msg: str) -> None:
@@ -172,7 +172,9 @@ class Placement:
         Everything that leaves is parked first, then what the stage needs is copied in, so the GPU never holds
         two stages at once (the H200 sequence run, benchmarks/results/memory_sequence_h200/, ran out of memory
         under 16 GiB moving the AR and vision tower in while the DiT was still there). The AR's vision tower
-        and VQ only visit for image-to-image. Streamed DiT blocks are left to their streamer.
+        and VQ only visit for image-to-image, in the ``vision`` stage (without the text decoder; the ``ar``
+        stage of an image-to-image call may still take them when ``image_to_image`` is set). Streamed DiT
+        blocks are left to their streamer.
         """
         if not self.gpu() or not self.parked:
             return
@@ -182,12 +184,14 @@ class Placement:
         keep_on_cpu = set(self.streamers["dit"].keys) if "dit" in self.streamers else set()
         if not image_to_image:
             keep_on_cpu |= self._vision_keys
+        only = self._vision_keys if stage == "vision" else None  # the AR's vision tower and VQ, not its decoder
         wanted = STAGE_NETS[stage]
         _debug(f"stage {stage}: moving {sorted(wanted)} to the GPU")
         moves = []
         for name, parked in self.parked.items():
             for mod, kind, pname, cpu in parked.slots:
-                if name in wanted and (id(mod), kind, pname) not in keep_on_cpu:
+                key = (id(mod), kind, pname)
+                if name in wanted and key not in keep_on_cpu and (only is None or key in only):
                     current = getattr(mod, kind)[pname]
                     if current is None or current.device != self.device:
                         moves.append((mod, kind, pname, cpu, parked.non_blocking))

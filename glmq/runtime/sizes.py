@@ -58,12 +58,13 @@ def _ar_kv_bytes_per_token(ar_config) -> int:
 
 
 def _stage_sizes(named: dict[str, list[tuple[str, int]]], height: int, width: int, dit_config=None,
-                 ar_config=None) -> StageSizes:
+                 ar_config=None, host_only: int = 0) -> StageSizes:
+    """``host_only``: bytes of the AR's tensors that never go to the GPU (glmq.runtime.embedding)."""
     ar, dit = named["vision_language_encoder"], named["transformer"]
     vision = sum(b for n, b in ar if n.startswith(_VISION_PREFIXES))
     act_ar, act_dit, act_vae = activation_allowance(height, width)
     return StageSizes(
-        ar_weights=sum(b for _, b in ar) - vision,
+        ar_weights=sum(b for _, b in ar) - vision - host_only,
         vision_weights=vision,
         glyph_weights=sum(b for _, b in named["text_encoder"]),
         dit_weights=sum(b for _, b in dit),
@@ -80,15 +81,20 @@ def _stage_sizes(named: dict[str, list[tuple[str, int]]], height: int, width: in
 
 
 def stage_sizes(reader, height: int = 1024, width: int = 1024) -> StageSizes:
-    """Per-stage GPU bytes from a checkpoint's headers (bf16 compute; the glyph encoder stays fp32)."""
+    """Per-stage GPU bytes from a checkpoint's headers (bf16 compute; the glyph encoder stays fp32), the AR's
+    embedding counted with only the rows the runtime keeps on the GPU (glmq.runtime.embedding)."""
+    from glmq.runtime.embedding import host_only_bytes
+
     widths = {"vision_language_encoder": 2, "transformer": 2, "text_encoder": 4, "vae": 2}
+    ar = reader.component("vision_language_encoder")
     return _stage_sizes({name: _gpu_tensor_bytes(reader.component(name), w) for name, w in widths.items()},
-                        height, width, reader.component("transformer").config,
-                        reader.component("vision_language_encoder").config)
+                        height, width, reader.component("transformer").config, ar.config,
+                        host_only=host_only_bytes(ar.tensors, ar.config, widths["vision_language_encoder"]))
 
 
 def stage_sizes_from_modules(components: dict, height: int = 1024, width: int = 1024) -> StageSizes:
-    """Like :func:`stage_sizes`, measured on live modules (their current dtypes)."""
+    """Like :func:`stage_sizes`, measured on live modules (their current dtypes; a split embedding's host table
+    is no parameter, so it is not counted)."""
     names = ("vision_language_encoder", "transformer", "text_encoder", "vae")
     return _stage_sizes({name: _module_tensor_bytes(components[name]) for name in names}, height, width,
                         components["transformer"].config, components["vision_language_encoder"].config)

@@ -177,8 +177,10 @@ def test_staged_stages_hold_one_network_and_count_the_request():
     two = stage_peaks(s, "staged", Request(1024, 1024, (4096, 4096)))
     # The AR stage never holds the DiT (and vice versa): each stage is below the sum of both networks' weights.
     assert t2i["ar"] < s.ar_weights + s.dit_weights and t2i["dit"] < s.ar_weights + s.dit_weights
-    # References: the vision tower joins the AR stage; each one adds its K/V cache to the DiT stage.
-    assert one["ar"] - t2i["ar"] >= s.vision_weights
+    # References: the vision tower has a stage of its own (never beside the text decoder), the AR stage holds
+    # the longer prompt; each reference adds its K/V cache to the DiT stage.
+    assert "vision" not in t2i and s.vision_weights <= one["vision"] < s.vision_weights + s.ar_weights
+    assert s.vision_weights > one["ar"] - t2i["ar"] > 0
     kv = 4096 * s.dit_kv_bytes_per_token
     assert one["dit"] - t2i["dit"] >= kv and two["dit"] - one["dit"] >= kv
     # A 2048x2048 image needs more DiT activations than a 1024x1024 one.
@@ -230,11 +232,13 @@ def test_staging_parks_the_previous_stage_before_the_next_arrives(tiny_dir, monk
         seen_together.setdefault(stage, set()).add(frozenset(owner[k] for k in on_device))
 
     monkeypatch.setattr(pl.Parked, "set", staticmethod(tally))
-    for stage, i2i in (("ar", False), ("encode", False), ("dit", False), ("vae", False), ("ar", True),
-                       ("encode", True), ("dit", True)):
+    for stage, i2i in (("ar", False), ("encode", False), ("dit", False), ("vae", False), ("vision", True),
+                       ("ar", False), ("encode", True), ("dit", True)):
         place.stage(stage, i2i)
         held = {owner[k] for k in on_device}
         assert held == pl.STAGE_NETS[stage], (stage, held)
+        if stage == "vision":  # an image-to-image call's vision tower and VQ, without the text decoder
+            assert set(on_device) == place._vision_keys
     # At no moment of any move did the AR share the device with the DiT, the glyph encoder or the VAE.
     for stage, seen in seen_together.items():
         for nets_on in seen:
@@ -297,3 +301,28 @@ def test_a_normal_generate_run_prints_no_foreign_warnings(tiny_dir, tmp_path):
     print("stderr:", proc.stderr)
     assert proc.returncode == 0, proc.stderr
     assert proc.stderr.strip() == ""
+
+
+def test_image_to_image_runs_the_vision_tower_once_and_decodes_what_the_engine_decodes_from_pixels(pipe,
+                                                                                                   monkeypatch):
+    """The vision tower runs in its own stage (never beside the text decoder): its ids fill the AR prompt and
+    condition the DiT. The AR's tokens are those the decode engine makes when it fills the prompt itself from
+    the pixels."""
+    from glmq.runtime.ar_engine import ArRequest, prior_tokens_from_generated
+
+    g = torch.Generator().manual_seed(4)
+    ref = Image.fromarray((torch.rand(48, 80, 3, generator=g) * 255).byte().numpy())
+    inner = pipe.ar.model
+    calls = []
+    real = inner.get_image_features
+    monkeypatch.setattr(inner, "get_image_features", lambda *a, **k: calls.append(1) or real(*a, **k))
+    pipe(PROMPT, image=ref, height=64, width=64, num_inference_steps=2, generator=torch.Generator().manual_seed(9),
+         output_type="pt")
+    prior = pipe.last_prior_token_ids.clone()
+    assert len(calls) == 1
+    inputs = pipe._ar_inputs(PROMPT, [ref], 64, 64)
+    request = ArRequest(inputs["input_ids"], inputs["image_grid_thw"], inputs.get("images_per_sample"),
+                        inputs["pixel_values"], inputs.get("attention_mask"), torch.Generator().manual_seed(9))
+    tokens, = pipe._engine_for().generate_batch([request])
+    assert len(calls) == 2  # the engine's own vision pass
+    assert torch.equal(prior_tokens_from_generated(tokens, inputs["image_grid_thw"], is_text_to_image=False), prior)

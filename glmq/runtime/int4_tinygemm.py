@@ -1,0 +1,131 @@
+"""int4 layers through PyTorch's own W4A16 kernel (``torch._weight_int4pack_mm``, "tinygemm"), opt-in.
+
+Measured on an H200 (benchmarks/results/int4_gemv_libraries_h200/), over the AR's 40 layers of weights per
+decode step: tinygemm 2.63 ms against glmq's Triton kernels 3.56 ms at one row (51.8 against 55.4 dB
+against the fp32 product of the same dequantized weights; bf16 itself reaches 52.5), and faster at every
+row count up to 16 (9.8 against 13.9 ms). It ships inside PyTorch, so it costs no dependency. What is not yet
+measured is the whole decode step and image with it: until a ``glmq bench`` run says so it stays opt-in,
+``GLMQ_INT4_KERNEL=tinygemm`` (glmq's kernels otherwise).
+
+A layer is repacked once, when the pipeline is assembled: the codes go into tinygemm's tiled layout (same
+bytes as glmq's) and the scale and zero point into its ``[K // G, N, 2]`` table, where tinygemm computes
+``w = (q - 8) * scale + zero'``; glmq's ``w = (q - z) * scale`` is that with ``zero' = (8 - z) * scale``
+(bf16, as tinygemm reads it). On the GPU its packer takes two codes per byte with the even k in the high
+nibble (glmq's own layout has it in the low one); the CPU build of the same kernel takes the codes unpacked.
+The CPU tests run the CPU build, so the arithmetic above is checked without a GPU; the GPU packing call is
+the one the H200 measurement above used.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+
+import torch
+from torch import nn
+
+from glmq.quant.formats.int4 import Int4Format, unpack_int4
+from glmq.quant.formats.linear import QuantLinear
+
+INNER_K_TILES = 8  # tinygemm's K tiling on the GPU: K must be a multiple of 16 x this
+GROUP_SIZES = (32, 64, 128, 256)
+
+
+def wanted() -> bool:
+    """Whether the user asked for tinygemm (``GLMQ_INT4_KERNEL=tinygemm``)."""
+    choice = os.environ.get("GLMQ_INT4_KERNEL", "glmq")
+    if choice not in ("glmq", "tinygemm"):
+        raise ValueError(f"GLMQ_INT4_KERNEL must be 'glmq' or 'tinygemm', got {choice!r}")
+    return choice == "tinygemm"
+
+
+def scales_and_zeros(scale: torch.Tensor, zero: torch.Tensor | None) -> torch.Tensor:
+    """tinygemm's ``[K // G, N, 2]`` bf16 table for glmq's ``scale`` and ``zero`` ``[N, K // G]`` (None:
+    symmetric, a zero point of 8)."""
+    s = scale.float()
+    z = torch.full_like(s, 8.0) if zero is None else zero.float()
+    return torch.stack([s.t(), ((8.0 - z) * s).t()], dim=-1).to(torch.bfloat16).contiguous()
+
+
+def fits(layer: nn.Module, device: torch.device) -> bool:
+    """An int4 QuantLinear whose shape and group size tinygemm takes, on a device where it runs."""
+    if not isinstance(layer, QuantLinear) or not isinstance(layer.format, Int4Format):
+        return False
+    n, k, g = layer.out_features, layer.in_features, layer.format.group_size
+    if g not in GROUP_SIZES or k % g or n % 8:
+        return False
+    if device.type == "cuda":
+        return k % (16 * INNER_K_TILES) == 0 and torch.cuda.get_device_capability(device) >= (8, 0)
+    return device.type == "cpu"
+
+
+class TinygemmLinear(nn.Module):
+    """``y = x @ W.T + bias`` for an int4 :class:`QuantLinear`'s weight, repacked for tinygemm on ``device``
+    (the layer's buffers are read there; the repacked ones stay there until the module is moved)."""
+
+    def __init__(self, layer: QuantLinear, device: torch.device):
+        super().__init__()
+        self.in_features, self.out_features = layer.in_features, layer.out_features
+        self.group_size = layer.format.group_size
+        self.device_type = device.type
+        codes = unpack_int4(layer.weight.to(device))
+        if device.type == "cuda":
+            high_first = (codes[:, 0::2] << 4) | codes[:, 1::2]
+            packed = torch._convert_weight_to_int4pack(high_first.contiguous(), INNER_K_TILES)
+        else:
+            packed = torch._convert_weight_to_int4pack_for_cpu(codes.to(torch.int32), 1)
+        zero = layer._buffers.get("weight_zero")
+        self.register_buffer("packed", packed)
+        self.register_buffer("scales_and_zeros", scales_and_zeros(layer.weight_scale.to(device),
+                                                                  None if zero is None else zero.to(device)))
+        self.register_buffer("bias", None if layer.bias is None else layer.bias.detach().to(device))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        flat = x.reshape(-1, self.in_features).to(torch.bfloat16)
+        mm = torch._weight_int4pack_mm if self.device_type == "cuda" else torch._weight_int4pack_mm_for_cpu
+        y = mm(flat, self.packed, self.group_size, self.scales_and_zeros)
+        if self.bias is not None:
+            y = y + self.bias.to(y.dtype)
+        return y.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, group_size={self.group_size}"
+
+
+def _sqnr_db(ref: torch.Tensor, got: torch.Tensor) -> float:
+    err = (got.float() - ref.float()).pow(2).mean().clamp_min(1e-30)
+    return float(10 * torch.log10(ref.float().pow(2).mean().clamp_min(1e-30) / err))
+
+
+MIN_SQNR_DB = 40.0  # a wrong packing or zero point lands near 0 dB; a correct one measured 51.8 on the H200
+
+
+def install(module: nn.Module, device: torch.device) -> int:
+    """Swap every int4 QuantLinear under ``module`` that tinygemm takes for a :class:`TinygemmLinear`, each
+    repacked on ``device`` and left where the layer was (a parked layer stays on the CPU). The first swapped
+    layer is checked against glmq's own product on a random input (``MIN_SQNR_DB``); if it disagrees, or the
+    kernel is missing, nothing is swapped and a warning says why. Returns the number of layers swapped."""
+    targets = [(name, m) for name, m in module.named_modules() if fits(m, device)]
+    if not targets:
+        return 0
+    try:
+        with torch.no_grad():
+            name, first = targets[0]
+            swapped = TinygemmLinear(first, device)
+            x = torch.randn(3, first.in_features, generator=torch.Generator().manual_seed(0)).to(device,
+                                                                                                  torch.bfloat16)
+            tensors = {k: v.to(device) for k, v in first.stored_tensors().items()}
+            bias = first.bias.to(device).float() if first.bias is not None else None
+            db = _sqnr_db(first.format.matmul_kernel_ref(x.float(), tensors, bias), swapped(x))
+            if not db >= MIN_SQNR_DB:
+                raise RuntimeError(f"{name}: {db:.1f} dB against glmq's int4 product (at least {MIN_SQNR_DB} "
+                                   "expected)")
+    except (RuntimeError, AttributeError, NotImplementedError) as e:
+        warnings.warn(f"GLMQ_INT4_KERNEL=tinygemm: not used ({e}); glmq's int4 kernels run instead", stacklevel=2)
+        return 0
+    for name, layer in targets:
+        parent_name, _, child = name.rpartition(".")
+        parent = module.get_submodule(parent_name) if parent_name else module
+        home = layer.weight.device
+        setattr(parent, child, TinygemmLinear(layer, device).to(home))
+    return len(targets)
