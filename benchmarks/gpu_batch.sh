@@ -12,6 +12,8 @@
 #   bash benchmarks/gpu_batch.sh gen_prep     # a full-size checkpoint on disk: make-tiny --size full, quantize
 #   bash benchmarks/gpu_batch.sh gen_times    # glmq generate process wall time: off, on (cold cache), auto (cached)
 #   bash benchmarks/gpu_batch.sh unchanged    # single-prompt calls against the pre-batching commit, on the GPU
+#   bash benchmarks/gpu_batch.sh int4         # glmq bench, 80 GiB tier, glmq's int4 kernels then tinygemm's
+#                                             # (GLMQ_INT4_KERNEL=tinygemm): AR ms/token, image, one process each
 #   bash benchmarks/gpu_batch.sh smoke        # a few minutes: small sizes, every path once
 # gen_prep and gen_times share /tmp on the machine: run gen_times right after gen_prep (the machine stays warm
 # only briefly between calls); gen_times re-runs gen_prep when the checkpoint is gone (and then has no time left).
@@ -53,6 +55,9 @@ case "$1" in
       timeout 500 python3 benchmarks/check_single_prompt_unchanged.py --base-tree /tmp/base --base-commit "$BASE_COMMIT" --device cuda \
         --out "$OUT/unchanged/single_prompt_unchanged_h200.json" 2>&1 | tail -12
     else echo "commit $BASE_COMMIT is not in this tree's .git: copy a checkout of it to /tmp/base"; fi ;;
+  int4)
+    bench int4_glmq 275 --tiers 80 --images 2 --edits none
+    (export GLMQ_INT4_KERNEL=tinygemm; bench int4_tinygemm 275 --tiers 80 --images 2 --edits none) ;;
   smoke)
     bench smoke_bench 300 --tiers 80,16 --size 512x512 --steps 4 --batch 1,3 --no-compile
     timeout 200 python3 benchmarks/ar_batch_decode.py --batches 1,4 --tokens 64 --out "$OUT/smoke_decode" \

@@ -62,7 +62,7 @@ def run(pipe, spec: CallSpec, *, height: int, width: int, steps: int, guidance: 
     plan_grids = [_plan_grids(refs, inp, source_image_grid_thw) for refs, inp in zip(spec.references, inputs)]
     plan = pipe.plan_for([pipe.request_for(height, width, plan_grids[j.prompt_index]) for j in spec.jobs])
     times = StageTimes(extra={"mode": str(plan.mode), "guidance_scale": float(guidance), "size": f"{width}x{height}",
-                              "images": n})
+                              "images": n, "int4_kernel": pipe.int4_kernel})
     if spec.batched:
         times.extra.update(ar_batch=plan.ar_batch, dit_batch=plan.dit_batch)
     t_start = time.perf_counter()

@@ -129,3 +129,14 @@ def install(module: nn.Module, device: torch.device) -> int:
         home = layer.weight.device
         setattr(parent, child, TinygemmLinear(layer, device).to(home))
     return len(targets)
+
+
+def kernel_in(components: dict) -> str | None:
+    """Which kernel the pipeline's int4 layers run on a GPU: "tinygemm", "glmq" (Triton), or None (no int4
+    layer)."""
+    modules = [m for c in components.values() for m in c.modules()]
+    if any(isinstance(m, TinygemmLinear) for m in modules):
+        return "tinygemm"
+    if any(isinstance(m, QuantLinear) and isinstance(m.format, Int4Format) for m in modules):
+        return "glmq"
+    return None

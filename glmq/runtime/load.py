@@ -8,6 +8,7 @@ from pathlib import Path
 import torch
 
 from glmq.errors import GlmqError
+from glmq.runtime import int4_tinygemm
 from glmq.runtime.memory import GiB, MemoryMode, StageSizes, choose_mode
 from glmq.runtime.pipeline import GlmqPipeline
 
@@ -22,8 +23,6 @@ def _assemble(components: dict, *, sizes: StageSizes, mode: str | None, vram_bud
     from glmq.runtime.embedding import split_embedding
 
     split_embedding(components["vision_language_encoder"])  # on every device: one code path, tested on the CPU
-    from glmq.runtime import int4_tinygemm
-
     if int4_tinygemm.wanted():  # opt-in until a bench run on the GPU decides (glmq.runtime.int4_tinygemm)
         for module in components.values():
             int4_tinygemm.install(module, device)
@@ -98,10 +97,9 @@ def load(path: str | Path, device: str = "cuda", vram_budget_gb: float | None = 
             "throughput" (the AR of one image beside the DiT of the previous one); see :mod:`glmq.runtime.parallel`.
     """
     if gpus != 1 or parallel is not None:
-        from glmq.runtime.int4_tinygemm import wanted
         from glmq.runtime.parallel.pipeline import load_parallel
 
-        if wanted():
+        if int4_tinygemm.wanted():
             raise GlmqError("GLMQ_INT4_KERNEL=tinygemm applies to one GPU (tensor parallelism shards glmq's int4 "
                             "layers); unset it for gpus=2")
 

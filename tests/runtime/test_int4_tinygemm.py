@@ -98,6 +98,10 @@ def test_the_pipeline_runs_with_tinygemm_layers(tiny_dir, tmp_path, monkeypatch)
     swapped = [m for m in pipe.ar.modules() if isinstance(m, tg.TinygemmLinear)]
     assert swapped and not [m for m in pipe.ar.modules() if isinstance(m, QuantLinear)
                             and m.format.name == "int4"]
+    assert pipe.int4_kernel == "tinygemm"
     out = pipe("a red fox", height=64, width=64, num_inference_steps=2, generator=torch.Generator().manual_seed(0),
                output_type="pt")
     assert out.shape == (1, 3, 64, 64) and torch.isfinite(out).all()
+    assert pipe.last_times.extra["int4_kernel"] == "tinygemm"  # what glmq bench records as ran.int4_kernel
+    monkeypatch.delenv("GLMQ_INT4_KERNEL")
+    assert glmq.load(q, device="cpu").int4_kernel == "glmq" and glmq.load(tiny_dir, device="cpu").int4_kernel is None
