@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 
 from glmq.errors import GlmqError
-from glmq.runtime import int4_tinygemm
+from glmq.quant.formats import tinygemm
 from glmq.runtime.memory import GiB, MemoryMode, StageSizes, choose_mode
 from glmq.runtime.pipeline import GlmqPipeline
 
@@ -23,9 +23,9 @@ def _assemble(components: dict, *, sizes: StageSizes, mode: str | None, vram_bud
     from glmq.runtime.embedding import split_embedding
 
     split_embedding(components["vision_language_encoder"])  # on every device: one code path, tested on the CPU
-    if int4_tinygemm.wanted():  # opt-in until a bench run on the GPU decides (glmq.runtime.int4_tinygemm)
+    if tinygemm.wanted():  # opt-in until a bench run on the GPU decides (glmq.quant.formats.tinygemm)
         for module in components.values():
-            int4_tinygemm.install(module, device)
+            tinygemm.install(module, device)
     budget = int(vram_budget_gb * GiB) if vram_budget_gb is not None and device.type == "cuda" else None
     chosen = choose_mode(sizes, budget, requested=mode) if device.type == "cuda" else MemoryMode.RESIDENT
     precision = install_attention(components, device, attention, attention_precision, transformer_config)
@@ -99,7 +99,7 @@ def load(path: str | Path, device: str = "cuda", vram_budget_gb: float | None = 
     if gpus != 1 or parallel is not None:
         from glmq.runtime.parallel.pipeline import load_parallel
 
-        if int4_tinygemm.wanted():
+        if tinygemm.wanted():
             raise GlmqError("GLMQ_INT4_KERNEL=tinygemm applies to one GPU (tensor parallelism shards glmq's int4 "
                             "layers); unset it for gpus=2")
 

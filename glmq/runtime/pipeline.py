@@ -16,7 +16,8 @@ from pathlib import Path
 import torch
 
 from glmq.errors import GlmqError
-from glmq.runtime import conditioning, int4_tinygemm, vae
+from glmq.quant.formats import tinygemm
+from glmq.runtime import conditioning, vae
 from glmq.runtime.call import StageTimes  # noqa: F401  (public name, re-exported)
 from glmq.runtime.conditioning import glyph_texts  # noqa: F401  (public name, re-exported)
 from glmq.runtime.memory import CallPlan, GiB, MemoryMode, Request, StageSizes, mode_for_request, plan_call
@@ -55,7 +56,7 @@ class GlmqPipeline:
         self.processor, self.tokenizer, self.scheduler_config = processor, tokenizer, scheduler_config
         self.attention = attention
         self.attention_precision = attention_precision  # of the DiT's glmq kernels; "sdpa" when they are off
-        self.int4_kernel = int4_tinygemm.kernel_in(components)  # "glmq", "tinygemm" or None
+        self.int4_kernel = tinygemm.kernel_in(components)  # "glmq", "tinygemm" or None
         # Offload streams DiT weights through hooks, which a CUDA graph cannot replay; the AR keeps its graph.
         self.cuda_graph = cuda_graph and device.type == "cuda"
         self.dit_cuda_graph = self.cuda_graph and not self.mode.streams_dit

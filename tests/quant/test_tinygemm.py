@@ -1,4 +1,4 @@
-"""int4 layers through PyTorch's tinygemm kernel (glmq.runtime.int4_tinygemm), on the CPU build of the same
+"""int4 layers through PyTorch's tinygemm kernel (glmq.quant.formats.tinygemm), on the CPU build of the same
 kernel: the scale/zero-point conversion and the swap are checked here; the GPU packing call is the one the H200
 measurement used (benchmarks/results/int4_gemv_libraries_h200/)."""
 
@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from glmq.quant.formats.linear import QuantLinear
-from glmq.runtime import int4_tinygemm as tg
+from glmq.quant.formats import tinygemm as tg
 
 CPU = torch.device("cpu")
 
