@@ -101,6 +101,13 @@ def vae_decode_bytes(height: int, width: int, *, batch: int = 1, channels: int =
     return 20 * channels * height * width * batch * bytes_per_value
 
 
+# The VAE encoder's working set as a share of the decoder's at the same size: measured on the CPU at the released
+# config (benchmarks/results/vae_working_set_cpu/: 1.27-1.33 GiB against 3.79-4.18 GiB for the decode, in bf16 at
+# 1024x1024, a ratio of 0.32-0.34; the decoder's CPU figure is 0.80-0.88 of the H100's 4.76 GiB). 0.4 leaves a
+# margin over both.
+VAE_ENCODE_SHARE = 0.4
+
+
 def activation_allowance(height: int, width: int, *, dit_hidden: int = 4096, dit_ff: int = 16384,
                          vae_channels: int = 128) -> tuple[int, int, int]:
     """Rough peak activation bytes (AR, DiT, VAE) for one image of ``height`` x ``width``.
@@ -154,7 +161,7 @@ def stage_peaks(s: StageSizes, mode: str, request: Request | None = None, *, ar_
     # The VAE's working set scales with the pixels it processes at once (one tile at most); references are
     # encoded one at a time.
     base_area = _area(*s.size)
-    encode_act = max((s.vae_activations * _area(side, side) // base_area
+    encode_act = max((int(VAE_ENCODE_SHARE * s.vae_activations) * _area(side, side) // base_area
                       for side in (int(t**0.5) * 16 for t in req.reference_tokens)), default=0)
     dit_act = _scaled(s.dit_activations, s, req) * max(int(dit_batch), 1)
     vae_act = s.vae_activations * _area(req.height, req.width) // base_area
