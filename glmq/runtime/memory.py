@@ -4,9 +4,10 @@
 - ``staged``: one network at a time. A call goes through four stages (five for image-to-image), each with
   only what it needs on the GPU (the rest parked in pinned CPU memory; parking is free, the pinned copy
   already exists): ``vision`` (image-to-image only: the AR's vision tower and VQ, which turn the references
-  into VQ ids), ``ar`` (the text decoder, with only its embedding's visual rows: :mod:`glmq.runtime.embedding`),
-  ``encode`` (glyph encoder and VAE: glyphs, and the references' latents), ``dit`` (DiT and VAE: the references' K/V, the denoising loop),
-  ``vae`` (VAE alone: the decode). Peak is the largest stage.
+  into VQ ids), ``ar`` (the text decoder, with only its embedding's visual rows:
+  :mod:`glmq.runtime.embedding`), ``encode`` (glyph encoder and VAE: glyphs, and the references' latents),
+  ``dit`` (the DiT alone: the references' K/V, the denoising loop), ``vae`` (VAE alone: the decode). Peak
+  is the largest stage.
 - ``offload``: staged, and the DiT streams its blocks through the GPU one at a time (weights parked in
   pinned CPU memory, copied in just before each block runs). The AR stays staged: streaming its layers
   would cost a full weight transfer per token. Slowest; smallest peak.
@@ -171,8 +172,7 @@ def stage_peaks(s: StageSizes, mode: str, request: Request | None = None, *, ar_
     else:  # image-to-image: the vision tower runs in a stage of its own, before the text decoder arrives
         ar = s.ar_weights
         enc = s.glyph_weights + s.vae_weights
-        dit_w = s.largest_dit_block * 2 + s.dit_weights // 20 if mode.streams_dit else s.dit_weights
-        dit = dit_w + s.vae_weights
+        dit = s.largest_dit_block * 2 + s.dit_weights // 20 if mode.streams_dit else s.dit_weights
         vae = s.vae_weights
     more_sequences = (max(int(ar_batch), 1) - 1) * ar_sequence_bytes(s, req)
     peaks = {"ar": ar + _scaled(s.ar_activations, s, req) + (s.ar_activations if i2i else 0) + more_sequences,

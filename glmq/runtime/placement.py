@@ -16,7 +16,10 @@ import torch
 from glmq.runtime.memory import GiB, MemoryMode
 
 # What each stage of a call needs on the GPU (staged and offload modes; see glmq.runtime.memory).
-STAGE_NETS = {"vision": {"ar"}, "ar": {"ar"}, "encode": {"glyph", "vae"}, "dit": {"dit", "vae"}, "vae": {"vae"}}
+# The VAE leaves for the DiT stage: it has nothing to do there, and its 0.76 GiB (bf16, released size) decide
+# whether an edit's DiT stage fits a 12 GiB card (benchmarks/results/plan_tiers_cpu/); it comes back for the
+# decode, one more copy of its weights per call.
+STAGE_NETS = {"vision": {"ar"}, "ar": {"ar"}, "encode": {"glyph", "vae"}, "dit": {"dit"}, "vae": {"vae"}}
 
 
 def _debug(msg: str) -> None:
