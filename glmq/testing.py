@@ -203,3 +203,16 @@ def post_together(url: str, bodies: list[dict], timeout: float = 300) -> list[tu
     for t in threads:
         t.join()
     return answers
+
+
+def same_batched_image(a, b) -> bool:
+    """Two 8-bit images (arrays) of one request, one of them made in a batch: equal within one level. The batched
+    DiT's fp32 sums round differently from a lone call's (pixels move by ~2e-6 of full scale,
+    tests/runtime/test_batch.py), which can flip a value lying on a rounding boundary by one level; another
+    seed, prompt or reference moves pixels by tens of levels."""
+    import numpy as np
+
+    a, b = np.asarray(a), np.asarray(b)
+    diff = int(np.abs(a.astype(int) - b.astype(int)).max()) if a.shape == b.shape else None
+    print("max 8-bit difference, batched vs alone:", diff)
+    return diff is not None and diff <= 1
