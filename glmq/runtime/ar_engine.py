@@ -108,6 +108,10 @@ class ArEngine:
         self.cuda_graph = bool(cuda_graph) and self.device.type == "cuda"
         self.compile = bool(compile)
         self.sdpa_backends = list(sdpa_backends) if sdpa_backends is not None else None
+        from glmq.runtime import ar_fused
+
+        # Without Inductor, glmq's fused elementwise kernels (opt-in, glmq.runtime.ar_fused).
+        self.fused = not self.compile and ar_fused.wanted() and ar_fused.supported(self.text)
         self._step = torch.compile(self._decode_step, dynamic=False) if self.compile else self._decode_step
         self._compiled = self.compile
         head_dim = getattr(tcfg, "head_dim", None) or tcfg.hidden_size // tcfg.num_attention_heads
@@ -441,6 +445,14 @@ class ArEngine:
         kwargs = {self._cache_arg: cache, "kv_len": kv_len}
         if key.padded:
             kwargs["key_padding_mask"] = key_ok
+        if self.fused:
+            from glmq.runtime import ar_fused
+
+            for layer in self.text.layers:
+                hidden = ar_fused.layer_forward(layer, hidden, position_embeddings=position_embeddings,
+                                                attention_mask=mask, **kwargs)
+            hidden = ar_fused.final_norm(self.text, hidden[:, -1:])
+            return self.lm_head(hidden)[:, -1].float()
         for layer in self.text.layers:
             hidden = layer(hidden, position_embeddings=position_embeddings, attention_mask=mask, **kwargs)
             if isinstance(hidden, tuple):  # older transformers return (hidden_states, ...)

@@ -1,0 +1,72 @@
+"""The AR's text decoder layer with glmq's fused elementwise kernels (:mod:`glmq.kernels.decode_fused`), for the
+decode engine when its step runs without ``torch.compile`` (``glmq generate``'s first process).
+
+:func:`layer_forward` computes what upstream's ``GlmImageTextDecoderLayer.forward`` computes, with the same
+modules (the q/k/v/o and gate/up/down projections, quantized or not; the cache; the attention function the
+model's config names) and the same rounding; only the elementwise work runs in three fused kernels: each
+RMSNorm is one launch (with the residual add after the two post-norms), the rotary embedding of q and k one,
+SwiGLU one. About 20 launches a layer instead of about 68.
+
+Opt-in (``GLMQ_AR_FUSED=1``) until a GPU run measures it: ``glmq bench --no-compile`` with and without.
+"""
+
+from __future__ import annotations
+
+import os
+
+
+def wanted() -> bool:
+    """Whether the user asked for the fused uncompiled decode layer (``GLMQ_AR_FUSED=1``)."""
+    choice = os.environ.get("GLMQ_AR_FUSED", "0")
+    if choice not in ("0", "1"):
+        raise ValueError(f"GLMQ_AR_FUSED must be 0 or 1, got {choice!r}")
+    return choice == "1"
+
+
+def supported(text_model) -> bool:
+    """The layer structure :func:`layer_forward` reproduces: GLM-Image's four RMSNorms, a fused gate/up
+    projection with SiLU."""
+    layer = text_model.layers[0]
+    names = ("input_layernorm", "post_self_attn_layernorm", "post_attention_layernorm", "post_mlp_layernorm")
+    return (all(hasattr(getattr(layer, n, None), "variance_epsilon") for n in names)
+            and hasattr(layer.mlp, "gate_up_proj") and getattr(text_model.config, "hidden_act", None) == "silu")
+
+
+def layer_forward(layer, hidden, *, position_embeddings, attention_mask, **kwargs):
+    """One decoder layer on ``hidden`` ``[B, S, hidden]`` (the arguments the decode engine gives the upstream
+    layer: the cache under ``cache`` or ``past_key_values``, and the attention function's own keywords)."""
+    from transformers.models.glm_image.modeling_glm_image import ALL_ATTENTION_FUNCTIONS, eager_attention_forward
+
+    from glmq.kernels.decode_fused import rms_norm, rotary, silu_mul
+
+    attn, mlp = layer.self_attn, layer.mlp
+    cache = kwargs.pop("cache", None)
+    if cache is None:
+        cache = kwargs.pop("past_key_values", None)
+    kwargs.setdefault("position_ids", None)  # what the upstream layer passes on to its attention
+    kwargs.setdefault("use_cache", False)
+
+    def norm(module, x, residual=None):
+        return rms_norm(x, module.weight, module.variance_epsilon, residual)
+
+    residual = hidden
+    h = norm(layer.input_layernorm, hidden)
+    b, s, _ = h.shape
+    shape = (b, s, -1, attn.head_dim)
+    q, k = rotary(attn.q_proj(h).view(shape), attn.k_proj(h).view(shape), *position_embeddings)
+    q, k, v = q.transpose(1, 2), k.transpose(1, 2), attn.v_proj(h).view(shape).transpose(1, 2)
+    if cache is not None:
+        k, v = cache.update(k, v, attn.layer_idx, kwargs=kwargs)
+    attention = ALL_ATTENTION_FUNCTIONS.get_interface(attn.config._attn_implementation, eager_attention_forward)
+    out, _ = attention(attn, q, k, v, attention_mask, dropout=0.0, scaling=attn.scaling, **kwargs)
+    out = attn.o_proj(out.reshape(b, s, -1).contiguous())
+    hidden = norm(layer.post_self_attn_layernorm, out, residual)
+    h = mlp.down_proj(silu_mul(mlp.gate_up_proj(norm(layer.post_attention_layernorm, hidden))))
+    return norm(layer.post_mlp_layernorm, h, hidden)
+
+
+def final_norm(text_model, hidden):
+    """The text model's last RMSNorm, fused."""
+    from glmq.kernels.decode_fused import rms_norm
+
+    return rms_norm(hidden, text_model.norm.weight, text_model.norm.variance_epsilon)
