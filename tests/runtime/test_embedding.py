@@ -12,14 +12,6 @@ from glmq.runtime.ar_engine import ArEngine, ArRequest
 from glmq.runtime.embedding import EMBEDDING, VisualRowsEmbedding, host_only_bytes, split_embedding
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def model():
     from glmq.testing import tiny_ar
