@@ -505,9 +505,11 @@ def run_bench(cfg: BenchConfig, out: Path) -> dict:
                             _reset(device, tier)
                         processor, tokenizer, sched = pieces
                         if device.type != "cuda" and tier is not None:
+                            from glmq.runtime.embedding import split_embedding
                             from glmq.runtime.memory import choose_mode
                             from glmq.runtime.sizes import stage_sizes_from_modules
 
+                            split_embedding(comps["vision_language_encoder"])  # as from_modules will
                             w, h = size
                             row["estimated_mode"] = choose_mode(stage_sizes_from_modules(comps, h, w), int(tier * GiB))
                         pipe = from_modules(comps, processor=processor, tokenizer=tokenizer, scheduler_config=sched,

@@ -13,11 +13,11 @@ from glmq.runtime.memory import GiB, MemoryMode, StageSizes, choose_mode
 from glmq.runtime.pipeline import GlmqPipeline
 
 
-def _assemble(components: dict, *, sizes: StageSizes, mode: str | None, vram_budget_gb: float | None,
+def _assemble(components: dict, *, sizes: StageSizes | None, mode: str | None, vram_budget_gb: float | None,
               device: torch.device, dtype: torch.dtype, transformer_config: dict, attention: str,
               attention_precision: str | None, cache_dir=None, **pipeline_kwargs) -> GlmqPipeline:
     """The one place a pipeline is put together (``load`` and ``from_modules``): budget, mode, attention, the
-    compile caches."""
+    compile caches. ``sizes`` None: measured on the modules, once their embedding is split."""
     from glmq.runtime.attention import install_attention
     from glmq.runtime.compile_cache import activate
     from glmq.runtime.embedding import split_embedding
@@ -26,6 +26,10 @@ def _assemble(components: dict, *, sizes: StageSizes, mode: str | None, vram_bud
     if tinygemm.wanted():  # opt-in until a bench run on the GPU decides (glmq.quant.formats.tinygemm)
         for module in components.values():
             tinygemm.install(module, device)
+    if sizes is None:
+        from glmq.runtime.sizes import stage_sizes_from_modules
+
+        sizes = stage_sizes_from_modules(components)
     budget = int(vram_budget_gb * GiB) if vram_budget_gb is not None and device.type == "cuda" else None
     chosen = choose_mode(sizes, budget, requested=mode) if device.type == "cuda" else MemoryMode.RESIDENT
     precision = install_attention(components, device, attention, attention_precision, transformer_config)
@@ -49,8 +53,6 @@ def from_modules(components: dict, *, processor, tokenizer, scheduler_config: di
     """A pipeline over already-built modules (e.g. random full-size weights built on the GPU).
     ``attention_precision``, ``cache_dir``: see :func:`load`; None reads the recipe's choice from the
     transformer's config."""
-    from glmq.runtime.sizes import stage_sizes_from_modules
-
     dev, dtype = _device_and_dtype(device, dtype)
     if attention_precision is None and path is not None:
         from glmq.io.layout import read_json
@@ -59,7 +61,7 @@ def from_modules(components: dict, *, processor, tokenizer, scheduler_config: di
     else:  # modules quantized in place carry their recipe (glmq.quant.inplace)
         recipe = getattr(components["transformer"], "glmq_recipe", None)
         tcfg = {"quantization_config": {"recipe": recipe}} if recipe else {}
-    return _assemble(components, sizes=stage_sizes_from_modules(components), mode=mode,
+    return _assemble(components, sizes=None, mode=mode,
                      vram_budget_gb=vram_budget_gb, device=dev, dtype=dtype, transformer_config=tcfg,
                      attention=attention, attention_precision=attention_precision, path=path, processor=processor,
                      tokenizer=tokenizer, scheduler_config=scheduler_config, cuda_graph=cuda_graph, compile=compile,
@@ -117,7 +119,7 @@ def load(path: str | Path, device: str = "cuda", vram_budget_gb: float | None = 
     from glmq.models.build import _quiet_transformers
     from glmq.quant.formats.gguf.reader import GgufComponent
     from glmq.runtime.loader import check_before_load, load_component, open_component
-    from glmq.runtime.sizes import stage_sizes, stage_sizes_from_modules
+    from glmq.runtime.sizes import stage_sizes
 
     _quiet_transformers()
     dev, dtype = _device_and_dtype(device, dtype)
@@ -137,7 +139,7 @@ def load(path: str | Path, device: str = "cuda", vram_budget_gb: float | None = 
         if name == "vae" and dtype == torch.float16:
             target_dtype = torch.bfloat16  # an fp16 VAE overflows to NaN
         components[name] = load_component(src, device=dev if direct else "cpu", dtype=target_dtype)
-    return _assemble(components, sizes=sizes or stage_sizes_from_modules(components), mode=mode,
+    return _assemble(components, sizes=sizes, mode=mode,
                      vram_budget_gb=vram_budget_gb, device=dev, dtype=dtype,
                      transformer_config=sources["transformer"].config, attention=attention,
                      attention_precision=attention_precision, path=path,

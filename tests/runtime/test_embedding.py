@@ -85,3 +85,27 @@ def test_released_shapes_keep_1_16_gib_on_the_host():
 
     saved = host_only_bytes({EMBEDDING: Info()}, GlmImageConfig().to_dict(), 2)
     assert saved == (168064 - 16512) * 4096 * 2 and round(saved / 1024**3, 2) == 1.16
+
+
+def test_a_pipeline_over_built_modules_sizes_them_after_the_split(tiny_dir):
+    """``from_modules`` (and a GGUF load) sizes the networks from the live modules: after the split, so the plan
+    does not count the rows that stay on the host."""
+    import glmq
+    from glmq.runtime.load import from_modules
+
+    pipe = glmq.load(tiny_dir, device="cpu")
+    comps = {"vision_language_encoder": pipe.ar, "transformer": pipe.transformer, "text_encoder": pipe.text_encoder,
+             "vae": pipe.vae}
+    pipe.release()
+    text = pipe.ar.model.language_model
+    table = text.embed_tokens.host_table
+    text.embed_tokens = torch.nn.Embedding.from_pretrained(table.clone(), freeze=True)  # built modules: unsplit
+    again = from_modules(comps, processor=pipe.processor, tokenizer=pipe.tokenizer,
+                         scheduler_config=pipe.scheduler_config, device="cpu")
+    emb = text.embed_tokens
+    vision = sum(p.numel() * p.element_size() for m in (pipe.ar.model.visual, pipe.ar.model.vqmodel)
+                 for p in list(m.parameters()) + list(m.buffers()))
+    ar = {id(t): t for t in list(pipe.ar.parameters()) + list(pipe.ar.buffers())}
+    expected = sum(t.numel() * t.element_size() for t in ar.values()) - vision
+    assert isinstance(emb, VisualRowsEmbedding) and again.sizes.ar_weights == expected
+    assert emb.host_table.numel() * emb.host_table.element_size() > emb.weight.numel() * emb.weight.element_size()
