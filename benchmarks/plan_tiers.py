@@ -73,10 +73,11 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     from glmq.bench.provenance import provenance
     from glmq.errors import GlmqError
-    from glmq.runtime.memory import GiB, MemoryMode, Request, choose_mode, mode_for_request, stage_peaks
+    from glmq.runtime.memory import (GiB, MemoryMode, Request, choose_mode, mode_for_request, plan_call,
+                                     stage_peaks)
 
     tiers = [float(t) for t in args.tiers.split(",")]
-    rows, weights = [], {}
+    rows, weights, batches = [], {}, []
     for recipe in args.recipes.split(","):
         s = sizes_for(recipe)
         weights[recipe] = {k: round(getattr(s, k) / GiB, 3) for k in
@@ -104,9 +105,17 @@ def main(argv=None) -> int:
                         row.update(mode=None, fits=False,
                                    offload_peak_gib=round(max(stage_peaks(s, MemoryMode.OFFLOAD, req).values()) / GiB, 2))
                 rows.append(row)
+        for tier in tiers:  # a call of 8 text-to-image images at 1024x1024: how the plan splits it
+            budget = int(tier * GiB)
+            try:
+                plan = plan_call(s, budget, choose_mode(s, budget), [Request(1024, 1024)] * 8)
+                batches.append({"recipe": recipe, "tier_gib": tier, "images": 8, "mode": str(plan.mode),
+                                "dit_batch": plan.dit_batch, "ar_batch": plan.ar_batch})
+            except GlmqError as e:
+                batches.append({"recipe": recipe, "tier_gib": tier, "images": 8, "mode": None, "reason": str(e)})
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    result = {"provenance": provenance(), "weights_gib_on_gpu": weights, "rows": rows,
+    result = {"provenance": provenance(), "weights_gib_on_gpu": weights, "rows": rows, "batch_of_8": batches,
               "note": "estimates of glmq.runtime.memory for the released shapes; no GPU ran"}
     (out / "plan_tiers.json").write_text(json.dumps(result, indent=1) + "\n")
     lines = ["# The memory plan for the released shapes (estimates, no GPU)", "",
@@ -120,6 +129,10 @@ def main(argv=None) -> int:
         else:
             lines.append(f"| {r['recipe']} | {r['tier_gib']:g} | {r['request']} | does not fit | | "
                          f"{r.get('offload_peak_gib', '')} (offload) |")
+    lines += ["", "A call of 8 text-to-image images at 1024x1024: images per DiT forward and sequences per AR step",
+              "", "| recipe | tier GiB | mode | DiT batch | AR batch |", "|---|---|---|---|---|"]
+    lines += [f"| {b['recipe']} | {b['tier_gib']:g} | {b['mode'] or 'does not fit'} | {b.get('dit_batch', '')} | "
+              f"{b.get('ar_batch', '')} |" for b in batches]
     (out / "plan_tiers.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     return 0
