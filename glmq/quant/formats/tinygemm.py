@@ -81,7 +81,7 @@ class TinygemmLinear(nn.Module):
         self.register_buffer("bias", None if layer.bias is None else layer.bias.detach().to(device))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        flat = x.reshape(-1, self.in_features).to(torch.bfloat16)
+        flat = x.reshape(-1, self.in_features).to(torch.bfloat16).contiguous()
         mm = torch._weight_int4pack_mm if self.device_type == "cuda" else torch._weight_int4pack_mm_for_cpu
         y = mm(flat, self.packed, self.group_size, self.scales_and_zeros)
         if self.bias is not None:
