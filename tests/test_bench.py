@@ -48,6 +48,10 @@ def test_bench_on_cpu_writes_json_markdown_and_png(tiny_dir, tmp_path):
         assert row["ran"]["steps"] == 2 and row["ran"]["guidance"] == 2.5 and row["ran"]["size"] == "64x64", row
     assert big_tier["ran"]["ar_tokens"] == 261 and edit1["ran"]["ar_tokens"] < 261  # an edit fills only the target
     assert big_tier["ran"]["dit_attention"] == "sdpa" and big_tier["ran"]["mode"] == "resident"  # CPU: upstream SDPA
+    # Beside what a GPU run measures per stage, what the memory plan expected of each (an edit: its references).
+    assert set(big_tier["plan_stage_peaks_gib"]) == {"ar", "encode", "dit", "vae"}
+    plans = [row["plan_stage_peaks_gib"]["dit"] for row in (big_tier, edit1, edit2)]
+    assert plans == sorted(plans) and plans[0] > 0  # references only add (the tiny model's K/V: below 1 MiB)
     # Where it came from: commit and command.
     assert env["command"] == f"glmq bench {tiny_dir} --out {out} --size 64x64 --steps 2 --recipe default " \
                              "--baseline --tiers 0.5,80 --guidance 2.5 --json"

@@ -69,7 +69,8 @@ def run_batches(pipe, cfg, size, device, tier, recipe: str) -> list[dict]:
                        ar_batch=t.extra.get("ar_batch", 1), dit_batch=t.extra.get("dit_batch", 1),
                        ar_tokens_per_s=round(b * t.ar_tokens / t.ar_s, 1) if t.ar_s else None,
                        peak_allocated_gib=alloc, peak_reserved_gib=reserved,
-                       stage_peaks_reserved_gib=t.extra.get("peak_reserved_gib_after"), **_device_peak(device, tier))
+                       stage_peaks_reserved_gib=t.extra.get("peak_reserved_gib_after"),
+                       plan_stage_peaks_gib=t.extra.get("plan_peaks_gib"), **_device_peak(device, tier))
         except GlmqError as e:
             row.update(fit=False, reason=str(e))
         except torch.OutOfMemoryError as e:

@@ -382,6 +382,7 @@ def _run_edit(pipe, cfg: BenchConfig, size, device, tier, recipe: str, n_refs: i
                    seconds_per_image=_summary(seconds), stages=stage_dict(stages[-1]), ran=ran_dict(stages[-1]),
                    peak_allocated_gib=alloc, peak_reserved_gib=reserved,
                    stage_peaks_reserved_gib=stages[-1].extra.get("peak_reserved_gib_after"),
+                   plan_stage_peaks_gib=stages[-1].extra.get("plan_peaks_gib"),
                    **_device_peak(device, tier))
     except GlmqError as e:
         row.update(fit=False, reason=str(e))
@@ -536,6 +537,7 @@ def run_bench(cfg: BenchConfig, out: Path) -> dict:
                                    ran=ran_dict(stages[-1]),
                                    peak_allocated_gib=alloc, peak_reserved_gib=reserved, task="t2i",
                                    stage_peaks_reserved_gib=stages[-1].extra.get("peak_reserved_gib_after"),
+                                   plan_stage_peaks_gib=stages[-1].extra.get("plan_peaks_gib"),
                                    **_device_peak(device, tier))
                         if cfg.profile:
                             row["profile"] = _profile(pipe, cfg, size, device)

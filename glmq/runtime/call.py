@@ -27,7 +27,7 @@ import torch
 from glmq.errors import GlmqError
 from glmq.runtime import conditioning
 from glmq.runtime.batch import CallSpec, dit_chunks, rounds
-from glmq.runtime.memory import MemoryMode
+from glmq.runtime.memory import GiB, MemoryMode, call_peaks
 
 
 @dataclass
@@ -60,9 +60,12 @@ def run(pipe, spec: CallSpec, *, height: int, width: int, steps: int, guidance: 
               if prior_token_ids is None or (refs and (need_ref_ids or source_image_grid_thw is None)) else None
               for p, refs in zip(spec.prompts, spec.references)]  # CPU only: the grids size the plan
     plan_grids = [_plan_grids(refs, inp, source_image_grid_thw) for refs, inp in zip(spec.references, inputs)]
-    plan = pipe.plan_for([pipe.request_for(height, width, plan_grids[j.prompt_index]) for j in spec.jobs])
+    requests = [pipe.request_for(height, width, plan_grids[j.prompt_index]) for j in spec.jobs]
+    plan = pipe.plan_for(requests)
     times = StageTimes(extra={"mode": str(plan.mode), "guidance_scale": float(guidance), "size": f"{width}x{height}",
-                              "images": n, "int4_kernel": pipe.int4_kernel})
+                              "images": n, "int4_kernel": pipe.int4_kernel,
+                              "plan_peaks_gib": {k: round(v / GiB, 3) for k, v in
+                                                 call_peaks(pipe.sizes, plan, requests).items()}})
     if spec.batched:
         times.extra.update(ar_batch=plan.ar_batch, dit_batch=plan.dit_batch)
     t_start = time.perf_counter()

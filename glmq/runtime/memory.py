@@ -288,7 +288,7 @@ def plan_call(s: StageSizes, budget_bytes: int | None, base_mode: str, requests:
     if not requests:
         raise GlmqError("a call needs at least one image")
     n = len(requests)
-    worst = max(requests, key=lambda r: (sum(r.reference_tokens), len(r.reference_tokens), r.height * r.width))
+    worst = _worst(requests)
     if budget_bytes is None:
         return CallPlan(MemoryMode(base_mode), n, min(_next_pow2(n), MAX_AR_BATCH))
     mode = mode_for_request(s, budget_bytes, base_mode, worst) if refuse else MemoryMode(base_mode)
@@ -305,6 +305,18 @@ def plan_call(s: StageSizes, budget_bytes: int | None, base_mode: str, requests:
     dit = max((k for k in range(1, n + 1) if fits(dit_batch=k)), default=1)
     ar = max((k for k in _AR_SIZES if k <= _next_pow2(n) and fits(ar_batch=k)), default=1)
     return CallPlan(mode, dit, ar)
+
+
+def _worst(requests: list[Request]) -> Request:
+    """The request whose stages need the most: the most reference tokens, then references, then pixels."""
+    return max(requests, key=lambda r: (sum(r.reference_tokens), len(r.reference_tokens), r.height * r.width))
+
+
+def call_peaks(s: StageSizes, plan: CallPlan, requests: list[Request]) -> dict[str, int]:
+    """The estimated peak of each stage (bytes on the card) of a call of ``requests`` run as ``plan``: what a
+    bench row puts beside the peaks it measures, so that each run checks the plan."""
+    return stage_peaks(s, plan.mode, _worst(requests), ar_batch=plan.ar_batch, dit_batch=plan.dit_batch,
+                       images=len(requests))
 
 
 _AR_SIZES = tuple(2**i for i in range(MAX_AR_BATCH.bit_length()) if 2**i <= MAX_AR_BATCH)

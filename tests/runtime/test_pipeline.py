@@ -326,3 +326,20 @@ def test_image_to_image_runs_the_vision_tower_once_and_decodes_what_the_engine_d
     tokens, = pipe._engine_for().generate_batch([request])
     assert len(calls) == 2  # the engine's own vision pass
     assert torch.equal(prior_tokens_from_generated(tokens, inputs["image_grid_thw"], is_text_to_image=False), prior)
+
+
+def test_a_call_records_the_plans_estimate_of_each_stage(pipe, monkeypatch):
+    """Beside the peaks a GPU run measures (peak_reserved_gib_after), a call records what the plan expected of
+    each stage, for the request and batch sizes it ran: every bench row then checks the plan."""
+    from glmq.runtime.memory import CallPlan, MemoryMode
+
+    ref = Image.fromarray((torch.rand(64, 64, 3, generator=torch.Generator().manual_seed(2)) * 255).byte().numpy())
+    monkeypatch.setattr(type(pipe), "plan_for", lambda self, requests: CallPlan(MemoryMode.STAGED, 2, 2))
+    pipe([PROMPT, PROMPT], image=[ref, ref], height=64, width=64, num_inference_steps=2, output_type="pt",
+         generator=[torch.Generator().manual_seed(i) for i in range(2)])
+    recorded = pipe.last_times.extra["plan_peaks_gib"]
+    request = pipe.request_for(64, 64, pipe._ar_inputs(PROMPT, [ref], 64, 64)["image_grid_thw"][:1] * torch.tensor(
+        [1, 2, 2]))
+    expected = stage_peaks(pipe.sizes, "staged", request, ar_batch=2, dit_batch=2, images=2)
+    assert set(recorded) == {"vision", "ar", "encode", "dit", "vae"}
+    assert recorded == {k: round(v / GiB, 3) for k, v in expected.items()}
