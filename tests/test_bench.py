@@ -152,3 +152,6 @@ def test_markdown_says_what_ran_and_flags_figures_that_disagree():
     md = markdown(result)
     print(md)
     assert "ran 25, 50 steps, guidance 1, 1.5" in md and "do not trust them" in md and "ran 25 steps" in md
+    # A GPU row's peak on the card, with the memory plan's largest stage beside it.
+    result["rows"][1].update(peak_device_gib=9.43, plan_stage_peaks_gib={"ar": 7.1, "dit": 9.73, "vae": 7.2})
+    assert "9.43 (plan 9.73)" in markdown(result)

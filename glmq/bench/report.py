@@ -27,6 +27,9 @@ def table_rows(result: dict) -> list[list[str]]:
         device = _cell(r.get("peak_device_gib"))
         if r.get("within_tier") is False:
             device += " (over the tier)"
+        plan = r.get("plan_stage_peaks_gib")
+        if plan and r.get("peak_device_gib") is not None:  # the memory plan's estimate beside the measurement
+            device += f" (plan {max(plan.values()):.2f})"
         rows.append([
             r["provider"], r["recipe"], tier, task, r["size"], r.get("mode", "-"),
             f"{s['median']:.2f} ({s['min']:.2f}-{s['max']:.2f})",
