@@ -20,6 +20,19 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 
 
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """torch on one thread for a module's tests (``pytestmark = pytest.mark.usefixtures("one_torch_thread")``):
+    tiny models gain nothing from threads, and on a loaded 2-core runner OpenMP spin-waits make every op ~30x
+    slower (measured while writing tests/runtime/test_ar_engine.py)."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(scope="session")
 def tiny_dir(tmp_path_factory) -> Path:
     """A tiny random-weight GLM-Image pipeline folder (seed 0). Tests must not modify it: copy first."""

@@ -14,12 +14,7 @@ from glmq.testing import assert_user_error, run_cli_inprocess, tree_snapshot
 COMMON = ("--size", "64x64", "--steps", "2", "--device", "cpu")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _run(tiny_dir, prompts, out, *extra):

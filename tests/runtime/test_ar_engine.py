@@ -19,14 +19,7 @@ from glmq.runtime.sampling import sample_tokens, top_k_filter, top_p_filter
 EOS = 16385
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # Tiny models gain nothing from threads, and on a loaded 2-core runner OpenMP spin-waits make every op
-    # ~30x slower (measured while writing these tests).
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _build(vision_vocab_size: int | None = None, seed: int = 0):

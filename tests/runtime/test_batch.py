@@ -35,12 +35,7 @@ def _same_pixels(a, b) -> bool:
     return a.shape == b.shape and diff <= PIXEL_TOL
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
