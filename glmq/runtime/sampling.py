@@ -44,23 +44,15 @@ def top_k_filter(logits: torch.Tensor, top_k: int) -> torch.Tensor:
     return logits.masked_fill(logits < kth, float("-inf"))
 
 
-def top_p_filter_sorted(logits: torch.Tensor, top_p: torch.Tensor | float) -> tuple[torch.Tensor, torch.Tensor]:
-    """HF ``TopPLogitsWarper`` in sorted space.
-
-    Returns ``(sorted_logits, sorted_ids)``: the row's logits sorted ascending with the dropped ones set to
-    ``-inf``, and the vocabulary id of each sorted slot. ``top_p`` may be a float or a device scalar tensor.
-    """
+def top_p_filter(logits: torch.Tensor, top_p: torch.Tensor | float) -> torch.Tensor:
+    """HF ``TopPLogitsWarper``: the logits, in vocabulary order, with the dropped ones set to ``-inf``. The mass
+    is summed over the ascending sort, as transformers does. ``top_p`` may be a float or a device tensor
+    ([1] or [B, 1])."""
     sorted_logits, sorted_ids = torch.sort(logits, dim=-1, descending=False)
     cumulative = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
     remove = cumulative <= (1 - top_p)
     remove[..., -1] = False  # min_tokens_to_keep = 1: the most likely token always survives
-    return sorted_logits.masked_fill(remove, float("-inf")), sorted_ids
-
-
-def top_p_filter(logits: torch.Tensor, top_p: float) -> torch.Tensor:
-    """HF ``TopPLogitsWarper`` in vocabulary order (for tests and callers that want the filtered logits)."""
-    filtered, ids = top_p_filter_sorted(logits, top_p)
-    return torch.empty_like(logits).scatter_(-1, ids, filtered)
+    return torch.empty_like(logits).scatter_(-1, sorted_ids, sorted_logits.masked_fill(remove, float("-inf")))
 
 
 def sample_tokens(
@@ -93,13 +85,12 @@ def sample_tokens(
     logits = logits / temperature
     if top_k is not None and top_k > 0:
         logits = top_k_filter(logits, top_k)
-    filtered, sorted_ids = top_p_filter_sorted(logits, top_p)
     # Inverse CDF in vocabulary order, not in the sorted order: two tokens whose logits differ by rounding
     # (a batched step against the one-row step, ~1e-6) may swap places in a sort, which would hand the draw to
     # the other token; in vocabulary order such a change moves each cumulative boundary by ~1e-8 and changes
     # the draw only when u lands that close to a boundary. The chosen id is the first whose cumulative mass
     # exceeds u * total; dropped ids carry zero mass, so they can never be the first to exceed it.
-    probs = torch.empty_like(filtered).scatter_(-1, sorted_ids, filtered).softmax(dim=-1)
+    probs = top_p_filter(logits, top_p).softmax(dim=-1)
     cdf = probs.cumsum(dim=-1)
     over = cdf > uniform.reshape(-1, 1) * cdf[..., -1:]
     # u * total rounded up to total (u just below 1): the most likely id, as the sorted draw would give.
