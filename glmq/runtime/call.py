@@ -146,12 +146,10 @@ def _ar_stage(pipe, spec: CallSpec, inputs, plan, times, bar, report, prior_toke
             inputs = list(inputs)
             for p, refs in enumerate(spec.references):
                 if refs:
-                    ids = conditioning.reference_ids(pipe.ar, inputs[p], len(refs), pipe.device)
-                    if ref_ids[p] is None:
-                        ref_ids[p], ref_grids[p] = conditioning.upsample_reference_ids(
-                            ids, inputs[p]["image_grid_thw"][: len(refs)])
-                    filled = conditioning.fill_image_placeholders(pipe.ar, inputs[p]["input_ids"], ids)
-                    inputs[p] = {**inputs[p], "input_ids": filled.cpu(), "pixel_values": None}
+                    filled, ids, grids = conditioning.references_for_ar(pipe.ar, inputs[p], len(refs), pipe.device)
+                    if ref_ids[p] is None:  # the caller's ids, when given, condition the DiT
+                        ref_ids[p], ref_grids[p] = ids, grids
+                    inputs[p] = {**inputs[p], "input_ids": filled, "pixel_values": None}
             vision_s = pipe._sync_time() - t0
         pipe.placement.stage("ar", False)
         t0 = pipe._sync_time()

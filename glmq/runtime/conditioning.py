@@ -83,6 +83,14 @@ def fill_image_placeholders(ar, input_ids: torch.Tensor, ids: torch.Tensor) -> t
     return input_ids.masked_scatter(ar.model.get_placeholder_mask(input_ids, ids), ids)
 
 
+def references_for_ar(ar, inputs, n_images: int, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One vision pass over a prompt's ``n_images`` references: the AR prompt's ids with the placeholders
+    filled (on the CPU, for the decode engine), and the DiT's upsampled reference ids and grids."""
+    ids = reference_ids(ar, inputs, n_images, device)
+    ref_ids, ref_grids = upsample_reference_ids(ids, inputs["image_grid_thw"][:n_images])
+    return fill_image_placeholders(ar, inputs["input_ids"], ids).cpu(), ref_ids, ref_grids
+
+
 @torch.no_grad()
 def reference_latents(vae, images: list, grids: torch.Tensor, *, patch_size: int, device,
                       dtype) -> list[torch.Tensor]:

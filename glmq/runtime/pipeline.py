@@ -151,9 +151,7 @@ class GlmqPipeline:
         inputs = inputs if inputs is not None else self._ar_inputs(prompt, images, height, width)
         input_ids, ref_ids, ref_grids = inputs["input_ids"], None, None
         if images:  # one vision pass: its ids fill the prompt and condition the DiT
-            ids = conditioning.reference_ids(self.ar, inputs, len(images), self.device)
-            ref_ids, ref_grids = conditioning.upsample_reference_ids(ids, inputs["image_grid_thw"][: len(images)])
-            input_ids = conditioning.fill_image_placeholders(self.ar, input_ids, ids).cpu()
+            input_ids, ref_ids, ref_grids = conditioning.references_for_ar(self.ar, inputs, len(images), self.device)
         request = ArRequest(input_ids, inputs["image_grid_thw"], inputs.get("images_per_sample"), None,
                             inputs.get("attention_mask"), generator)
         tokens, = self._engine_for().generate_batch([request], step_callback=step_callback)
