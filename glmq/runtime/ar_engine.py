@@ -47,6 +47,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from glmq.runtime import ar_fused
 from glmq.runtime.ar_plan import GridPlan, insert_image_tokens, rope_positions
 from glmq.runtime.ar_plan import prior_tokens_from_generated  # noqa: F401  (public name, re-exported)
 from glmq.runtime.ar_state import ArRequest, BatchState, RowSpec, StaticKVCache, StepKey  # noqa: F401  (re-exported)
@@ -108,8 +109,6 @@ class ArEngine:
         self.cuda_graph = bool(cuda_graph) and self.device.type == "cuda"
         self.compile = bool(compile)
         self.sdpa_backends = list(sdpa_backends) if sdpa_backends is not None else None
-        from glmq.runtime import ar_fused
-
         # Without Inductor, glmq's fused elementwise kernels (opt-in, glmq.runtime.ar_fused).
         self.fused = not self.compile and ar_fused.wanted() and ar_fused.supported(self.text)
         self._step = torch.compile(self._decode_step, dynamic=False) if self.compile else self._decode_step
@@ -446,8 +445,6 @@ class ArEngine:
         if key.padded:
             kwargs["key_padding_mask"] = key_ok
         if self.fused:
-            from glmq.runtime import ar_fused
-
             for layer in self.text.layers:
                 hidden = ar_fused.layer_forward(layer, hidden, position_embeddings=position_embeddings,
                                                 attention_mask=mask, **kwargs)

@@ -12,6 +12,7 @@ Opt-in (``GLMQ_AR_FUSED=1``) until a GPU run measures it: ``glmq bench --no-comp
 
 from __future__ import annotations
 
+import functools
 import os
 
 
@@ -32,13 +33,21 @@ def supported(text_model) -> bool:
             and hasattr(layer.mlp, "gate_up_proj") and getattr(text_model.config, "hidden_act", None) == "silu")
 
 
-def layer_forward(layer, hidden, *, position_embeddings, attention_mask, **kwargs):
-    """One decoder layer on ``hidden`` ``[B, S, hidden]`` (the arguments the decode engine gives the upstream
-    layer: the cache under ``cache`` or ``past_key_values``, and the attention function's own keywords)."""
+@functools.cache
+def _ops():
+    """The kernels and upstream's attention registry, imported once (an import statement costs about a
+    microsecond, and :func:`layer_forward` runs for every layer of every token)."""
     from transformers.models.glm_image.modeling_glm_image import ALL_ATTENTION_FUNCTIONS, eager_attention_forward
 
     from glmq.kernels.decode_fused import rms_norm, rotary, silu_mul
 
+    return ALL_ATTENTION_FUNCTIONS, eager_attention_forward, rms_norm, rotary, silu_mul
+
+
+def layer_forward(layer, hidden, *, position_embeddings, attention_mask, **kwargs):
+    """One decoder layer on ``hidden`` ``[B, S, hidden]`` (the arguments the decode engine gives the upstream
+    layer: the cache under ``cache`` or ``past_key_values``, and the attention function's own keywords)."""
+    ALL_ATTENTION_FUNCTIONS, eager_attention_forward, rms_norm, rotary, silu_mul = _ops()
     attn, mlp = layer.self_attn, layer.mlp
     cache = kwargs.pop("cache", None)
     if cache is None:
@@ -67,6 +76,5 @@ def layer_forward(layer, hidden, *, position_embeddings, attention_mask, **kwarg
 
 def final_norm(text_model, hidden):
     """The text model's last RMSNorm, fused."""
-    from glmq.kernels.decode_fused import rms_norm
-
+    rms_norm = _ops()[2]
     return rms_norm(hidden, text_model.norm.weight, text_model.norm.variance_epsilon)
