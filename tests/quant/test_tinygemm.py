@@ -9,13 +9,10 @@ import torch
 from torch import nn
 
 from glmq.quant.formats.linear import QuantLinear
+from glmq.quant.metrics import sqnr_db
 from glmq.quant.formats import tinygemm as tg
 
 CPU = torch.device("cpu")
-
-
-def _sqnr(ref, got) -> float:
-    return tg._sqnr_db(ref, got)
 
 
 def _layer(symmetric: bool, n=96, k=512, bias=True, seed=0):
@@ -36,7 +33,7 @@ def test_tinygemm_computes_the_layer_glmq_stores(symmetric):
     ref = layer.format.matmul_kernel_ref(x.reshape(-1, layer.in_features).float(), layer.stored_tensors(),
                                          layer.bias.float()).reshape(2, 5, -1)
     got = fast(x)
-    db = _sqnr(ref, got)
+    db = sqnr_db(ref, got)
     print(f"symmetric={symmetric}: {db:.1f} dB against glmq's reference")
     # bf16 activations and outputs bound it near 50 dB (51.8 on the H200); a zero point off by one code
     # (the asymmetric/symmetric mix-up, or 8 - z taken as z - 8) lands below 20.
@@ -51,7 +48,7 @@ def test_a_wrong_zero_point_is_far_below_the_check():
     fast.scales_and_zeros = sz
     x = torch.randn(4, layer.in_features, generator=torch.Generator().manual_seed(2))
     ref = layer.format.matmul_kernel_ref(x, layer.stored_tensors(), layer.bias.float())
-    assert _sqnr(ref, fast(x)) < tg.MIN_SQNR_DB - 20
+    assert sqnr_db(ref, fast(x)) < tg.MIN_SQNR_DB - 20
 
 
 def test_install_swaps_every_int4_layer_and_refuses_when_its_check_fails(monkeypatch):
@@ -69,7 +66,7 @@ def test_install_swaps_every_int4_layer_and_refuses_when_its_check_fails(monkeyp
     assert tg.install(net, CPU) == 2
     assert isinstance(net[0], tg.TinygemmLinear) and isinstance(net[3], tg.TinygemmLinear)
     assert isinstance(net[4], QuantLinear)
-    assert _sqnr(before, net(x)) > 40
+    assert sqnr_db(before, net(x)) > 40
     assert tg.install(net, CPU) == 0  # nothing left to swap
 
 

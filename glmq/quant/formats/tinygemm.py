@@ -26,6 +26,7 @@ from torch import nn
 
 from glmq.quant.formats.int4 import Int4Format, unpack_int4
 from glmq.quant.formats.linear import QuantLinear
+from glmq.quant.metrics import sqnr_db
 
 INNER_K_TILES = 8  # tinygemm's K tiling on the GPU: K must be a multiple of 16 x this
 GROUP_SIZES = (32, 64, 128, 256)
@@ -92,11 +93,6 @@ class TinygemmLinear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, group_size={self.group_size}"
 
 
-def _sqnr_db(ref: torch.Tensor, got: torch.Tensor) -> float:
-    err = (got.float() - ref.float()).pow(2).mean().clamp_min(1e-30)
-    return float(10 * torch.log10(ref.float().pow(2).mean().clamp_min(1e-30) / err))
-
-
 MIN_SQNR_DB = 40.0  # a wrong packing or zero point lands near 0 dB; a correct one measured 51.8 on the H200
 
 
@@ -116,7 +112,7 @@ def install(module: nn.Module, device: torch.device) -> int:
                                                                                                   torch.bfloat16)
             tensors = {k: v.to(device) for k, v in first.stored_tensors().items()}
             bias = first.bias.to(device).float() if first.bias is not None else None
-            db = _sqnr_db(first.format.matmul_kernel_ref(x.float(), tensors, bias), swapped(x))
+            db = sqnr_db(first.format.matmul_kernel_ref(x.float(), tensors, bias), swapped(x))
             if not db >= MIN_SQNR_DB:
                 raise RuntimeError(f"{name}: {db:.1f} dB against glmq's int4 product (at least {MIN_SQNR_DB} "
                                    "expected)")
