@@ -15,6 +15,7 @@ import argparse
 import json
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 REQUESTS = {  # label -> (height, width, reference token counts: a 1024x1024 reference is 64x64 upsampled ids)
     "t2i 1024": (1024, 1024, ()),
@@ -53,15 +54,16 @@ def sizes_for(recipe_name: str):
 
     from glmq.models.configs import component_config
     from glmq.quant.recipe import load_recipe
-    from glmq.runtime.embedding import EMBEDDING
+    from glmq.runtime.embedding import EMBEDDING, host_only_bytes
     from glmq.runtime.sizes import _stage_sizes
 
     recipe = None if recipe_name == "bf16" else load_recipe(recipe_name)
     named = {n: component_bytes(n, recipe) for n in ("vision_language_encoder", "transformer", "text_encoder", "vae")}
     ar_config = component_config("vision_language_encoder", "full")
     text = GlmImageConfig(**ar_config).text_config
-    host_only = (text.vocab_size - text.vision_vocab_size) * text.hidden_size * 2
     assert any(n == EMBEDDING for n, _ in named["vision_language_encoder"])
+    # the runtime's own rule for the rows that stay on the host (glmq.runtime.sizes.stage_sizes uses it too)
+    host_only = host_only_bytes({EMBEDDING: SimpleNamespace(shape=(text.vocab_size, text.hidden_size))}, ar_config, 2)
     return _stage_sizes(named, 1024, 1024, component_config("transformer", "full"), ar_config, host_only=host_only)
 
 
