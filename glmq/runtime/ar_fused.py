@@ -15,12 +15,14 @@ from __future__ import annotations
 import functools
 import os
 
+from glmq.errors import GlmqError
+
 
 def wanted() -> bool:
     """Whether the user asked for the fused uncompiled decode layer (``GLMQ_AR_FUSED=1``)."""
     choice = os.environ.get("GLMQ_AR_FUSED", "0")
     if choice not in ("0", "1"):
-        raise ValueError(f"GLMQ_AR_FUSED must be 0 or 1, got {choice!r}")
+        raise GlmqError(f"GLMQ_AR_FUSED must be 0 or 1, got {choice!r}")
     return choice == "1"
 
 

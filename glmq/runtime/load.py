@@ -40,6 +40,9 @@ def _assemble(components: dict, *, sizes: StageSizes | None, mode: str | None, v
 
 
 def _device_and_dtype(device: str, dtype: torch.dtype | None) -> tuple[torch.device, torch.dtype]:
+    from glmq.runtime import ar_fused
+
+    tinygemm.wanted(), ar_fused.wanted()  # a bad GLMQ_INT4_KERNEL or GLMQ_AR_FUSED: one error before any work
     dev = torch.device(device)
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise GlmqError("device cuda requested but no CUDA GPU is available (use device='cpu')")

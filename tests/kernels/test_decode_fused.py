@@ -90,5 +90,7 @@ def test_the_engine_with_the_fused_layer_makes_the_same_tokens(monkeypatch):
     print(f"logits, fused against upstream layers (fp32): max |diff| {diff:.2e}")
     assert torch.equal(tokens, tokens2) and diff < 1e-4
     monkeypatch.setenv("GLMQ_AR_FUSED", "yes")
-    with pytest.raises(ValueError, match="GLMQ_AR_FUSED"):
+    from glmq.errors import GlmqError
+
+    with pytest.raises(GlmqError, match="GLMQ_AR_FUSED"):
         ArEngine(model)

@@ -8,6 +8,7 @@ import pytest
 import torch
 from torch import nn
 
+from glmq.errors import GlmqError
 from glmq.quant.formats.linear import QuantLinear
 from glmq.quant.metrics import sqnr_db
 from glmq.quant.formats import tinygemm as tg
@@ -76,8 +77,19 @@ def test_the_choice_comes_from_the_environment(monkeypatch):
     monkeypatch.setenv("GLMQ_INT4_KERNEL", "tinygemm")
     assert tg.wanted()
     monkeypatch.setenv("GLMQ_INT4_KERNEL", "fast")
-    with pytest.raises(ValueError, match="glmq' or 'tinygemm"):
+    with pytest.raises(GlmqError, match="glmq' or 'tinygemm"):
         tg.wanted()
+
+
+@pytest.mark.parametrize("name, value", [("GLMQ_INT4_KERNEL", "fast"), ("GLMQ_AR_FUSED", "yes")])
+def test_a_bad_switch_is_one_line_before_any_work(tiny_dir, tmp_path, monkeypatch, name, value):
+    from glmq.testing import assert_user_error, run_cli_inprocess
+
+    monkeypatch.setenv(name, value)
+    out = tmp_path / "img.png"
+    assert_user_error(run_cli_inprocess("generate", str(tiny_dir), "--prompt", "a fox", "--size", "64x64", "--steps",
+                                        "1", "--device", "cpu", "--out", str(out)), name, value)
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_the_pipeline_runs_with_tinygemm_layers(tiny_dir, tmp_path, monkeypatch):

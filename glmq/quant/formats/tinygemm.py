@@ -24,6 +24,7 @@ import warnings
 import torch
 from torch import nn
 
+from glmq.errors import GlmqError
 from glmq.quant.formats.int4 import Int4Format, unpack_int4
 from glmq.quant.formats.linear import QuantLinear
 from glmq.quant.metrics import sqnr_db
@@ -36,7 +37,7 @@ def wanted() -> bool:
     """Whether the user asked for tinygemm (``GLMQ_INT4_KERNEL=tinygemm``)."""
     choice = os.environ.get("GLMQ_INT4_KERNEL", "glmq")
     if choice not in ("glmq", "tinygemm"):
-        raise ValueError(f"GLMQ_INT4_KERNEL must be 'glmq' or 'tinygemm', got {choice!r}")
+        raise GlmqError(f"GLMQ_INT4_KERNEL must be 'glmq' or 'tinygemm', got {choice!r}")
     return choice == "tinygemm"
 
 
