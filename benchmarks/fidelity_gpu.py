@@ -82,11 +82,10 @@ def build_pipelines(model: str, device):
     return pipes, prints
 
 
-def run(args) -> dict:
+def run(args, save=None) -> dict:
+    """Every size in turn; ``save(result)`` after each (the result so far, rows not reached left out)."""
     import torch
 
-    from glmq.bench.provenance import provenance
-    from glmq.bench.run import environment
     from glmq.quant.metrics import psnr
 
     started = time.perf_counter()
@@ -102,6 +101,10 @@ def run(args) -> dict:
     rows = []
     seconds: dict = {}
     tokens: dict = {}
+
+    def snapshot() -> dict:
+        return _result(started, args, device, prints, same_weights, tokens, seconds, rows)
+
     for size in args.sizes:
         steps = args.steps_2048 if size >= 2048 else args.steps
         key = f"{size}x{size}"
@@ -152,6 +155,15 @@ def run(args) -> dict:
                                        else "time budget")
             rows.append(row)
             _log(f"{key} {label}: {row.get('psnr_db', row.get('not_measured'))}")
+        if save is not None:  # what is measured so far survives a timeout at the next size
+            save(snapshot())
+    return snapshot()
+
+
+def _result(started, args, device, prints, same_weights, tokens, seconds, rows) -> dict:
+    from glmq.bench.provenance import provenance
+    from glmq.bench.run import environment
+
     return {
         "provenance": provenance(),
         "environment": environment(device),
@@ -204,12 +216,15 @@ def main(argv=None) -> int:
     if any(s % 32 for s in args.sizes) or min(args.steps, args.steps_2048) < 1:
         print("fidelity_gpu: sizes must be multiples of 32 and steps at least 1", file=sys.stderr)
         return 2
-    result = run(args)
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "fidelity_gpu.json").write_text(json.dumps(result, indent=2) + "\n")
-    md = markdown(result)
-    (args.out / "fidelity_gpu.md").write_text(md)
-    print(md)
+
+    def save(result: dict) -> str:
+        (args.out / "fidelity_gpu.json").write_text(json.dumps(result, indent=2) + "\n")
+        md = markdown(result)
+        (args.out / "fidelity_gpu.md").write_text(md)
+        return md
+
+    print(save(run(args, save)))
     return 0
 
 
