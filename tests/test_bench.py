@@ -110,7 +110,8 @@ def _consistent_result():
                 "seconds_per_image": {"median": 20.0, "min": 20.0, "max": 20.0},
                 "stages": {"ar_s": 6.4, "ar_ms_per_token": 5.0, "glyph_s": 0.1, "dit_s": 8.5, "dit_ms_per_step": 170.0,
                            "vae_s": 0.2},
-                "ran": {"steps": 50, "guidance": 1.5, "size": "1024x1024", "ar_tokens": 1280}}
+                "ran": {"steps": 50, "guidance": 1.5, "size": "1024x1024", "ar_tokens": 1280,
+                        "ar_step": "compiled, CUDA graph"}}
     return {"config": {"steps": 50, "guidance": 1.5}, "rows": [row("stock diffusers bf16"), row("glmq")]}
 
 
@@ -121,6 +122,9 @@ def _consistent_result():
     (lambda r: r["rows"][0]["ran"].update(guidance=1.0), "guidance 1.0"),         # stock without guidance
     (lambda r: r["rows"][1]["stages"].update(dit_s=85.0, dit_ms_per_step=1700.0), "add up to"),
     (lambda r: r["rows"][1].pop("ran"), "records nothing"),
+    # a compiled run whose AR step fell back to eager (Inductor refused the sampler on the GPU once)
+    (lambda r: (r["config"].update(compile=True),
+                r["rows"][1]["ran"].update(ar_step="eager after a failed compile, CUDA graph")), "asked for compiled"),
 ])
 def test_consistency_check_catches_figures_that_disagree(fault, needle):
     from glmq.bench.report import check_consistency

@@ -227,6 +227,8 @@ def check_consistency(result: dict, rel_tol: float = 0.02) -> list[str]:
             problems.append(f"{name}: ran guidance {ran.get('guidance')}, the configuration asked for {want_guidance}")
         if ran.get("size") not in (None, r["size"]):
             problems.append(f"{name}: ran {ran['size']}, the row says {r['size']}")
+        if cfg.get("compile") and "failed compile" in (ran.get("ar_step") or ""):
+            problems.append(f"{name}: the AR decode step ran {ran['ar_step']}, the configuration asked for compiled")
     return problems
 
 

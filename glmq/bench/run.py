@@ -404,7 +404,7 @@ def ran_dict(t) -> dict:
     """What a glmq call ran, as the pipeline recorded it (:class:`~glmq.runtime.pipeline.StageTimes`)."""
     return {"steps": t.dit_steps, "guidance": t.extra.get("guidance_scale"), "size": t.extra.get("size"),
             "mode": t.extra.get("mode"), "ar_tokens": t.ar_tokens, "dit_attention": t.extra.get("dit_attention"),
-            "int4_kernel": t.extra.get("int4_kernel")}
+            "int4_kernel": t.extra.get("int4_kernel"), "ar_step": t.extra.get("ar_step")}
 
 
 def stage_dict(t) -> dict:

@@ -481,6 +481,15 @@ class ArEngine:
         self._emit(st, key, logits, st.step + 1)
         st.step.add_(1)
 
+    @property
+    def step_kind(self) -> str:
+        """How the decode step runs now: ``"compiled"``, ``"eager"`` (not asked to compile), or
+        ``"eager after a failed compile"``; with ``", CUDA graph"`` when it is replayed from a graph."""
+        kind = "compiled" if self._compiled else "eager after a failed compile" if self.compile else "eager"
+        if self.fused:
+            kind += ", fused kernels"
+        return kind + (", CUDA graph" if self.cuda_graph else "")
+
     @torch.no_grad()
     def _run_step(self, st: BatchState, key: StepKey) -> None:
         """One decode step, compiled when asked; a step that fails to compile falls back to eager for good."""

@@ -155,6 +155,7 @@ def _ar_stage(pipe, spec: CallSpec, inputs, plan, times, bar, report, prior_toke
         t0 = pipe._sync_time()
         priors, times.ar_tokens = _decode(pipe, spec, inputs, plan.ar_batch, report)
         times.ar_s = pipe._sync_time() - t0 + vision_s
+        times.extra["ar_step"] = pipe._engine.step_kind
         pipe.last_prior_token_ids = torch.cat(priors)
     else:
         priors = _given(prior_token_ids, len(spec.jobs), "prior_token_ids")

@@ -89,9 +89,15 @@ def sample_tokens(
     # (a batched step against the one-row step, ~1e-6) may swap places in a sort, which would hand the draw to
     # the other token; in vocabulary order such a change moves each cumulative boundary by ~1e-8 and changes
     # the draw only when u lands that close to a boundary. The chosen id is the first whose cumulative mass
-    # exceeds u * total; dropped ids carry zero mass, so they can never be the first to exceed it.
+    # exceeds u * total; dropped ids carry zero mass, so they can never be the first to exceed it. The cdf never
+    # decreases (a running sum of non-negative terms), so a binary search finds that id. It is a search, not a
+    # reduction over the cumulative sum: Inductor (torch 2.11, CUDA) cannot fuse a reduction into the split
+    # scan it uses for a 168064-long cumsum ("NYI TritonSplitDimKernel reductions") and the step fell back to
+    # eager.
     probs = top_p_filter(logits, top_p).softmax(dim=-1)
     cdf = probs.cumsum(dim=-1)
-    over = cdf > uniform.reshape(-1, 1) * cdf[..., -1:]
-    # u * total rounded up to total (u just below 1): the most likely id, as the sorted draw would give.
-    return torch.where(over.any(dim=-1), over.int().argmax(dim=-1), probs.argmax(dim=-1))
+    target = (uniform.reshape(-1, 1) * cdf[..., -1:]).to(cdf.dtype)
+    first = torch.searchsorted(cdf, target, right=True).squeeze(-1)
+    # u * total rounded up to total (u just below 1): no id exceeds it; the most likely id, as the sorted draw
+    # would give.
+    return torch.where(first < cdf.shape[-1], first, probs.argmax(dim=-1))

@@ -243,6 +243,7 @@ def test_compiled_step_matches_the_eager_step(model, inputs):
     run = lambda eng: eng.generate(**inputs, generator=torch.Generator().manual_seed(3), output_logits=True)  # noqa: E731
     (ref, ref_logits), (got, got_logits), (again, _) = run(eager), run(compiled), run(compiled)
     assert compiled._compiled, "the decode step fell back to eager"
+    assert (compiled.step_kind, eager.step_kind) == ("compiled", "eager")  # what bench records as ran.ar_step
     assert torch.equal(got, ref) and torch.equal(again, got)
     # fp32 rounding of reordered sums: ~100 ulps (eps 1.2e-7) of the largest logit, far below any real change.
     assert (got_logits - ref_logits).abs().max() <= 1e-5 * ref_logits.abs().max()
@@ -343,3 +344,18 @@ def test_limits_are_checked(model, inputs):
         ArEngine(model, max_cache_len=64).generate(**inputs)
     with pytest.raises(ValueError, match="valid_vocab"):
         ArEngine(model).generate(**inputs, valid_vocab=10**6)
+
+
+def test_a_step_that_fails_to_compile_says_so(model, inputs, monkeypatch):
+    """A compiler failure falls back to the eager step with the same tokens, and ``step_kind`` (bench's
+    ``ran.ar_step``) says it fell back, so a compiled bench row cannot hide an eager AR."""
+    engine = ArEngine(model, compile=True)
+
+    def broken(*args, **kwargs):
+        raise NotImplementedError("NYI TritonSplitDimKernel reductions")
+
+    monkeypatch.setattr(engine, "_step", broken)
+    with pytest.warns(RuntimeWarning, match="failed"):
+        got = engine.generate(**inputs, generator=torch.Generator().manual_seed(3))
+    assert engine.step_kind == "eager after a failed compile"
+    assert torch.equal(got, ArEngine(model).generate(**inputs, generator=torch.Generator().manual_seed(3)))
