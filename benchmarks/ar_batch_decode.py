@@ -105,6 +105,30 @@ def main(argv=None) -> int:
         if device.type == "cuda":
             torch.cuda.synchronize(device)
 
+    def save():  # after each B: a run cut short keeps the rows it finished
+        base = rows[0]["step_ms"] if rows and rows[0]["batch"] == 1 else None
+        for r in rows:
+            r["step_vs_b1"] = round(r["step_ms"] / base, 3) if base else None
+        env = {"torch": torch.__version__, "device": str(device), "compiled": engine._compiled,
+               "card": torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"}
+        if device.type == "cuda":
+            import triton
+
+            env["triton"] = triton.__version__
+        result = {"benchmark": "ar_batch_decode", "provenance": provenance(), "environment": env, "model": args.model,
+                  "recipe": args.recipe, "size": args.size, "build_s": round(build_s, 1),
+                  "compile_cache": str(cache) if cache else None, "rows": rows}
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / "ar_batch_decode.json").write_text(json.dumps(result, indent=2) + "\n")
+        lines = [f"# AR batched decode: {env['card']}, {args.model} {args.recipe}, {args.size}, "
+                 f"{'compiled' if engine._compiled else 'not compiled'}", "",
+                 "| B | ms/step | vs B=1 | tokens/s | tokens per row | prefill s | first call s |",
+                 "|---|---|---|---|---|---|---|"]
+        lines += [f"| {r['batch']} | {r['step_ms']:.3f} | {r['step_vs_b1'] or '-'} | {r['tokens_per_s']:.0f} | "
+                  f"{r['tokens_per_row']} | {r['prefill_s']:.3f} | {r['first_call_s']:.1f} |" for r in rows]
+        (args.out / "ar_batch_decode.md").write_text("\n".join(lines) + "\n")
+        return lines
+
     rows = []
     for b in batches:
         t = time.perf_counter()
@@ -128,28 +152,8 @@ def main(argv=None) -> int:
                      "tokens_per_s": round(1000 * b / step_ms, 1), "prefill_s": round(marks["decode_start"] - t, 3),
                      "total_s": round(end - t, 3), "first_call_s": round(warm_s, 3)})
         print(f"B={b}: {step_ms:.3f} ms/step, {1000 * b / step_ms:.0f} tokens/s", file=sys.stderr, flush=True)
-    base = rows[0]["step_ms"] if rows and rows[0]["batch"] == 1 else None
-    for r in rows:
-        r["step_vs_b1"] = round(r["step_ms"] / base, 3) if base else None
-    env = {"torch": torch.__version__, "device": str(device), "compiled": engine._compiled,
-           "card": torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"}
-    if device.type == "cuda":
-        import triton
-
-        env["triton"] = triton.__version__
-    result = {"benchmark": "ar_batch_decode", "provenance": provenance(), "environment": env, "model": args.model,
-              "recipe": args.recipe, "size": args.size, "build_s": round(build_s, 1),
-              "compile_cache": str(cache) if cache else None, "rows": rows}
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "ar_batch_decode.json").write_text(json.dumps(result, indent=2) + "\n")
-    lines = [f"# AR batched decode: {env['card']}, {args.model} {args.recipe}, {args.size}, "
-             f"{'compiled' if engine._compiled else 'not compiled'}", "",
-             "| B | ms/step | vs B=1 | tokens/s | tokens per row | prefill s | first call s |",
-             "|---|---|---|---|---|---|---|"]
-    lines += [f"| {r['batch']} | {r['step_ms']:.3f} | {r['step_vs_b1'] or '-'} | {r['tokens_per_s']:.0f} | "
-              f"{r['tokens_per_row']} | {r['prefill_s']:.3f} | {r['first_call_s']:.1f} |" for r in rows]
-    (args.out / "ar_batch_decode.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+        save()
+    print("\n".join(save()))
     return 0
 
 
