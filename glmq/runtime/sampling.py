@@ -90,14 +90,15 @@ def sample_tokens(
     # the other token; in vocabulary order such a change moves each cumulative boundary by ~1e-8 and changes
     # the draw only when u lands that close to a boundary. The chosen id is the first whose cumulative mass
     # exceeds u * total; dropped ids carry zero mass, so they can never be the first to exceed it. The cdf never
-    # decreases (a running sum of non-negative terms), so a binary search finds that id. It is a search, not a
-    # reduction over the cumulative sum: Inductor (torch 2.11, CUDA) cannot fuse a reduction into the split
-    # scan it uses for a 168064-long cumsum ("NYI TritonSplitDimKernel reductions") and the step fell back to
-    # eager.
+    # decreases (a running sum of non-negative terms), so binary searches find the ids, and nothing reduces
+    # over the vocabulary beside the cumulative sum: Inductor (torch 2.11, CUDA) fused such a reduction (an
+    # argmax) into the split scan it uses for the cumsum, failed ("NYI TritonSplitDimKernel reductions"), and
+    # the decode step fell back to eager.
     probs = top_p_filter(logits, top_p).softmax(dim=-1)
     cdf = probs.cumsum(dim=-1)
-    target = (uniform.reshape(-1, 1) * cdf[..., -1:]).to(cdf.dtype)
-    first = torch.searchsorted(cdf, target, right=True).squeeze(-1)
-    # u * total rounded up to total (u just below 1): no id exceeds it; the most likely id, as the sorted draw
-    # would give.
-    return torch.where(first < cdf.shape[-1], first, probs.argmax(dim=-1))
+    total = cdf[..., -1:]
+    first = torch.searchsorted(cdf, (uniform.reshape(-1, 1) * total).to(cdf.dtype), right=True)
+    # u * total rounded up to total (u just below 1): no id exceeds it; take the last id that carries mass
+    # (the first whose cdf reaches the total).
+    last = torch.searchsorted(cdf, total, right=False)
+    return torch.minimum(first, last).squeeze(-1)
