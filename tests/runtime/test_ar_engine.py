@@ -359,3 +359,23 @@ def test_a_step_that_fails_to_compile_says_so(model, inputs, monkeypatch):
         got = engine.generate(**inputs, generator=torch.Generator().manual_seed(3))
     assert engine.step_kind == "eager after a failed compile"
     assert torch.equal(got, ArEngine(model).generate(**inputs, generator=torch.Generator().manual_seed(3)))
+
+
+def test_the_draw_has_no_reduction_for_inductor_to_fuse_into_its_scan():
+    """The sampled path's graph holds the cumulative sums and binary searches, and no reduction over the
+    vocabulary beside softmax's own: Inductor (torch 2.11, CUDA) fused an argmax into the split scan of the
+    168064-long cumsum, failed, and the decode step silently ran eager on the H200. The failure needs CUDA, so
+    this checks the structure that avoids it (the argmax/any version fails here)."""
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    from glmq.runtime.sampling import sample_tokens
+
+    def draw(logits, limit, u):
+        return sample_tokens(logits, vocab_limit=limit, uniform=u, temperature=0.9, top_p=0.75)
+
+    graph = make_fx(draw)(torch.randn(2, 64), torch.tensor([60]), torch.rand(2)).graph
+    ops = {str(n.target) for n in graph.nodes if n.op == "call_function"}
+    reductions = {op for op in ops if op.startswith("aten.") and op.split(".")[1] in
+                  ("argmax", "argmin", "any", "all", "sum", "max", "min", "amax", "amin", "prod")}
+    assert "aten.cumsum.default" in ops and any("searchsorted" in op for op in ops), ops
+    assert reductions == set(), reductions
