@@ -7,6 +7,11 @@
 #   bash benchmarks/gpu_batch.sh batch80      # glmq bench --batch 1,4,8, 80 GiB tier, 1024x1024, 50 steps  (~8 min)
 #   bash benchmarks/gpu_batch.sh batch16      # the same in the 16 GiB tier (staged; the plan sizes DiT chunks)
 #   bash benchmarks/gpu_batch.sh decode       # benchmarks/ar_batch_decode.py: ms/step, tokens/s for B = 1..16
+#                                             # (each B compiles its own step, ~100 s on an H200: this needs
+#                                             # more than one call; decode_a and decode_b split it)
+#   bash benchmarks/gpu_batch.sh decode_a     # B = 1, 2, 4
+#   bash benchmarks/gpu_batch.sh decode_b     # B = 8, 16
+#   bash benchmarks/gpu_batch.sh stock80      # glmq bench, 80 GiB tier, one image, beside stock diffusers (--baseline)
 #   bash benchmarks/gpu_batch.sh first80      # glmq bench --first-image: cold/cached/warm, fresh processes, 80 GiB
 #   bash benchmarks/gpu_batch.sh first16      # the same, 16 GiB tier
 #   bash benchmarks/gpu_batch.sh gen_prep     # a full-size checkpoint on disk: make-tiny --size full, quantize
@@ -36,6 +41,11 @@ bench() {  # name, timeout, bench args...
 case "$1" in
   batch80) bench batch80 560 --tiers 80 --batch 1,4,8 ;;
   batch16) bench batch16 560 --tiers 16 --batch 1,4,8 ;;
+  decode_a|decode_b)
+           b=$([ "$1" = decode_a ] && echo 1,2,4 || echo 8,16)
+           timeout 560 python3 -X faulthandler benchmarks/ar_batch_decode.py --batches "$b" --out "$OUT/$1" > "$OUT/$1.log" 2>&1
+           echo "== $1 rc=$?"; filter < "$OUT/$1.log" | tail -10 ;;
+  stock80) bench stock80 560 --tiers 80 --edits none --images 1 --baseline ;;
   first80) bench first80 560 --tiers 80 --first-image ;;
   first16) bench first16 560 --tiers 16 --first-image ;;
   decode)  timeout 560 python3 -X faulthandler benchmarks/ar_batch_decode.py --out "$OUT/decode" > "$OUT/decode.log" 2>&1
