@@ -45,8 +45,11 @@ import inspect
 import warnings
 from typing import TYPE_CHECKING
 
+import os
+
 import torch
 
+from glmq.errors import GlmqError
 from glmq.runtime import ar_fused
 from glmq.runtime.ar_plan import GridPlan, insert_image_tokens, rope_positions
 from glmq.runtime.ar_plan import prior_tokens_from_generated  # noqa: F401  (public name, re-exported)
@@ -66,6 +69,22 @@ _CACHE_ROUND = 128  # cache lengths are rounded up so nearby requests share one 
 def _out_features(linear: torch.nn.Module) -> int:
     n = getattr(linear, "out_features", None)
     return int(n) if n is not None else int(linear.weight.shape[0])
+
+
+def compile_mode() -> str:
+    """What ``compile=True`` compiles in the AR decode step (``GLMQ_AR_COMPILE``): ``"step"`` (the default: the
+    whole step, one graph through every layer) or ``"layers"`` (one decoder layer, its graph serving every
+    layer; opt-in until a GPU run compares the two)."""
+    choice = os.environ.get("GLMQ_AR_COMPILE", "step")
+    if choice not in ("step", "layers"):
+        raise GlmqError(f"GLMQ_AR_COMPILE must be 'step' or 'layers', got {choice!r}")
+    return choice
+
+
+def _layer_call(layer, hidden, position_embeddings, mask, cache_arg: str, cache, kwargs: dict):
+    """One decoder layer as the engine calls it: ``cache`` under the keyword this transformers version uses."""
+    out = layer(hidden, position_embeddings=position_embeddings, attention_mask=mask, **{cache_arg: cache}, **kwargs)
+    return out[0] if isinstance(out, tuple) else out  # older transformers return (hidden_states, ...)
 
 
 class ArEngine:
@@ -111,7 +130,12 @@ class ArEngine:
         self.sdpa_backends = list(sdpa_backends) if sdpa_backends is not None else None
         # Without Inductor, glmq's fused elementwise kernels (opt-in, glmq.runtime.ar_fused).
         self.fused = not self.compile and ar_fused.wanted() and ar_fused.supported(self.text)
-        self._step = torch.compile(self._decode_step, dynamic=False) if self.compile else self._decode_step
+        # GLMQ_AR_COMPILE=layers: one decoder layer compiled, its graph reused by every layer (and the rest of the
+        # step eager inside the CUDA graph), instead of the whole step traced through 40 layers.
+        self.compile_layers = self.compile and compile_mode() == "layers" and not self.fused
+        self._layer = torch.compile(_layer_call, dynamic=False) if self.compile_layers else None
+        whole = self.compile and not self.compile_layers
+        self._step = torch.compile(self._decode_step, dynamic=False) if whole else self._decode_step
         self._compiled = self.compile
         head_dim = getattr(tcfg, "head_dim", None) or tcfg.hidden_size // tcfg.num_attention_heads
         self._kv_dims = (len(self.text.layers), tcfg.num_key_value_heads, head_dim)
@@ -441,19 +465,21 @@ class ArEngine:
         mask = self._mask(key, slots, key_ok)
         cache = self._cache
         cache.read_rows, cache.write_rows, cache.write_pos = rows, write_rows, slots
-        kwargs = {self._cache_arg: cache, "kv_len": kv_len}
+        kwargs = {"kv_len": kv_len}
         if key.padded:
             kwargs["key_padding_mask"] = key_ok
         if self.fused:
             for layer in self.text.layers:
                 hidden = ar_fused.layer_forward(layer, hidden, position_embeddings=position_embeddings,
-                                                attention_mask=mask, **kwargs)
+                                                attention_mask=mask, **{self._cache_arg: cache}, **kwargs)
             hidden = ar_fused.final_norm(self.text, hidden[:, -1:])
             return self.lm_head(hidden)[:, -1].float()
-        for layer in self.text.layers:
-            hidden = layer(hidden, position_embeddings=position_embeddings, attention_mask=mask, **kwargs)
-            if isinstance(hidden, tuple):  # older transformers return (hidden_states, ...)
-                hidden = hidden[0]
+        if decode and self._layer is not None:  # one compiled graph for every layer (the prefill runs eager)
+            for layer, kv in zip(self.text.layers, cache.layers):
+                hidden = self._layer(layer, hidden, position_embeddings, mask, self._cache_arg, kv, kwargs)
+        else:
+            for layer in self.text.layers:
+                hidden = _layer_call(layer, hidden, position_embeddings, mask, self._cache_arg, cache, kwargs)
         hidden = self.text.norm(hidden[:, -1:])
         return self.lm_head(hidden)[:, -1].float()
 
@@ -485,7 +511,8 @@ class ArEngine:
     def step_kind(self) -> str:
         """How the decode step runs now: ``"compiled"``, ``"eager"`` (not asked to compile), or
         ``"eager after a failed compile"``; with ``", CUDA graph"`` when it is replayed from a graph."""
-        kind = "compiled" if self._compiled else "eager after a failed compile" if self.compile else "eager"
+        kind = ("compiled per layer" if self._layer is not None else "compiled" if self._compiled
+                else "eager after a failed compile" if self.compile else "eager")
         if self.fused:
             kind += ", fused kernels"
         return kind + (", CUDA graph" if self.cuda_graph else "")
@@ -501,7 +528,7 @@ class ArEngine:
         except Exception as e:  # noqa: BLE001 - any compiler failure: keep decoding, uncompiled
             warnings.warn(f"ArEngine: torch.compile of the decode step failed ({type(e).__name__}: {e}); "
                           "running it uncompiled", RuntimeWarning, stacklevel=2)
-            self._step, self._compiled = self._decode_step, False
+            self._step, self._layer, self._compiled = self._decode_step, None, False
             st.step.copy_(step)  # a failed trace may have run part of the step: redo it from the start
             return self._decode_step(st, key)
 

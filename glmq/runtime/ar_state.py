@@ -34,18 +34,33 @@ class StaticKVCache:
         self.write_rows: torch.Tensor | None = None
         self.write_pos: torch.Tensor | None = None
         self.read_rows = slice(None)
+        self.layers = [LayerKV(self, i) for i in range(num_layers)]  # what a layer compiled on its own is given
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
-        keys, values = self.keys[layer_idx], self.values[layer_idx]
-        # [R, H, q, D] -> the cache's [row, :, slot] places, [R, q, H, D] in advanced-indexing order.
-        keys[self.write_rows, :, self.write_pos] = key_states.transpose(1, 2)
-        values[self.write_rows, :, self.write_pos] = value_states.transpose(1, 2)
-        return keys[self.read_rows], values[self.read_rows]
+        return self.layers[layer_idx].update(key_states, value_states, layer_idx)
 
     def reset(self) -> None:
         # Stale values in unwritten slots are masked, but 0 * NaN is NaN in a masked softmax @ V: clear them.
         for t in (*self.keys, *self.values):
             t.zero_()
+
+
+class LayerKV:
+    """One layer's keys and values of a :class:`StaticKVCache`, with its ``update``; the layer index the decoder
+    passes is ignored. A decoder layer compiled on its own (``GLMQ_AR_COMPILE=layers``) gets one of these, so
+    nothing it reads differs between layers but tensors of one shape: one compiled graph serves all 40 (given
+    the whole cache it would index a list by the layer's ``layer_idx`` and compile once per layer)."""
+
+    is_compileable = True
+
+    def __init__(self, cache: StaticKVCache, layer: int):
+        self.cache, self.keys, self.values = cache, cache.keys[layer], cache.values[layer]
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
+        c = self.cache  # [R, H, q, D] -> the cache's [row, :, slot] places, [R, q, H, D] in advanced-indexing order
+        self.keys[c.write_rows, :, c.write_pos] = key_states.transpose(1, 2)
+        self.values[c.write_rows, :, c.write_pos] = value_states.transpose(1, 2)
+        return self.keys[c.read_rows], self.values[c.read_rows]
 
 
 @dataclass(frozen=True)

@@ -40,9 +40,10 @@ def _assemble(components: dict, *, sizes: StageSizes | None, mode: str | None, v
 
 
 def _device_and_dtype(device: str, dtype: torch.dtype | None) -> tuple[torch.device, torch.dtype]:
-    from glmq.runtime import ar_fused
+    from glmq.runtime import ar_engine, ar_fused
 
-    tinygemm.wanted(), ar_fused.wanted()  # a bad GLMQ_INT4_KERNEL or GLMQ_AR_FUSED: one error before any work
+    # a bad GLMQ_INT4_KERNEL, GLMQ_AR_FUSED or GLMQ_AR_COMPILE: one error before any work
+    tinygemm.wanted(), ar_fused.wanted(), ar_engine.compile_mode()
     dev = torch.device(device)
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise GlmqError("device cuda requested but no CUDA GPU is available (use device='cpu')")

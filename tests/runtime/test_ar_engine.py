@@ -379,3 +379,28 @@ def test_the_draw_has_no_reduction_for_inductor_to_fuse_into_its_scan():
                   ("argmax", "argmin", "any", "all", "sum", "max", "min", "amax", "amin", "prod")}
     assert "aten.cumsum.default" in ops and any("searchsorted" in op for op in ops), ops
     assert reductions == set(), reductions
+
+
+def test_compiling_one_layer_serves_every_layer(model, inputs, monkeypatch):
+    """GLMQ_AR_COMPILE=layers: one decoder layer compiled, and that one graph runs every layer (a layer index
+    reaching the compiled code would compile one graph per layer); the tokens are the eager engine's, a seed
+    reproduces, and a compiler failure falls back to eager and says so."""
+    from torch._dynamo.utils import counters
+
+    assert len(model.model.language_model.layers) >= 2  # else one graph per layer would look like one
+    monkeypatch.setenv("GLMQ_AR_COMPILE", "layers")
+    engine = ArEngine(model, compile=True)
+    run = lambda eng: eng.generate(**inputs, generator=torch.Generator().manual_seed(3))  # noqa: E731
+    before = counters["stats"]["unique_graphs"]
+    got = run(engine)
+    assert counters["stats"]["unique_graphs"] - before == 1
+    assert engine.step_kind == "compiled per layer"
+    assert torch.equal(got, run(ArEngine(model))) and torch.equal(run(engine), got)
+
+    def broken(*args, **kwargs):
+        raise NotImplementedError("a compiler failure")
+
+    monkeypatch.setattr(engine, "_layer", broken)
+    with pytest.warns(RuntimeWarning, match="failed"):
+        again = run(engine)
+    assert engine.step_kind == "eager after a failed compile" and torch.equal(again, got)
