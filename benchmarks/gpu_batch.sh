@@ -21,6 +21,8 @@
 #                                             # (GLMQ_INT4_KERNEL=tinygemm): AR ms/token, image, one process each
 #   bash benchmarks/gpu_batch.sh uncompiled   # glmq bench --no-compile, 80 GiB tier: upstream layers, then the
 #                                             # fused decode layer (GLMQ_AR_FUSED=1): the command-line user's AR
+#   bash benchmarks/gpu_batch.sh layers       # glmq bench, 80 GiB tier, the whole step compiled, then one layer
+#                                             # compiled for all (GLMQ_AR_COMPILE=layers): warm-up s, ms/token
 #   bash benchmarks/gpu_batch.sh smoke        # a few minutes: small sizes, every path once
 # gen_prep and gen_times share /tmp on the machine: run gen_times right after gen_prep (the machine stays warm
 # only briefly between calls); gen_times re-runs gen_prep when the checkpoint is gone (and then has no time left).
@@ -73,6 +75,9 @@ case "$1" in
   uncompiled)
     bench uncompiled_upstream 275 --tiers 80 --edits none --no-compile
     (export GLMQ_AR_FUSED=1; bench uncompiled_fused 275 --tiers 80 --edits none --no-compile) ;;
+  layers)
+    bench layers_step 275 --tiers 80 --images 1 --edits none
+    (export GLMQ_AR_COMPILE=layers; bench layers_layers 275 --tiers 80 --images 1 --edits none) ;;
   smoke)
     bench smoke_bench 300 --tiers 80,16 --size 512x512 --steps 4 --batch 1,3 --no-compile
     timeout 200 python3 benchmarks/ar_batch_decode.py --batches 1,4 --tokens 64 --out "$OUT/smoke_decode" \
