@@ -17,7 +17,6 @@ read (40 layers x 2 x 2 heads x 128 x 2 bytes = 40 KiB per cached token) and its
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -73,7 +72,7 @@ def main(argv=None) -> int:
 
     import torch
 
-    from glmq.bench.provenance import provenance
+    from glmq.bench.provenance import provenance, write_table_result
     from glmq.io.images import parse_size
     from glmq.models.build import build_processor
     from glmq.runtime.ar_engine import ArEngine, ArRequest
@@ -118,15 +117,12 @@ def main(argv=None) -> int:
         result = {"benchmark": "ar_batch_decode", "provenance": provenance(), "environment": env, "model": args.model,
                   "recipe": args.recipe, "size": args.size, "build_s": round(build_s, 1),
                   "compile_cache": str(cache) if cache else None, "rows": rows}
-        args.out.mkdir(parents=True, exist_ok=True)
-        (args.out / "ar_batch_decode.json").write_text(json.dumps(result, indent=2) + "\n")
-        lines = [f"# AR batched decode: {env['card']}, {args.model} {args.recipe}, {args.size}, "
-                 f"{'compiled' if engine._compiled else 'not compiled'}", "",
-                 "| B | ms/step | vs B=1 | tokens/s | tokens per row | prefill s | first call s |",
-                 "|---|---|---|---|---|---|---|"]
-        lines += [f"| {r['batch']} | {r['step_ms']:.3f} | {r['step_vs_b1'] or '-'} | {r['tokens_per_s']:.0f} | "
-                  f"{r['tokens_per_row']} | {r['prefill_s']:.3f} | {r['first_call_s']:.1f} |" for r in rows]
-        (args.out / "ar_batch_decode.md").write_text("\n".join(lines) + "\n")
+        title = (f"AR batched decode: {env['card']}, {args.model} {args.recipe}, {args.size}, "
+                 f"{'compiled' if engine._compiled else 'not compiled'}")
+        columns = ["B", "ms/step", "vs B=1", "tokens/s", "tokens per row", "prefill s", "first call s"]
+        cells = [[r["batch"], f"{r['step_ms']:.3f}", r["step_vs_b1"] or "-", f"{r['tokens_per_s']:.0f}",
+                  r["tokens_per_row"], f"{r['prefill_s']:.3f}", f"{r['first_call_s']:.1f}"] for r in rows]
+        lines = write_table_result(args.out, "ar_batch_decode", result, title, columns, cells)
         return lines
 
     rows = []

@@ -66,7 +66,7 @@ def main(argv=None) -> int:
         return 0
     if args.out is None:
         ap.error("--out is required")
-    from glmq.bench.provenance import provenance
+    from glmq.bench.provenance import provenance, write_table_result
 
     rows = []
     for layers in [int(x) for x in args.layers.split(",")]:
@@ -82,15 +82,12 @@ def main(argv=None) -> int:
 
     result = {"benchmark": "ar_compile_time", "provenance": provenance(), "device": args.device,
               "torch": torch.__version__, "cpu_threads": 1, "rows": rows}
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "ar_compile_time.json").write_text(json.dumps(result, indent=2) + "\n")
-    lines = [f"# AR decode step compile time: whole step vs one layer ({args.device}, tiny widths, torch "
-             f"{torch.__version__}, one thread)", "",
-             "| layers | GLMQ_AR_COMPILE | first compiled call s | second call s | graphs | tokens equal eager |",
-             "|---|---|---|---|---|---|"]
-    lines += [f"| {r['layers']} | {r['mode']} | {r['first_call_s']} | {r['second_call_s']} | {r['graphs_compiled']} | "
-              f"{r['tokens_equal_eager']} |" for r in rows]
-    (args.out / "ar_compile_time.md").write_text("\n".join(lines) + "\n")
+    title = (f"AR decode step compile time: whole step vs one layer ({args.device}, tiny widths, torch "
+             f"{torch.__version__}, one thread)")
+    columns = ["layers", "GLMQ_AR_COMPILE", "first compiled call s", "second call s", "graphs", "tokens equal eager"]
+    cells = [[r["layers"], r["mode"], r["first_call_s"], r["second_call_s"], r["graphs_compiled"],
+              r["tokens_equal_eager"]] for r in rows]
+    lines = write_table_result(args.out, "ar_compile_time", result, title, columns, cells)
     print("\n".join(lines))
     return 0
 

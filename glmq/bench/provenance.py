@@ -133,3 +133,21 @@ def provenance_markdown(prov: dict, label: str = "Provenance") -> str:
     cmd = " ".join([*(f"{k}={shlex.quote(v)}" for k, v in prov.get("env", {}).items()), prov.get("command", "")])
     fence = "``" if "`" in cmd else "`"
     return f"{label}: {where}; command {fence}{cmd}{fence}; {prov.get('date')}."
+
+
+def write_table_result(out: Path, stem: str, result: dict, title: str, columns: list[str],
+                       rows: list[list]) -> list[str]:
+    """``out/stem.json`` (``result``, which carries its provenance) and ``out/stem.md``: the title, the provenance
+    line when the result has one, and one Markdown table; returns the Markdown's lines."""
+    import json
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{stem}.json").write_text(json.dumps(result, indent=2) + "\n")
+    lines = [f"# {title}", ""]
+    if "provenance" in result:
+        lines += [provenance_markdown(result["provenance"]), ""]
+    lines += ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    (out / f"{stem}.md").write_text("\n".join(lines) + "\n")
+    return lines
