@@ -122,8 +122,7 @@ def main(argv=None) -> int:
         columns = ["B", "ms/step", "vs B=1", "tokens/s", "tokens per row", "prefill s", "first call s"]
         cells = [[r["batch"], f"{r['step_ms']:.3f}", r["step_vs_b1"] or "-", f"{r['tokens_per_s']:.0f}",
                   r["tokens_per_row"], f"{r['prefill_s']:.3f}", f"{r['first_call_s']:.1f}"] for r in rows]
-        lines = write_table_result(args.out, "ar_batch_decode", result, title, columns, cells)
-        return lines
+        return write_table_result(args.out, "ar_batch_decode", result, title, columns, cells)
 
     rows = []
     for b in batches:

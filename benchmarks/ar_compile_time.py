@@ -3,8 +3,8 @@ serves every layer (``GLMQ_AR_COMPILE=layers``), as the depth grows to the relea
 
 The tiny AR's widths with ``--layers`` decoder layers (random weights, seed 0). Each measurement runs in a fresh
 process with an empty Inductor cache, so nothing is reused from an earlier one: the first compiled generation
-of a 64x64 text-to-image prompt (prefill, compilation, 20 decode steps; 17 on CPU tokens), timed beside the
-eager engine's tokens, which the compiled ones must equal. Writes ``ar_compile_time.json`` and ``.md``
+of a 64x64 text-to-image prompt (prefill, compilation, 261 tokens on the tiny config), timed, then a second
+generation; the compiled tokens must equal the eager engine's. Writes ``ar_compile_time.json`` and ``.md``
 (with provenance) into ``--out``.
 
     python benchmarks/ar_compile_time.py --layers 2,16,40 --out benchmarks/results/ar_compile_time_cpu2

@@ -42,10 +42,9 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import os
 import warnings
 from typing import TYPE_CHECKING
-
-import os
 
 import torch
 
@@ -132,9 +131,9 @@ class ArEngine:
         self.fused = not self.compile and ar_fused.wanted() and ar_fused.supported(self.text)
         # GLMQ_AR_COMPILE=layers: one decoder layer compiled, its graph reused by every layer (and the rest of the
         # step eager inside the CUDA graph), instead of the whole step traced through 40 layers.
-        self.compile_layers = self.compile and compile_mode() == "layers" and not self.fused
-        self._layer = torch.compile(_layer_call, dynamic=False) if self.compile_layers else None
-        whole = self.compile and not self.compile_layers
+        per_layer = self.compile and compile_mode() == "layers"
+        self._layer = torch.compile(_layer_call, dynamic=False) if per_layer else None
+        whole = self.compile and not per_layer
         self._step = torch.compile(self._decode_step, dynamic=False) if whole else self._decode_step
         self._compiled = self.compile
         head_dim = getattr(tcfg, "head_dim", None) or tcfg.hidden_size // tcfg.num_attention_heads
@@ -509,8 +508,9 @@ class ArEngine:
 
     @property
     def step_kind(self) -> str:
-        """How the decode step runs now: ``"compiled"``, ``"eager"`` (not asked to compile), or
-        ``"eager after a failed compile"``; with ``", CUDA graph"`` when it is replayed from a graph."""
+        """How the decode step runs now: ``"compiled"`` (the whole step), ``"compiled per layer"``
+        (``GLMQ_AR_COMPILE=layers``), ``"eager"`` (not asked to compile), or ``"eager after a failed compile"``;
+        with ``", fused kernels"`` (``GLMQ_AR_FUSED=1``) and ``", CUDA graph"`` when it is replayed from a graph."""
         kind = ("compiled per layer" if self._layer is not None else "compiled" if self._compiled
                 else "eager after a failed compile" if self.compile else "eager")
         if self.fused:
