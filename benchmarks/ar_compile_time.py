@@ -66,10 +66,18 @@ def main(argv=None) -> int:
         return 0
     if args.out is None:
         ap.error("--out is required")
+    try:
+        depths = [int(x) for x in args.layers.split(",")]
+    except ValueError:
+        print(f"ar_compile_time: --layers must be comma-separated integers, got {args.layers!r}", file=sys.stderr)
+        return 2
+    if min(depths) < 1:
+        print("ar_compile_time: --layers must be at least 1", file=sys.stderr)
+        return 2
     from glmq.bench.provenance import provenance, write_table_result
 
     rows = []
-    for layers in [int(x) for x in args.layers.split(",")]:
+    for layers in depths:
         for mode in ("step", "layers"):
             with tempfile.TemporaryDirectory() as cache:
                 env = {**os.environ, "GLMQ_AR_COMPILE": mode, "TORCHINDUCTOR_CACHE_DIR": cache,
