@@ -17,6 +17,7 @@ read (40 layers x 2 x 2 heads x 128 x 2 bytes = 40 KiB per cached token) and its
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from pathlib import Path
@@ -50,6 +51,10 @@ def build_ar(model: str, recipe: str, device):
         from glmq.quant.inplace import quantize_modules
 
         quantize_modules({"vision_language_encoder": ar}, recipe)
+    from glmq.quant.formats import tinygemm
+
+    if device.type == "cuda" and tinygemm.wanted():  # GLMQ_INT4_KERNEL=tinygemm, as glmq.load applies it
+        tinygemm.install(ar, device)
     if device.type == "cuda":  # glmq's attention, as the pipeline installs it on CUDA
         from glmq.runtime.attention import register_ar_attention
 
@@ -76,6 +81,7 @@ def main(argv=None) -> int:
     from glmq.io.images import parse_size
     from glmq.models.build import build_processor
     from glmq.runtime.ar_engine import ArEngine, ArRequest
+    from glmq.quant.formats import tinygemm
     from glmq.runtime.compile_cache import activate
 
     device = torch.device("cuda" if torch.cuda.is_available() and args.model == "full-random" else "cpu")
@@ -109,6 +115,8 @@ def main(argv=None) -> int:
         for r in rows:
             r["step_vs_b1"] = round(r["step_ms"] / base, 3) if base else None
         env = {"torch": torch.__version__, "device": str(device), "compiled": engine._compiled,
+               "ar_step": engine.step_kind, "int4_kernel": tinygemm.kernel_in({"ar": ar}),
+               "GLMQ_AR_COMPILE": os.environ.get("GLMQ_AR_COMPILE"), "GLMQ_AR_FUSED": os.environ.get("GLMQ_AR_FUSED"),
                "card": torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"}
         if device.type == "cuda":
             import triton
@@ -118,7 +126,7 @@ def main(argv=None) -> int:
                   "recipe": args.recipe, "size": args.size, "build_s": round(build_s, 1),
                   "compile_cache": str(cache) if cache else None, "rows": rows}
         title = (f"AR batched decode: {env['card']}, {args.model} {args.recipe}, {args.size}, "
-                 f"{'compiled' if engine._compiled else 'not compiled'}")
+                 f"step {env['ar_step']}, int4 kernel {env['int4_kernel']}")
         columns = ["B", "ms/step", "vs B=1", "tokens/s", "tokens per row", "prefill s", "first call s"]
         cells = [[r["batch"], f"{r['step_ms']:.3f}", r["step_vs_b1"] or "-", f"{r['tokens_per_s']:.0f}",
                   r["tokens_per_row"], f"{r['prefill_s']:.3f}", f"{r['first_call_s']:.1f}"] for r in rows]

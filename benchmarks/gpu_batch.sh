@@ -23,6 +23,9 @@
 #                                             # fused decode layer (GLMQ_AR_FUSED=1): the command-line user's AR
 #   bash benchmarks/gpu_batch.sh layers       # glmq bench, 80 GiB tier, the whole step compiled, then one layer
 #                                             # compiled for all (GLMQ_AR_COMPILE=layers): warm-up s, ms/token
+#   bash benchmarks/gpu_batch.sh decode_modes # the decode table with one layer compiled for all (GLMQ_AR_COMPILE=layers,
+#                                             # ~10x less compilation per B): B = 1..16 in one call; then tinygemm
+#                                             # (GLMQ_INT4_KERNEL=tinygemm) at B = 1, 8
 #   bash benchmarks/gpu_batch.sh smoke        # a few minutes: small sizes, every path once
 # gen_prep and gen_times share /tmp on the machine: run gen_times right after gen_prep (the machine stays warm
 # only briefly between calls); gen_times re-runs gen_prep when the checkpoint is gone (and then has no time left).
@@ -47,6 +50,14 @@ case "$1" in
            b=$([ "$1" = decode_a ] && echo 1,2,4 || echo 8,16)
            timeout 560 python3 -X faulthandler benchmarks/ar_batch_decode.py --batches "$b" --out "$OUT/$1" > "$OUT/$1.log" 2>&1
            echo "== $1 rc=$?"; filter < "$OUT/$1.log" | tail -10 ;;
+  decode_modes)
+           (export GLMQ_AR_COMPILE=layers
+            timeout 320 python3 -X faulthandler benchmarks/ar_batch_decode.py --out "$OUT/decode_layers" > "$OUT/decode_layers.log" 2>&1
+            echo "== decode_layers rc=$?"; filter < "$OUT/decode_layers.log" | tail -10
+            export GLMQ_INT4_KERNEL=tinygemm
+            timeout 200 python3 -X faulthandler benchmarks/ar_batch_decode.py --batches 1,8 --out "$OUT/decode_tinygemm" \
+              > "$OUT/decode_tinygemm.log" 2>&1
+            echo "== decode_tinygemm rc=$?"; filter < "$OUT/decode_tinygemm.log" | tail -8) ;;
   stock80) bench stock80 560 --tiers 80 --edits none --images 1 --baseline ;;
   first80) bench first80 560 --tiers 80 --first-image ;;
   first16) bench first16 560 --tiers 16 --first-image ;;
