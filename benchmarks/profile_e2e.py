@@ -27,7 +27,7 @@ PROMPT = "A street poster that says 'GLM-Image on every GPU', photographed at du
 # they are classed first, before a name pattern could count a fused LayerNorm as attention.
 CLASSES = (
     ("fused elementwise/norm/RoPE/quantization (Inductor)", r"^triton_"),
-    ("int4 GEMV/GEMM (glmq)", r"int4"),
+    ("int4 GEMV/GEMM (glmq or tinygemm)", r"int4|tinygemm"),
     ("attention", r"attn|attention|flash|fmha|sdpa|cudnn"),
     ("8-bit activation quantization (glmq)", r"quantize_rows|int8_rescale"),
     ("GEMM (cuBLAS/cuBLASLt)", r"nvjet|gemm|cutlass|xmma|sm90_|sm80_|scaled_mm|_mm_"),

@@ -71,10 +71,17 @@ def _out_features(linear: torch.nn.Module) -> int:
 
 
 def compile_mode() -> str:
-    """What ``compile=True`` compiles in the AR decode step (``GLMQ_AR_COMPILE``): ``"step"`` (the default: the
-    whole step, one graph through every layer) or ``"layers"`` (one decoder layer, its graph serving every
-    layer; opt-in until a GPU run compares the two)."""
-    choice = os.environ.get("GLMQ_AR_COMPILE", "step")
+    """What ``compile=True`` compiles in the AR decode step (``GLMQ_AR_COMPILE``): ``"layers"`` (the default:
+    one decoder layer, its graph serving every layer, the rest of the step eager inside the CUDA graph) or
+    ``"step"`` (the whole step, one graph through every layer).
+
+    Measured on an H200 (benchmarks/results/decode_modes_h200/ against bench_decode_h200/, two runs of
+    ``benchmarks/ar_batch_decode.py``, glmq's int4 kernels): the engine's first call (compilation, graph
+    capture, one generation) 24.9 s per layer against 107.7 s for the whole step, for 4.984 against
+    4.828 ms a decode step at B = 1 (+3%, about 0.2 s per 1024 image). The first image falls from 129 s to 38 s
+    (bench_stock_h200/). Without a CUDA graph (the CPU) each layer is a Python call (2.5 against 1.3 s per
+    261-token generation, ar_compile_time_cpu2/)."""
+    choice = os.environ.get("GLMQ_AR_COMPILE", "layers")
     if choice not in ("step", "layers"):
         raise GlmqError(f"GLMQ_AR_COMPILE must be 'step' or 'layers', got {choice!r}")
     return choice
@@ -127,8 +134,8 @@ class ArEngine:
         self.cuda_graph = bool(cuda_graph) and self.device.type == "cuda"
         self.compile = bool(compile)
         self.sdpa_backends = list(sdpa_backends) if sdpa_backends is not None else None
-        # Without Inductor, glmq's fused elementwise kernels (opt-in, glmq.runtime.ar_fused).
-        self.fused = not self.compile and ar_fused.wanted() and ar_fused.supported(self.text)
+        # Without Inductor, glmq's fused elementwise kernels (on CUDA by default, glmq.runtime.ar_fused).
+        self.fused = not self.compile and ar_fused.wanted(self.device) and ar_fused.supported(self.text)
         # GLMQ_AR_COMPILE=layers: one decoder layer compiled, its graph reused by every layer (and the rest of the
         # step eager inside the CUDA graph), instead of the whole step traced through 40 layers.
         per_layer = self.compile and compile_mode() == "layers"
@@ -509,8 +516,9 @@ class ArEngine:
     @property
     def step_kind(self) -> str:
         """How the decode step runs now: ``"compiled"`` (the whole step), ``"compiled per layer"``
-        (``GLMQ_AR_COMPILE=layers``), ``"eager"`` (not asked to compile), or ``"eager after a failed compile"``;
-        with ``", fused kernels"`` (``GLMQ_AR_FUSED=1``) and ``", CUDA graph"`` when it is replayed from a graph."""
+        (``GLMQ_AR_COMPILE=layers``, the default), ``"eager"`` (not asked to compile), or ``"eager after a failed
+        compile"``; with ``", fused kernels"`` (glmq.runtime.ar_fused) and ``", CUDA graph"`` when it is replayed
+        from a graph."""
         kind = ("compiled per layer" if self._layer is not None else "compiled" if self._compiled
                 else "eager after a failed compile" if self.compile else "eager")
         if self.fused:

@@ -124,6 +124,15 @@ def install_grouped_processors(transformer: nn.Module) -> list[GroupedAttnProces
     return wrappers
 
 
+def attention_in_use(transformer: nn.Module, seq_len: int) -> str:
+    """The DiT attention a joint sequence of ``seq_len`` tokens runs: glmq's processor's own choice for that
+    length (``"bf16"``, ``"fp8"``, ``"int8"``), or ``"sdpa"`` (upstream's). Looks through the
+    :class:`GroupedAttnProcessor` that the DiT loop wraps around it."""
+    proc = transformer.transformer_blocks[0].attn1.processor
+    proc = proc.inner if isinstance(proc, GroupedAttnProcessor) else proc
+    return proc.precision_for(seq_len) if hasattr(proc, "precision_for") else "sdpa"
+
+
 def remove_grouped_processors(transformer: nn.Module) -> None:
     for block in transformer.transformer_blocks:
         if isinstance(block.attn1.processor, GroupedAttnProcessor):

@@ -23,7 +23,7 @@ def _assemble(components: dict, *, sizes: StageSizes | None, mode: str | None, v
     from glmq.runtime.embedding import split_embedding
 
     split_embedding(components["vision_language_encoder"])  # on every device: one code path, tested on the CPU
-    if tinygemm.wanted():  # opt-in until a bench run on the GPU decides (glmq.quant.formats.tinygemm)
+    if tinygemm.enabled(device):  # the default on one CUDA GPU, measured faster (glmq.quant.formats.tinygemm)
         for module in components.values():
             tinygemm.install(module, device)
     if sizes is None:
@@ -43,7 +43,7 @@ def _device_and_dtype(device: str, dtype: torch.dtype | None) -> tuple[torch.dev
     from glmq.runtime import ar_engine, ar_fused
 
     # a bad GLMQ_INT4_KERNEL, GLMQ_AR_FUSED or GLMQ_AR_COMPILE: one error before any work
-    tinygemm.wanted(), ar_fused.wanted(), ar_engine.compile_mode()
+    tinygemm.choice(), ar_fused.choice(), ar_engine.compile_mode()
     dev = torch.device(device)
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise GlmqError("device cuda requested but no CUDA GPU is available (use device='cpu')")
@@ -107,7 +107,7 @@ def load(path: str | Path, device: str = "cuda", vram_budget_gb: float | None = 
 
         if tinygemm.wanted():
             raise GlmqError("GLMQ_INT4_KERNEL=tinygemm applies to one GPU (tensor parallelism shards glmq's int4 "
-                            "layers); unset it for gpus=2")
+                            "layers); unset it for gpus=2, which runs glmq's kernels")
 
         if gpus == 1:
             raise GlmqError(f"parallel={parallel!r} needs gpus=2")

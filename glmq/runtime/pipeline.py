@@ -161,8 +161,9 @@ class GlmqPipeline:
     def _attention_for(self, seq_len: int) -> str:
         """The DiT attention this call's joint sequence (glyph + image tokens of the conditional pass) runs:
         glmq's processor's own choice for that length (``"bf16"``, ``"fp8"``, ``"int8"``), or ``"sdpa"``."""
-        proc = self.transformer.transformer_blocks[0].attn1.processor
-        return proc.precision_for(seq_len) if hasattr(proc, "precision_for") else "sdpa"
+        from glmq.runtime.dit_loop import attention_in_use
+
+        return attention_in_use(self.transformer, seq_len)
 
     def encode_glyphs(self, prompt: str) -> torch.Tensor:
         """Glyph embeddings [1, T, d] of the prompt's quoted text ("" when there is none), as upstream."""

@@ -61,6 +61,7 @@ def test_silu_mul_is_within_twice_upstreams_own_bf16_error():
 
 def test_the_engine_with_the_fused_layer_makes_the_same_tokens(monkeypatch):
     from glmq.models.build import build_processor
+    from glmq.runtime import ar_fused
     from glmq.runtime.ar_engine import ArEngine, ArRequest
     from glmq.testing import tiny_ar
 
@@ -77,7 +78,11 @@ def test_the_engine_with_the_fused_layer_makes_the_same_tokens(monkeypatch):
         (tokens, logits), = engine.generate_batch([req], output_logits=True)
         return engine, tokens, logits
 
+    monkeypatch.delenv("GLMQ_AR_FUSED", raising=False)  # unset: fused on CUDA only (no interpreter there)
     plain, tokens, logits = run()
+    assert ar_fused.wanted(torch.device("cuda")) and not ar_fused.wanted(torch.device("cpu"))
+    monkeypatch.setenv("GLMQ_AR_FUSED", "0")
+    assert not ar_fused.wanted(torch.device("cuda"))
     monkeypatch.setenv("GLMQ_AR_FUSED", "1")
     calls = []
     import glmq.kernels.decode_fused as fused

@@ -72,13 +72,19 @@ def test_install_swaps_every_int4_layer_and_refuses_when_its_check_fails(monkeyp
 
 
 def test_the_choice_comes_from_the_environment(monkeypatch):
+    """Unset: tinygemm on a CUDA device (the measured default), glmq's kernels elsewhere; "glmq" keeps glmq's
+    everywhere; "tinygemm" asks for it by name (also on the CPU)."""
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
     monkeypatch.delenv("GLMQ_INT4_KERNEL", raising=False)
-    assert not tg.wanted()
+    assert tg.choice() == "auto" and not tg.wanted()
+    assert tg.enabled(cuda) and not tg.enabled(cpu)
+    monkeypatch.setenv("GLMQ_INT4_KERNEL", "glmq")
+    assert not tg.enabled(cuda) and not tg.enabled(cpu)
     monkeypatch.setenv("GLMQ_INT4_KERNEL", "tinygemm")
-    assert tg.wanted()
+    assert tg.wanted() and tg.enabled(cuda) and tg.enabled(cpu)
     monkeypatch.setenv("GLMQ_INT4_KERNEL", "fast")
-    with pytest.raises(GlmqError, match="glmq' or 'tinygemm"):
-        tg.wanted()
+    with pytest.raises(GlmqError, match="'auto', 'glmq' or 'tinygemm'"):
+        tg.choice()
 
 
 @pytest.mark.parametrize("name, value", [("GLMQ_INT4_KERNEL", "fast"), ("GLMQ_AR_FUSED", "yes"),

@@ -236,14 +236,21 @@ def test_sampled_decoding_is_reproducible_and_stays_in_vocab(model, inputs):
     assert torch.equal(d, engine.generate(**inputs))  # no generator: torch's global CPU RNG
 
 
-def test_compiled_step_matches_the_eager_step(model, inputs):
+@pytest.mark.parametrize("mode, kind", [(None, "compiled per layer"), ("layers", "compiled per layer"),
+                                        ("step", "compiled")])
+def test_compiled_step_matches_the_eager_step(model, inputs, monkeypatch, mode, kind):
     """compile=True really compiles (no silent fallback) and changes nothing: same sampled tokens, logits
-    within fp32 rounding of the eager step's (Inductor reorders float sums), and a seed still reproduces."""
+    within fp32 rounding of the eager step's (Inductor reorders float sums), and a seed still reproduces; with
+    GLMQ_AR_COMPILE unset it compiles one layer for all (the default), "step" the whole step."""
+    if mode is None:
+        monkeypatch.delenv("GLMQ_AR_COMPILE", raising=False)
+    else:
+        monkeypatch.setenv("GLMQ_AR_COMPILE", mode)
     eager, compiled = ArEngine(model), ArEngine(model, compile=True)
     run = lambda eng: eng.generate(**inputs, generator=torch.Generator().manual_seed(3), output_logits=True)  # noqa: E731
     (ref, ref_logits), (got, got_logits), (again, _) = run(eager), run(compiled), run(compiled)
     assert compiled._compiled, "the decode step fell back to eager"
-    assert (compiled.step_kind, eager.step_kind) == ("compiled", "eager")  # what bench records as ran.ar_step
+    assert (compiled.step_kind, eager.step_kind) == (kind, "eager")  # what bench records as ran.ar_step
     assert torch.equal(got, ref) and torch.equal(again, got)
     # fp32 rounding of reordered sums: ~100 ulps (eps 1.2e-7) of the largest logit, far below any real change.
     assert (got_logits - ref_logits).abs().max() <= 1e-5 * ref_logits.abs().max()
@@ -392,6 +399,7 @@ def test_compiling_one_layer_serves_every_layer(model, inputs, monkeypatch):
 
     assert len(model.model.language_model.layers) >= 2  # else one graph per layer would look like one
     monkeypatch.setenv("GLMQ_AR_COMPILE", "layers")
+    torch._dynamo.reset()  # an earlier test's graph of the same layer function would be reused, counting none
     engine = ArEngine(model, compile=True)
     run = lambda eng: eng.generate(**inputs, generator=torch.Generator().manual_seed(3))  # noqa: E731
     before = counters["stats"]["unique_graphs"]

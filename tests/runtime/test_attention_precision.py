@@ -125,6 +125,21 @@ def test_min_tokens_decides_which_kernel_runs():
     assert not torch.equal(fp8, bf16) and sqnr > 25.0  # 21 >= 21: the 8-bit kernel, close to bf16
 
 
+def test_the_reported_kernel_looks_through_the_dit_loop_s_wrapper():
+    """What bench records as ran.dit_attention: glmq's processor's choice per length, also once the DiT loop has
+    wrapped every processor (every GPU bench row said "sdpa" while glmq's kernel ran, until this looked
+    through the wrapper), and "sdpa" for upstream's processor."""
+    from glmq.runtime.dit_loop import attention_in_use, install_grouped_processors, remove_grouped_processors
+
+    model = _tiny_dit()
+    assert attention_in_use(model, 21) == "sdpa"
+    RA.install_dit_attention(model, precision="fp8", backend="ref", min_tokens=22)
+    install_grouped_processors(model)
+    assert (attention_in_use(model, 21), attention_in_use(model, 22)) == ("bf16", "fp8")
+    remove_grouped_processors(model)
+    assert attention_in_use(model, 22) == "fp8"
+
+
 # ------------------------------------------------------------------- recorded by quantize, used by load
 @pytest.fixture(scope="module")
 def quantized_fast(tiny_dir, tmp_path_factory):

@@ -1,11 +1,23 @@
-"""int4 layers through PyTorch's own W4A16 kernel (``torch._weight_int4pack_mm``, "tinygemm"), opt-in.
+"""int4 layers through PyTorch's own W4A16 kernel (``torch._weight_int4pack_mm``, "tinygemm"): the default on
+one CUDA GPU.
 
-Measured on an H200 (benchmarks/results/int4_gemv_libraries_h200/), over the AR's 40 layers of weights per
-decode step: tinygemm 2.63 ms against glmq's Triton kernels 3.56 ms at one row (51.8 against 55.4 dB
-against the fp32 product of the same dequantized weights; bf16 itself reaches 52.5), and faster at every
-row count up to 16 (9.8 against 13.9 ms). It ships inside PyTorch, so it costs no dependency. What is not yet
-measured is the whole decode step and image with it: until a ``glmq bench`` run says so it stays opt-in,
-``GLMQ_INT4_KERNEL=tinygemm`` (glmq's kernels otherwise).
+Measured on an H200, commit c699fb8 (benchmarks/results/decode_modes_h200/, bench_stock_h200/):
+
+- weight reads of the AR's 40 layers per decode step (int4_gemv_libraries_h200/): tinygemm 2.63 ms against
+  glmq's Triton kernels 3.56 ms at one row (51.8 against 55.4 dB against the fp32 product of the same
+  dequantized weights; bf16 itself reaches 52.5, so both are within glmq's kernel tolerance of twice bf16's
+  error);
+- the whole decode step, one layer compiled for all: 3.854 against 4.984 ms at B = 1, but 7.207 against
+  6.309 ms at B = 8 (tinygemm's cost grows with the rows; glmq's tensor-core GEMV reads the weights once for
+  up to 16);
+- ``glmq bench``, default recipe, 1024x1024: 13.73 s per image (AR 3.91 ms/token) beside stock diffusers'
+  134.8 s in the same run. Every tier from 8 to 24 GiB ran with it (tiers_h200/).
+
+At B = 8 the AR is about an eighth of an image's time (the DiT dominates), so tinygemm's loss there (0.9 ms a
+step, ~0.14 s per image) is smaller than its gain for one image (1.1 ms a token, ~1.4 s per image): it is the
+default for one GPU (``GLMQ_INT4_KERNEL=auto``). ``GLMQ_INT4_KERNEL=glmq`` keeps glmq's kernels (batched
+serving that decodes 8 or more sequences at once); ``tinygemm`` asks for it on any device (the CPU build too,
+which the tests use). It ships inside PyTorch, so it costs no dependency.
 
 A layer is repacked once, when the pipeline is assembled: the codes go into tinygemm's tiled layout (same
 bytes as glmq's) and the scale and zero point into its ``[K // G, N, 2]`` table, where tinygemm computes
@@ -13,7 +25,7 @@ bytes as glmq's) and the scale and zero point into its ``[K // G, N, 2]`` table,
 (bf16, as tinygemm reads it). On the GPU its packer takes two codes per byte with the even k in the high
 nibble (glmq's own layout has it in the low one); the CPU build of the same kernel takes the codes unpacked.
 The CPU tests run the CPU build, so the arithmetic above is checked without a GPU; the GPU packing call is
-the one the H200 measurement above used.
+the one the H200 measurements above used.
 """
 
 from __future__ import annotations
@@ -33,12 +45,28 @@ INNER_K_TILES = 8  # tinygemm's K tiling on the GPU: K must be a multiple of 16 
 GROUP_SIZES = (32, 64, 128, 256)
 
 
+CHOICES = ("auto", "glmq", "tinygemm")
+
+
+def choice() -> str:
+    """``GLMQ_INT4_KERNEL``: ``"auto"`` (unset: tinygemm on one CUDA GPU, glmq's kernels elsewhere), ``"glmq"``
+    or ``"tinygemm"``."""
+    value = os.environ.get("GLMQ_INT4_KERNEL", "auto")
+    if value not in CHOICES:
+        raise GlmqError(f"GLMQ_INT4_KERNEL must be 'auto', 'glmq' or 'tinygemm', got {value!r}")
+    return value
+
+
 def wanted() -> bool:
-    """Whether the user asked for tinygemm (``GLMQ_INT4_KERNEL=tinygemm``)."""
-    choice = os.environ.get("GLMQ_INT4_KERNEL", "glmq")
-    if choice not in ("glmq", "tinygemm"):
-        raise GlmqError(f"GLMQ_INT4_KERNEL must be 'glmq' or 'tinygemm', got {choice!r}")
-    return choice == "tinygemm"
+    """Whether the user asked for tinygemm by name (``GLMQ_INT4_KERNEL=tinygemm``)."""
+    return choice() == "tinygemm"
+
+
+def enabled(device: torch.device) -> bool:
+    """Whether a one-device pipeline on ``device`` swaps its int4 layers to tinygemm: asked for by name, or
+    ``auto`` on a CUDA device (where it was measured faster)."""
+    value = choice()
+    return value == "tinygemm" or (value == "auto" and torch.device(device).type == "cuda")
 
 
 def scales_and_zeros(scale: torch.Tensor, zero: torch.Tensor | None) -> torch.Tensor:
@@ -118,7 +146,7 @@ def install(module: nn.Module, device: torch.device) -> int:
                 raise RuntimeError(f"{name}: {db:.1f} dB against glmq's int4 product (at least {MIN_SQNR_DB} "
                                    "expected)")
     except (RuntimeError, AttributeError, NotImplementedError) as e:
-        warnings.warn(f"GLMQ_INT4_KERNEL=tinygemm: not used ({e}); glmq's int4 kernels run instead", stacklevel=2)
+        warnings.warn(f"tinygemm int4 kernel: not used ({e}); glmq's int4 kernels run instead", stacklevel=2)
         return 0
     for name, layer in targets:
         parent_name, _, child = name.rpartition(".")
