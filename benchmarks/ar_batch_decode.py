@@ -53,7 +53,7 @@ def build_ar(model: str, recipe: str, device):
         quantize_modules({"vision_language_encoder": ar}, recipe)
     from glmq.quant.formats import tinygemm
 
-    if device.type == "cuda" and tinygemm.wanted():  # GLMQ_INT4_KERNEL=tinygemm, as glmq.load applies it
+    if tinygemm.enabled(device):  # as glmq.load decides it (GLMQ_INT4_KERNEL; tinygemm by default on CUDA)
         tinygemm.install(ar, device)
     if device.type == "cuda":  # glmq's attention, as the pipeline installs it on CUDA
         from glmq.runtime.attention import register_ar_attention

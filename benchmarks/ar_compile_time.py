@@ -30,7 +30,7 @@ def child(layers: int, device: str) -> dict:
     from glmq.io.layout import BY_NAME
     from glmq.models.build import build_model, build_processor
     from glmq.models.configs import component_config
-    from glmq.runtime.ar_engine import ArEngine
+    from glmq.runtime.ar_engine import ArEngine, compile_mode
 
     torch.set_num_threads(1)
     cfg = component_config("vision_language_encoder", "tiny")
@@ -48,7 +48,7 @@ def child(layers: int, device: str) -> dict:
     first = time.perf_counter() - t0
     t0 = time.perf_counter()
     engine.generate(**inputs, generator=torch.Generator().manual_seed(3))
-    return {"layers": layers, "mode": os.environ.get("GLMQ_AR_COMPILE", "step"), "step_kind": engine.step_kind,
+    return {"layers": layers, "mode": compile_mode(), "step_kind": engine.step_kind,
             "first_call_s": round(first, 2), "second_call_s": round(time.perf_counter() - t0, 3),
             "tokens": int(got.shape[-1]), "tokens_equal_eager": bool(torch.equal(got.cpu(), ref.cpu())),
             "graphs_compiled": int(counters["stats"]["unique_graphs"])}

@@ -17,15 +17,15 @@
 #   bash benchmarks/gpu_batch.sh gen_prep     # a full-size checkpoint on disk: make-tiny --size full, quantize
 #   bash benchmarks/gpu_batch.sh gen_times    # glmq generate process wall time: off, on (cold cache), auto (cached)
 #   bash benchmarks/gpu_batch.sh unchanged    # single-prompt calls against the pre-batching commit, on the GPU
-#   bash benchmarks/gpu_batch.sh int4         # glmq bench, 80 GiB tier, glmq's int4 kernels then tinygemm's
-#                                             # (GLMQ_INT4_KERNEL=tinygemm): AR ms/token, image, one process each
-#   bash benchmarks/gpu_batch.sh uncompiled   # glmq bench --no-compile, 80 GiB tier: upstream layers, then the
-#                                             # fused decode layer (GLMQ_AR_FUSED=1): the command-line user's AR
-#   bash benchmarks/gpu_batch.sh layers       # glmq bench, 80 GiB tier, the whole step compiled, then one layer
-#                                             # compiled for all (GLMQ_AR_COMPILE=layers): warm-up s, ms/token
+#   bash benchmarks/gpu_batch.sh int4         # glmq bench, 80 GiB tier, glmq's int4 kernels (GLMQ_INT4_KERNEL=glmq)
+#                                             # then tinygemm's (the default): AR ms/token, image, one process each
+#   bash benchmarks/gpu_batch.sh uncompiled   # glmq bench --no-compile, 80 GiB tier: upstream layers
+#                                             # (GLMQ_AR_FUSED=0), then the fused decode layer (the default)
+#   bash benchmarks/gpu_batch.sh layers       # glmq bench, 80 GiB tier, the whole step compiled
+#                                             # (GLMQ_AR_COMPILE=step), then one layer compiled for all (the default)
 #   bash benchmarks/gpu_batch.sh decode_modes # the decode table with one layer compiled for all (GLMQ_AR_COMPILE=layers,
-#                                             # ~10x less compilation per B): B = 1..16 in one call; then tinygemm
-#                                             # (GLMQ_INT4_KERNEL=tinygemm) at B = 1, 8
+#                                             # ~5x less compilation per B): B = 1..16 in one call with glmq's int4
+#                                             # kernels (GLMQ_INT4_KERNEL=glmq); then tinygemm at B = 1, 8
 #   bash benchmarks/gpu_batch.sh smoke        # a few minutes: small sizes, every path once
 # gen_prep and gen_times share /tmp on the machine: run gen_times right after gen_prep (the machine stays warm
 # only briefly between calls); gen_times re-runs gen_prep when the checkpoint is gone (and then has no time left).
@@ -51,7 +51,7 @@ case "$1" in
            timeout 560 python3 -X faulthandler benchmarks/ar_batch_decode.py --batches "$b" --out "$OUT/$1" > "$OUT/$1.log" 2>&1
            echo "== $1 rc=$?"; filter < "$OUT/$1.log" | tail -10 ;;
   decode_modes)
-           (export GLMQ_AR_COMPILE=layers
+           (export GLMQ_AR_COMPILE=layers GLMQ_INT4_KERNEL=glmq
             timeout 320 python3 -X faulthandler benchmarks/ar_batch_decode.py --out "$OUT/decode_layers" > "$OUT/decode_layers.log" 2>&1
             echo "== decode_layers rc=$?"; filter < "$OUT/decode_layers.log" | tail -10
             export GLMQ_INT4_KERNEL=tinygemm
@@ -77,17 +77,19 @@ case "$1" in
   unchanged)
     rm -rf /tmp/base && mkdir -p /tmp/base
     if git archive "$BASE_COMMIT" 2>/dev/null | tar -x -C /tmp/base; then
+      # the base commit's kernels and layers on both sides: what is compared is batching, not later defaults
+      export GLMQ_INT4_KERNEL=glmq GLMQ_AR_FUSED=0
       timeout 500 python3 benchmarks/check_single_prompt_unchanged.py --base-tree /tmp/base --base-commit "$BASE_COMMIT" --device cuda \
         --out "$OUT/unchanged/single_prompt_unchanged_h200.json" 2>&1 | tail -12
     else echo "commit $BASE_COMMIT is not in this tree's .git: copy a checkout of it to /tmp/base"; fi ;;
   int4)
-    bench int4_glmq 275 --tiers 80 --images 2 --edits none
+    (export GLMQ_INT4_KERNEL=glmq; bench int4_glmq 275 --tiers 80 --images 2 --edits none)
     (export GLMQ_INT4_KERNEL=tinygemm; bench int4_tinygemm 275 --tiers 80 --images 2 --edits none) ;;
   uncompiled)
-    bench uncompiled_upstream 275 --tiers 80 --edits none --no-compile
+    (export GLMQ_AR_FUSED=0; bench uncompiled_upstream 275 --tiers 80 --edits none --no-compile)
     (export GLMQ_AR_FUSED=1; bench uncompiled_fused 275 --tiers 80 --edits none --no-compile) ;;
   layers)
-    bench layers_step 275 --tiers 80 --images 1 --edits none
+    (export GLMQ_AR_COMPILE=step; bench layers_step 275 --tiers 80 --images 1 --edits none)
     (export GLMQ_AR_COMPILE=layers; bench layers_layers 275 --tiers 80 --images 1 --edits none) ;;
   smoke)
     bench smoke_bench 300 --tiers 80,16 --size 512x512 --steps 4 --batch 1,3 --no-compile
