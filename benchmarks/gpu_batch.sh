@@ -26,6 +26,10 @@
 #   bash benchmarks/gpu_batch.sh decode_modes # the decode table with one layer compiled for all (GLMQ_AR_COMPILE=layers,
 #                                             # ~5x less compilation per B): B = 1..16 in one call with glmq's int4
 #                                             # kernels (GLMQ_INT4_KERNEL=glmq); then tinygemm at B = 1, 8
+#   bash benchmarks/gpu_batch.sh dit_attention # issue #14's attention lever at 1024: the DiT step with glmq's bf16
+#                                             # kernel (the default below 8192 tokens), glmq's fp8 kernel at every
+#                                             # length (47.00 dB against bf16 at 1024, fidelity_gpu_h200/), and
+#                                             # upstream's SDPA (cuDNN/flash); one process each, ~2 min each
 #   bash benchmarks/gpu_batch.sh smoke        # a few minutes: small sizes, every path once
 # gen_prep and gen_times share /tmp on the machine: run gen_times right after gen_prep (the machine stays warm
 # only briefly between calls); gen_times re-runs gen_prep when the checkpoint is gone (and then has no time left).
@@ -91,6 +95,10 @@ case "$1" in
   layers)
     (export GLMQ_AR_COMPILE=step; bench layers_step 275 --tiers 80 --images 1 --edits none)
     (export GLMQ_AR_COMPILE=layers; bench layers_layers 275 --tiers 80 --images 1 --edits none) ;;
+  dit_attention)
+    bench dit_attn_bf16 200 --tiers 80 --images 1 --edits none
+    bench dit_attn_fp8 200 --tiers 80 --images 1 --edits none --attention-precision fp8
+    bench dit_attn_sdpa 200 --tiers 80 --images 1 --edits none --attention sdpa ;;
   smoke)
     bench smoke_bench 300 --tiers 80,16 --size 512x512 --steps 4 --batch 1,3 --no-compile
     timeout 200 python3 benchmarks/ar_batch_decode.py --batches 1,4 --tokens 64 --out "$OUT/smoke_decode" \

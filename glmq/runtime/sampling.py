@@ -96,7 +96,7 @@ def sample_tokens(
     # the decode step fell back to eager.
     probs = top_p_filter(logits, top_p).softmax(dim=-1)
     cdf = probs.cumsum(dim=-1)
-    total = cdf[..., -1:]
+    total = cdf[..., -1:].contiguous()  # searchsorted warns (once, to the user) about a strided view
     first = torch.searchsorted(cdf, (uniform.reshape(-1, 1) * total).to(cdf.dtype), right=True)
     # u * total rounded up to total (u just below 1): no id exceeds it; take the last id that carries mass
     # (the first whose cdf reaches the total).
