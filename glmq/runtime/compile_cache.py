@@ -190,17 +190,27 @@ class AutotuneStore:
 
 # -- which models have been compiled here -------------------------------------------------------------------------
 
+def _switches() -> list:
+    """The settings that change what gets compiled (a whole AR step or one layer; which int4 kernel the graphs
+    call): a marker left under other settings does not stand for this process's compilation."""
+    from glmq.quant.formats import tinygemm
+    from glmq.runtime.ar_engine import compile_mode
+
+    return [f"GLMQ_AR_COMPILE={compile_mode()}", f"GLMQ_INT4_KERNEL={tinygemm.choice()}"]
+
+
 def _marker(root: Path, model: str | os.PathLike, device) -> Path:
-    return root / "compiled" / f"{_fingerprint(*_versions(device), Path(model).resolve())}.json"
+    return root / "compiled" / f"{_fingerprint(*_versions(device), *_switches(), Path(model).resolve())}.json"
 
 
 def mark_compiled(root: Path, model: str | os.PathLike, device) -> None:
-    """Record that a compiled call of ``model`` completed on this card with these versions."""
+    """Record that a compiled call of ``model`` completed on this card with these versions and switches."""
     path = _marker(root, model, device)
     if not path.exists():
-        _write_json(path, {"model": str(Path(model).resolve()), "versions": _versions(device)})
+        _write_json(path, {"model": str(Path(model).resolve()), "versions": _versions(device),
+                           "switches": _switches()})
 
 
 def was_compiled(root: Path | None, model: str | os.PathLike, device) -> bool:
-    """Whether :func:`mark_compiled` ran for ``model`` on this card with these versions."""
+    """Whether :func:`mark_compiled` ran for ``model`` on this card with these versions and switches."""
     return root is not None and _read_json(_marker(root, model, device)) is not None

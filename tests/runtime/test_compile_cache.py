@@ -122,13 +122,21 @@ def test_glmq_autotune_choices_round_trip_and_bad_entries_are_skipped(tmp_path, 
     assert cc.AutotuneStore(tmp_path, "cpu").load() == 0
 
 
-def test_compiled_markers(tmp_path):
+def test_compiled_markers(tmp_path, monkeypatch):
     model = tmp_path / "model"
     model.mkdir()
+    monkeypatch.delenv("GLMQ_AR_COMPILE", raising=False)
+    monkeypatch.delenv("GLMQ_INT4_KERNEL", raising=False)
     assert not cc.was_compiled(tmp_path, model, "cpu") and not cc.was_compiled(None, model, "cpu")
     cc.mark_compiled(tmp_path, model, "cpu")
     assert cc.was_compiled(tmp_path, model, "cpu")
     assert not cc.was_compiled(tmp_path, tmp_path, "cpu")  # another model
+    # other switches compile other graphs: `glmq generate --compile auto` must not take them as cached
+    for name, value in (("GLMQ_AR_COMPILE", "step"), ("GLMQ_INT4_KERNEL", "glmq")):
+        monkeypatch.setenv(name, value)
+        assert not cc.was_compiled(tmp_path, model, "cpu")
+        monkeypatch.delenv(name)
+    assert cc.was_compiled(tmp_path, model, "cpu")
     for marker in (tmp_path / "compiled").iterdir():
         marker.write_text("\x00\x01")
     assert not cc.was_compiled(tmp_path, model, "cpu")
