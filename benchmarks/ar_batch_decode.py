@@ -17,7 +17,6 @@ read (40 layers x 2 x 2 heads x 128 x 2 bytes = 40 KiB per cached token) and its
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import time
 from pathlib import Path
@@ -116,7 +115,6 @@ def main(argv=None) -> int:
             r["step_vs_b1"] = round(r["step_ms"] / base, 3) if base else None
         env = {"torch": torch.__version__, "device": str(device), "compiled": engine._compiled,
                "ar_step": engine.step_kind, "int4_kernel": tinygemm.kernel_in({"ar": ar}),
-               "GLMQ_AR_COMPILE": os.environ.get("GLMQ_AR_COMPILE"), "GLMQ_AR_FUSED": os.environ.get("GLMQ_AR_FUSED"),
                "card": torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"}
         if device.type == "cuda":
             import triton

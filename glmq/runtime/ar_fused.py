@@ -34,8 +34,10 @@ def choice() -> str:
 def wanted(device) -> bool:
     """Whether an uncompiled decode step on ``device`` runs the fused layer: ``GLMQ_AR_FUSED=1``, or unset on
     CUDA."""
+    import torch
+
     value = choice()
-    return value == "1" or (value == "auto" and getattr(device, "type", str(device)) == "cuda")
+    return value == "1" or (value == "auto" and torch.device(device).type == "cuda")
 
 
 def supported(text_model) -> bool:
