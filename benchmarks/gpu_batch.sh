@@ -30,6 +30,9 @@
 #                                             # kernel (the default below 8192 tokens), glmq's fp8 kernel at every
 #                                             # length (47.00 dB against bf16 at 1024, fidelity_gpu_h200/), and
 #                                             # upstream's SDPA (cuDNN/flash); one process each, ~2 min each
+#   bash benchmarks/gpu_batch.sh tiers_stock  # issue #14's one run: stock diffusers (--baseline) and the 8/12/16/24 GiB
+#                                             # tiers at 1024x1024 in one glmq bench process (~7 min)
+#   bash benchmarks/gpu_batch.sh r2048        # the resident DiT at 2048x2048 (80 GiB tier), one image (~4 min)
 #   bash benchmarks/gpu_batch.sh smoke        # a few minutes: small sizes, every path once
 # gen_prep and gen_times share /tmp on the machine: run gen_times right after gen_prep (the machine stays warm
 # only briefly between calls); gen_times re-runs gen_prep when the checkpoint is gone (and then has no time left).
@@ -62,6 +65,8 @@ case "$1" in
             timeout 200 python3 -X faulthandler benchmarks/ar_batch_decode.py --batches 1,8 --out "$OUT/decode_tinygemm" \
               > "$OUT/decode_tinygemm.log" 2>&1
             echo "== decode_tinygemm rc=$?"; filter < "$OUT/decode_tinygemm.log" | tail -8) ;;
+  tiers_stock) bench tiers_stock 570 --tiers 8,12,16,24 --edits none --images 1 --baseline ;;
+  r2048)   bench r2048 400 --size 2048x2048 --tiers 80 --edits none --images 1 ;;
   stock80) bench stock80 560 --tiers 80 --edits none --images 1 --baseline ;;
   first80) bench first80 560 --tiers 80 --first-image ;;
   first16) bench first16 560 --tiers 16 --first-image ;;
