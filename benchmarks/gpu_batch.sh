@@ -46,7 +46,7 @@ BASE_COMMIT=b1ad57e  # the AR draw in vocabulary order (9b8745e, main before bat
 filter() { grep -v "^  File\|^    \|^Extension\|^W[0-9]\{4\}"; }
 bench() {  # name, timeout, bench args...
   local name=$1 limit=$2; shift 2
-  timeout "$limit" python3 -X faulthandler -m glmq bench --model full-random --recipe default --size 1024x1024 \
+  timeout "$limit" python3 -X faulthandler -m glmq bench --model full-random --recipe default --size "${SIZE:-1024x1024}" \
     --steps 50 --out "$OUT/$name" "$@" > "$OUT/$name.log" 2>&1
   echo "== $name rc=$?"; filter < "$OUT/$name.log" | tail -30
 }
@@ -66,7 +66,7 @@ case "$1" in
               > "$OUT/decode_tinygemm.log" 2>&1
             echo "== decode_tinygemm rc=$?"; filter < "$OUT/decode_tinygemm.log" | tail -8) ;;
   tiers_stock) bench tiers_stock 570 --tiers 8,12,16,24 --edits none --images 1 --baseline ;;
-  r2048)   bench r2048 400 --size 2048x2048 --tiers 80 --edits none --images 1 ;;
+  r2048)   SIZE=2048x2048 bench r2048 400 --tiers 80 --edits none --images 1 ;;
   stock80) bench stock80 560 --tiers 80 --edits none --images 1 --baseline ;;
   first80) bench first80 560 --tiers 80 --first-image ;;
   first16) bench first16 560 --tiers 16 --first-image ;;
