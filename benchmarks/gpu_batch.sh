@@ -105,7 +105,7 @@ case "$1" in
     bench dit_attn_fp8 200 --tiers 80 --images 1 --edits none --attention-precision fp8
     bench dit_attn_sdpa 200 --tiers 80 --images 1 --edits none --attention sdpa ;;
   smoke)
-    bench smoke_bench 300 --tiers 80,16 --size 512x512 --steps 4 --batch 1,3 --no-compile
+    SIZE=512x512 bench smoke_bench 300 --tiers 80,16 --steps 4 --batch 1,3 --no-compile
     timeout 200 python3 benchmarks/ar_batch_decode.py --batches 1,4 --tokens 64 --out "$OUT/smoke_decode" \
       > "$OUT/smoke_decode.log" 2>&1; echo "== smoke decode rc=$?"; filter < "$OUT/smoke_decode.log" | tail -8 ;;
   *) echo "unknown subcommand $1"; exit 2 ;;
