@@ -91,7 +91,7 @@ def main(argv=None) -> int:
     imports["glmq.runtime"] = time.perf_counter() - t
 
     from glmq.bench.provenance import provenance
-    from glmq.io import finite, reader
+    from glmq.io import finite, reader, safetensors_io
     from glmq.models import build
     from glmq.quant.formats import tinygemm
     from glmq.runtime import attention, compile_cache, embedding, loader
@@ -107,6 +107,7 @@ def main(argv=None) -> int:
     timers.wrap(loader, "load_component", "load the components")
     timers.wrap(build, "build_model", "build the modules")
     timers.wrap(reader, "read_tensor", "read tensors from the files")
+    timers.wrap(safetensors_io, "read_into", "read bytes from the files")
     timers.wrap(finite, "check_finite", "NaN/Inf checks")
     timers.wrap(torch.nn.Module, "to_empty", "allocate the modules on the device")
     timers.wrap(torch.Tensor, "copy_", "copy tensors into the modules")

@@ -51,10 +51,33 @@ def count_nonfinite(tensor: torch.Tensor, *, chunk: int = CHUNK) -> int:
             bits = block.view(int_dtype).numpy()
             bad += int(np.count_nonzero(np.bitwise_and(bits, np_mask) == marked))
         return bad
-    for block in flat.split(chunk):  # other float types or devices: widen one block at a time
+    if spec is not None:  # on a GPU: the same bit test, one count on the device, one transfer back
+        return int(count_nonfinite_lazy(flat, chunk=chunk))
+    for block in flat.split(chunk):  # other float types: widen one block at a time
         ok = torch.isfinite(block.to(torch.float32))
         if not bool(ok.all()):
             bad += int(ok.numel() - torch.count_nonzero(ok))
+    return bad
+
+
+def count_nonfinite_lazy(tensor: torch.Tensor, *, chunk: int = CHUNK) -> torch.Tensor:
+    """How many elements of ``tensor`` are NaN or infinite, as a 0-dim int64 tensor on its device, computed
+    with torch's bitwise operations (no synchronization: a loader reads the counts once, at the end).
+    Float dtypes outside :data:`_BITS` are widened to float32 one block at a time."""
+    import torch
+
+    flat = tensor.detach().reshape(-1)
+    bad = torch.zeros((), dtype=torch.int64, device=flat.device)
+    if not flat.is_floating_point() or flat.numel() == 0:
+        return bad
+    spec = _BITS.get(str(flat.dtype).removeprefix("torch."))
+    for block in flat.split(chunk):
+        if spec is None:
+            bad += (~torch.isfinite(block.to(torch.float32))).sum()
+            continue
+        view, mask, marked = spec
+        bits = block.view(getattr(torch, view))
+        bad += (torch.bitwise_and(bits, mask) == marked).sum()
     return bad
 
 

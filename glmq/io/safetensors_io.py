@@ -164,18 +164,22 @@ def read_tensor(info: TensorInfo) -> torch.Tensor:
     out = torch.empty(info.shape, dtype=getattr(torch, info.dtype))
     if info.nbytes == 0:
         return out
-    view = memoryview(out.reshape(-1).view(torch.uint8).numpy())
     with open(info.file, "rb") as f:
-        f.seek(info.data_start + info.begin)
-        got = 0
-        while got < info.nbytes:
-            n = f.readinto(view[got:])
-            if not n:
-                from glmq.errors import CheckpointError
-
-                raise CheckpointError(f"{info.file}: truncated while reading tensor {info.name!r}")
-            got += n
+        read_into(f, info, memoryview(out.reshape(-1).view(torch.uint8).numpy()))
     return out
+
+
+def read_into(f, info: TensorInfo, dest: memoryview, begin: int = 0) -> None:
+    """Fill ``dest`` with the tensor's bytes ``begin .. begin + len(dest)``, read from the open file ``f``."""
+    f.seek(info.data_start + info.begin + begin)
+    got = 0
+    while got < len(dest):
+        n = f.readinto(dest[got:])
+        if not n:
+            from glmq.errors import CheckpointError
+
+            raise CheckpointError(f"{info.file}: truncated while reading tensor {info.name!r}")
+        got += n
 
 
 def tensor_bytes(tensor: torch.Tensor) -> memoryview:

@@ -2,10 +2,15 @@
 
 Each component is built on the meta device from its ``config.json``; the linear layers a glmq
 ``quantization_config`` lists are swapped for empty :class:`~glmq.quant.formats.linear.QuantLinear` modules;
-then the module is materialized on the target device and every stored tensor is copied in, one at a time,
-straight from the memory-mapped safetensors. Nothing is ever held twice, and nothing is randomly
-initialized only to be overwritten. Works for the bf16 release, make-tiny folders and ``glmq quantize``
-output alike.
+then the module is materialized on the target device and every stored tensor is copied in, one at a time.
+Nothing is ever held twice, and nothing is randomly initialized only to be overwritten. Works for the bf16
+release, make-tiny folders and ``glmq quantize`` output alike.
+
+A stored tensor whose dtype and shape are the module's (every quantized buffer; float tensors stored in the
+compute dtype) is read straight into the module's memory (:class:`Filler`): on the CPU with plain reads into
+the tensor itself; on a GPU through two pinned staging buffers, reading the next chunk while the previous one
+copies, and checking NaN/Inf on the device. Other tensors (a cast on the way) are read into a CPU tensor,
+checked there and copied.
 """
 
 from __future__ import annotations
@@ -59,6 +64,96 @@ def quant_plan(cr: ComponentReader) -> dict[str, dict]:
     from glmq.quant.plan import runtime_mode
 
     return {name: {"format": fmt, "mode": runtime_mode(fmt, acts)} for name, (fmt, acts) in layer_formats(qcfg).items()}
+
+
+STAGING_BYTES = 64 << 20  # each of the two staging buffers of a GPU load
+
+
+class Filler:
+    """Stored tensors straight into same-dtype, same-shape module tensors.
+
+    A CPU target is filled by plain reads into its own bytes. Any other target goes through two staging
+    buffers of ``chunk`` bytes (pinned host memory when the target is on a CUDA GPU), alternating: the next
+    chunk is read while the previous one copies (``non_blocking``), and a buffer is reused only once the copy
+    out of it has finished. ``staged=True`` forces the staging path on the CPU too (tests). NaN/Inf: a CPU
+    target is checked at once; device targets are counted on the device and read back by :meth:`finish`,
+    which raises for the first tensor holding any.
+    """
+
+    def __init__(self, *, chunk: int = STAGING_BYTES, staged: bool | None = None):
+        self.chunk = chunk
+        self.staged = staged
+        self.buffers: list = []
+        self.events: list = [None, None]
+        self.turn = 0
+        self.pending: list[tuple[str, object]] = []
+
+    @staticmethod
+    def fits(info, target: torch.Tensor) -> bool:
+        return (target.is_contiguous() and tuple(target.shape) == tuple(info.shape)
+                and str(target.dtype).removeprefix("torch.") == info.dtype)
+
+    def fill(self, info, target: torch.Tensor, what: str) -> None:
+        import torch
+
+        from glmq.io.finite import check_finite, count_nonfinite_lazy
+        from glmq.io.safetensors_io import read_into
+
+        if info.nbytes == 0:
+            return
+        flat = target.detach().reshape(-1).view(torch.uint8)
+        staged = target.device.type != "cpu" if self.staged is None else self.staged
+        try:
+            with open(info.file, "rb") as f:
+                if not staged:
+                    read_into(f, info, memoryview(flat.numpy()))
+                    check_finite(target, what)
+                    return
+                for begin in range(0, info.nbytes, self.chunk):
+                    n = min(self.chunk, info.nbytes - begin)
+                    buf = self._buffer(target.device)
+                    read_into(f, info, memoryview(buf[:n].numpy()), begin)
+                    flat[begin:begin + n].copy_(buf[:n], non_blocking=True)
+                    self._copied(target.device)
+        except OSError as e:
+            raise CheckpointError(f"{info.file}: cannot read tensor {info.name!r} ({e.strerror or e})") from None
+        self.pending.append((what, count_nonfinite_lazy(target)))
+
+    def _buffer(self, device: torch.device):
+        """The staging buffer whose turn it is, once the copy out of it has finished."""
+        import torch
+
+        if not self.buffers:
+            pin = device.type == "cuda"
+            try:
+                self.buffers = [torch.empty(self.chunk, dtype=torch.uint8, pin_memory=pin) for _ in range(2)]
+            except RuntimeError:  # no pinned memory to be had: pageable buffers, synchronous copies
+                self.buffers = [torch.empty(self.chunk, dtype=torch.uint8) for _ in range(2)]
+        event = self.events[self.turn]
+        if event is not None:
+            event.synchronize()
+        return self.buffers[self.turn]
+
+    def _copied(self, device: torch.device) -> None:
+        import torch
+
+        if device.type == "cuda":
+            event = torch.cuda.Event()
+            event.record(torch.cuda.current_stream(device))
+            self.events[self.turn] = event
+        self.turn = 1 - self.turn
+
+    def finish(self) -> None:
+        """Raise for the first device-filled tensor that holds NaN/Inf (one transfer for all the counts)."""
+        import torch
+
+        if not self.pending:
+            return
+        counts = torch.stack([c for _, c in self.pending]).cpu().tolist()
+        for (what, _), bad in zip(self.pending, counts):
+            if bad:
+                raise CheckpointError(f"{what} holds {bad} NaN/Inf value(s); refusing to use broken weights")
+        self.pending.clear()
 
 
 def load_component(cr: ComponentReader, *, device: str | torch.device = "cpu", dtype=None,
@@ -115,6 +210,8 @@ def load_component(cr: ComponentReader, *, device: str | torch.device = "cpu", d
             shape = tuple(weight.shape)
             stored_q = {q.removeprefix(prefix + "."): cr.get(q) for q in fmt.expected_tensors(prefix, shape)}
             weight.copy_(fmt.dequantize(stored_q, shape).to(weight.dtype))
+        infos = getattr(cr, "tensors", {})  # safetensors components; GGUF ones go through cr.get
+        filler = Filler()
         for name in cr.names():
             if name in from_quantized:
                 continue
@@ -123,15 +220,24 @@ def load_component(cr: ComponentReader, *, device: str | torch.device = "cpu", d
             module_name, _, attr = name.rpartition(".")
             owner = model.get_submodule(module_name) if module_name else model
             target = getattr(owner, attr)
-            value = cr.get(name)
-            if tuple(value.shape) != tuple(target.shape):
-                raise CheckpointError(f"{cr.folder}: tensor {name!r} has shape {list(value.shape)}, "
+            info = infos.get(name)
+            value = None if info is not None else cr.get(name)
+            shape = tuple(info.shape) if info is not None else tuple(value.shape)
+            stored = info.dtype if info is not None else str(value.dtype).removeprefix("torch.")
+            if shape != tuple(target.shape):
+                raise CheckpointError(f"{cr.folder}: tensor {name!r} has shape {list(shape)}, "
                                       f"the model expects {list(target.shape)}")
-            _check_dtype(cr, name, value, target, quantized=isinstance(owner, QuantLinear) and attr != "bias")
+            _check_dtype(cr, name, stored, target, quantized=isinstance(owner, QuantLinear) and attr != "bias")
+            if info is not None and filler.fits(info, target):
+                filler.fill(info, target, f"{info.file}: tensor {name!r}")
+                continue
+            if value is None:
+                value = cr.get(name)
             if isinstance(owner, QuantLinear) and attr != "bias":
                 target.copy_(value)  # quantized buffers keep their storage dtype
             else:
                 target.copy_(value.to(target.dtype))
+        filler.finish()
     _init_nonpersistent_buffers(model)
     model.eval()
     model.requires_grad_(False)
@@ -141,13 +247,12 @@ def load_component(cr: ComponentReader, *, device: str | torch.device = "cpu", d
 _FLOAT_DTYPES = ("float32", "bfloat16", "float16", "float64")
 
 
-def _check_dtype(cr, name: str, value: torch.Tensor, target: torch.Tensor, *, quantized: bool) -> None:
-    """Refuse a stored tensor whose dtype the layer would silently reinterpret.
+def _check_dtype(cr, name: str, got: str, target: torch.Tensor, *, quantized: bool) -> None:
+    """Refuse a stored tensor (dtype name ``got``) whose dtype the layer would silently reinterpret.
 
     Quantized buffers must match their storage dtype exactly; float parameters take any plain float dtype
     (cast losslessly or to the compute dtype), never integers, booleans or fp8 codes.
     """
-    got = str(value.dtype).removeprefix("torch.")
     want = str(target.dtype).removeprefix("torch.")
     ok = got == want if quantized or not target.is_floating_point() else got in _FLOAT_DTYPES
     if not ok:
