@@ -185,11 +185,13 @@ def load_component(cr: ComponentReader, *, device: str | torch.device = "cpu", d
         tied.setdefault(id(p), []).append(name)
     tied_groups = [names for names in tied.values() if len(names) > 1]
     aliases = {n for names in tied_groups for n in names[1:]}
-    model.to_empty(device=device)
     if dtype is not None:
+        # On the meta device, before memory exists: a cast after to_empty would read and convert every
+        # uninitialized float (7.6 of 26 s of a CPU load of the full folder, benchmarks/results/load_breakdown_cpu2/).
         # QuantLinear keeps its quantized buffers' dtypes. nn.Module.to, not diffusers' override, which warns on
         # every cast about "modules that should be kept in float32" even when that list is empty.
         torch.nn.Module.to(model, dtype)
+    model.to_empty(device=device)
     for first, *rest in tied_groups:
         for alias in rest:
             owner_name, _, attr = alias.rpartition(".")
