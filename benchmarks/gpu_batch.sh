@@ -33,6 +33,11 @@
 #   bash benchmarks/gpu_batch.sh tiers_stock  # issue #14's one run: stock diffusers (--baseline) and the 8/12/16/24 GiB
 #                                             # tiers at 1024x1024 in one glmq bench process (~7 min)
 #   bash benchmarks/gpu_batch.sh r2048        # the resident DiT at 2048x2048 (80 GiB tier), one image (~4 min)
+#   bash benchmarks/gpu_batch.sh act_quant    # issue #14's activation-quantization lever: glmq bench, 80 GiB, the DiT's
+#                                             # rows quantized by glmq's kernel, then by torch ops Inductor fuses into
+#                                             # their producers (GLMQ_ACT_QUANT=inductor); ~4 min
+#   bash benchmarks/gpu_batch.sh load         # benchmarks/load_breakdown.py on gen_prep's folder, on the GPU (run
+#                                             # right after gen_prep, or it runs gen_prep first); ~2 min
 #   bash benchmarks/gpu_batch.sh smoke        # a few minutes: small sizes, every path once
 # gen_prep and gen_times share /tmp on the machine: run gen_times right after gen_prep (the machine stays warm
 # only briefly between calls); gen_times re-runs gen_prep when the checkpoint is gone (and then has no time left).
@@ -67,6 +72,13 @@ case "$1" in
             echo "== decode_tinygemm rc=$?"; filter < "$OUT/decode_tinygemm.log" | tail -8) ;;
   tiers_stock) bench tiers_stock 570 --tiers 8,12,16,24 --edits none --images 1 --baseline ;;
   r2048)   SIZE=2048x2048 bench r2048 400 --tiers 80 --edits none --images 1 ;;
+  act_quant)
+    (export GLMQ_ACT_QUANT=kernel; bench act_quant_kernel 270 --tiers 80 --images 1 --edits none)
+    (export GLMQ_ACT_QUANT=inductor; bench act_quant_inductor 270 --tiers 80 --images 1 --edits none) ;;
+  load)
+    [ -d "$CKPT" ] || { echo "no $CKPT: running gen_prep first"; bash "$0" gen_prep; }
+    timeout 400 python3 benchmarks/load_breakdown.py "$CKPT" --out "$OUT/load" --device cuda --repeat 2 \
+      > "$OUT/load.log" 2>&1; echo "== load rc=$?"; filter < "$OUT/load.log" | tail -30 ;;
   stock80) bench stock80 560 --tiers 80 --edits none --images 1 --baseline ;;
   first80) bench first80 560 --tiers 80 --first-image ;;
   first16) bench first16 560 --tiers 16 --first-image ;;

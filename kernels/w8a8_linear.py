@@ -34,7 +34,7 @@ from ._ops import custom_op_once
 
 __all__ = [
     "quantize_rows", "quantize_rows_ref", "fp8_linear", "fp8_linear_ref", "int8_linear", "int8_linear_ref",
-    "weight_only_linear", "fp8_supported", "int8_supported",
+    "weight_only_linear", "fp8_supported", "int8_supported", "act_quant_choice",
 ]
 
 FP8_MAX = 448.0  # largest finite float8_e4m3fn
@@ -175,13 +175,32 @@ def _int8_rescale_fake(acc, x_scale, w_scale, bias, dtype):
 _int8_rescale_op = custom_op_once("glmq::int8_rescale", _int8_rescale_impl, _int8_rescale_fake)
 
 
+ACT_QUANT_ENV = "GLMQ_ACT_QUANT"
+ACT_QUANT_CHOICES = ("kernel", "inductor")
+
+
+def act_quant_choice() -> str:
+    """``GLMQ_ACT_QUANT``: ``"kernel"`` (unset: glmq's Triton kernel, a custom op the compiler cannot see into)
+    or ``"inductor"`` (inside ``torch.compile``, :func:`quantize_rows_ref`'s torch operations, which Inductor
+    can fuse into the kernel that produces ``x`` and share between the linears that read the same ``x``;
+    eager calls keep the kernel). Raises ValueError for anything else."""
+    value = os.environ.get(ACT_QUANT_ENV, "kernel")
+    if value not in ACT_QUANT_CHOICES:
+        raise ValueError(f"{ACT_QUANT_ENV} must be 'kernel' or 'inductor', got {value!r}")
+    return value
+
+
 def quantize_rows(x: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-row symmetric quantization of a 2-D ``x [M, K]`` (stride 1 along K).
 
     Returns ``(q [M, K] dtype, scale [M, 1] float32)`` with ``scale = amax / QMAX`` (448 for
     float8_e4m3fn, 127 for int8; amax floored at 1e-12) and ``q = x * (QMAX / amax)`` saturated to
-    [-QMAX, QMAX], rounded to nearest even. CUDA tensors use the Triton kernel, others the reference.
+    [-QMAX, QMAX], rounded to nearest even. CUDA tensors use the Triton kernel, others the reference;
+    while compiling, ``GLMQ_ACT_QUANT=inductor`` traces the reference instead (:func:`act_quant_choice`).
     """
+    if torch.compiler.is_compiling() and act_quant_choice() == "inductor":
+        _check_rows(x, dtype)
+        return quantize_rows_ref(x, dtype)
     if torch.compiler.is_compiling() or type(x) is not torch.Tensor or x.device.type == "meta":
         return _quantize_rows_op(x, dtype)
     return _quantize_rows_impl(x, dtype)  # eager: skip the custom-op dispatcher's overhead

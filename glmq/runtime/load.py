@@ -42,8 +42,14 @@ def _assemble(components: dict, *, sizes: StageSizes | None, mode: str | None, v
 def _device_and_dtype(device: str, dtype: torch.dtype | None) -> tuple[torch.device, torch.dtype]:
     from glmq.runtime import ar_engine, ar_fused
 
-    # a bad GLMQ_INT4_KERNEL, GLMQ_AR_FUSED or GLMQ_AR_COMPILE: one error before any work
+    from glmq.kernels.w8a8_linear import act_quant_choice
+
+    # a bad GLMQ_INT4_KERNEL, GLMQ_AR_FUSED, GLMQ_AR_COMPILE or GLMQ_ACT_QUANT: one error before any work
     tinygemm.choice(), ar_fused.choice(), ar_engine.compile_mode()
+    try:
+        act_quant_choice()
+    except ValueError as e:
+        raise GlmqError(str(e)) from None
     dev = torch.device(device)
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise GlmqError("device cuda requested but no CUDA GPU is available (use device='cpu')")

@@ -124,3 +124,49 @@ def test_fp8_scaled_mm_matches_reference_gpu():
     err = ((y - ref).norm() / ref.norm()).item()
     print(f"fp8 _scaled_mm vs reference: {err:.2e}")
     assert err <= 2 ** -7  # same codes; bf16 output rounding and accumulation order only
+
+
+@pytest.mark.parametrize("dtype", [torch.float8_e4m3fn, torch.int8])
+def test_act_quant_inductor_traces_the_reference(dtype, monkeypatch):
+    """GLMQ_ACT_QUANT=inductor: inside torch.compile the rows are quantized by the reference's torch operations
+    (no glmq::quantize_rows op in the graph), fused with the operation producing x, and the codes and scales
+    are the reference's. Unset, the graph calls the custom op."""
+    import torch._dynamo
+
+    from glmq.kernels.w8a8_linear import act_quant_choice
+
+    gen = torch.Generator().manual_seed(1)
+    x = (3 * torch.randn(6, 80, generator=gen)).to(torch.bfloat16)
+    norm = torch.nn.LayerNorm(80, elementwise_affine=False)
+
+    def producer_then_quant(t):
+        return quantize_rows(norm(t.float()).to(torch.bfloat16) * 2 + 1, dtype)
+
+    want = quantize_rows_ref(norm(x.float()).to(torch.bfloat16) * 2 + 1, dtype)
+    for choice, has_op in (("inductor", False), ("kernel", True)):
+        monkeypatch.setenv("GLMQ_ACT_QUANT", choice)
+        assert act_quant_choice() == choice
+        torch._dynamo.reset()
+        graphs = []
+
+        def backend(gm, example_inputs, graphs=graphs):
+            graphs.append(str(gm.graph))
+            return gm.forward
+
+        q, s = torch.compile(producer_then_quant, backend=backend, fullgraph=True)(x)
+        assert graphs and ("quantize_rows" in graphs[0]) == has_op, (choice, graphs[0])
+        assert torch.equal(s, want[1])
+        assert torch.equal(q.view(torch.uint8) if dtype != torch.int8 else q,
+                           want[0].view(torch.uint8) if dtype != torch.int8 else want[0])
+    # and through Inductor itself (what the DiT compiles with): fused with its producer, Inductor keeps the
+    # producer's float32 result instead of rounding it to bf16 in between, and quantizes that: the codes are
+    # the reference's on the float32 x, the scales within 2 float32 ulps (its division may round otherwise).
+    monkeypatch.setenv("GLMQ_ACT_QUANT", "inductor")
+    torch._dynamo.reset()
+    q, s = torch.compile(producer_then_quant, fullgraph=True)(x)
+    want32 = quantize_rows_ref(norm(x.float()) * 2 + 1, dtype)
+    torch.testing.assert_close(s, want32[1], rtol=2.4e-7, atol=0)
+    assert torch.equal(q.float(), want32[0].float())
+    monkeypatch.setenv("GLMQ_ACT_QUANT", "fast")
+    with pytest.raises(ValueError, match="GLMQ_ACT_QUANT"):
+        act_quant_choice()

@@ -88,7 +88,7 @@ def test_the_choice_comes_from_the_environment(monkeypatch):
 
 
 @pytest.mark.parametrize("name, value", [("GLMQ_INT4_KERNEL", "fast"), ("GLMQ_AR_FUSED", "yes"),
-                                         ("GLMQ_AR_COMPILE", "all")])
+                                         ("GLMQ_AR_COMPILE", "all"), ("GLMQ_ACT_QUANT", "triton")])
 def test_a_bad_switch_is_one_line_before_any_work(tiny_dir, tmp_path, monkeypatch, name, value):
     from glmq.testing import assert_user_error, run_cli_inprocess
 

@@ -127,12 +127,13 @@ def test_compiled_markers(tmp_path, monkeypatch):
     model.mkdir()
     monkeypatch.delenv("GLMQ_AR_COMPILE", raising=False)
     monkeypatch.delenv("GLMQ_INT4_KERNEL", raising=False)
+    monkeypatch.delenv("GLMQ_ACT_QUANT", raising=False)
     assert not cc.was_compiled(tmp_path, model, "cpu") and not cc.was_compiled(None, model, "cpu")
     cc.mark_compiled(tmp_path, model, "cpu")
     assert cc.was_compiled(tmp_path, model, "cpu")
     assert not cc.was_compiled(tmp_path, tmp_path, "cpu")  # another model
     # other switches compile other graphs: `glmq generate --compile auto` must not take them as cached
-    for name, value in (("GLMQ_AR_COMPILE", "step"), ("GLMQ_INT4_KERNEL", "glmq")):
+    for name, value in (("GLMQ_AR_COMPILE", "step"), ("GLMQ_INT4_KERNEL", "glmq"), ("GLMQ_ACT_QUANT", "inductor")):
         monkeypatch.setenv(name, value)
         assert not cc.was_compiled(tmp_path, model, "cpu")
         monkeypatch.delenv(name)
