@@ -194,9 +194,9 @@ def _switches() -> list:
     """The settings that change what gets compiled (a whole AR step or one layer; which int4 kernel the graphs
     call; how the DiT's activations are quantized): a marker left under other settings does not stand for
     this process's compilation."""
+    from glmq.kernels.w8a8_linear import act_quant_choice
     from glmq.quant.formats import tinygemm
     from glmq.runtime.ar_engine import compile_mode
-    from glmq.kernels.w8a8_linear import act_quant_choice
 
     return [f"GLMQ_AR_COMPILE={compile_mode()}", f"GLMQ_INT4_KERNEL={tinygemm.choice()}",
             f"GLMQ_ACT_QUANT={act_quant_choice()}"]

@@ -40,9 +40,8 @@ def _assemble(components: dict, *, sizes: StageSizes | None, mode: str | None, v
 
 
 def _device_and_dtype(device: str, dtype: torch.dtype | None) -> tuple[torch.device, torch.dtype]:
-    from glmq.runtime import ar_engine, ar_fused
-
     from glmq.kernels.w8a8_linear import act_quant_choice
+    from glmq.runtime import ar_engine, ar_fused
 
     # a bad GLMQ_INT4_KERNEL, GLMQ_AR_FUSED, GLMQ_AR_COMPILE or GLMQ_ACT_QUANT: one error before any work
     tinygemm.choice(), ar_fused.choice(), ar_engine.compile_mode()
