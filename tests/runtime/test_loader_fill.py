@@ -134,7 +134,7 @@ def test_the_device_count_agrees_with_the_numpy_count(dtype):
     assert int(count_nonfinite_lazy(t)) == want
 
 
-def test_loads_still_equal_the_upstream_forward(tiny_dir):
+def test_filled_weights_equal_what_safetensors_reads(tiny_dir):
     """The bf16 tiny folder through glmq.load in bf16 on the CPU (the fill for nearly every tensor) gives the
     weights safetensors itself reads."""
     from safetensors import safe_open
