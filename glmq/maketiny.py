@@ -92,8 +92,63 @@ def make_tiny(out: str | Path, *, size: str = "tiny", seed: int = 0, force: bool
                 return random_tensor(name, shape, dtype, seed=seed, is_norm=name in norms,
                                      std=stds.get(name, DEFAULT_STD))
 
-            writer.write(produce, on_tensor=lambda name, n: bar.update(n))
+            order = [name for i in writer.pending() for name, _, _ in writer.shards[i]]
+            sizes = {name: _nbytes(*shapes[name]) for name in order}
+            with Ahead(produce, order, sizes) as ahead:
+                writer.write(ahead.take, on_tensor=lambda name, n: bar.update(n))
     return folder.commit({"source": {"make-tiny": {"size": size, "seed": seed}}})
+
+
+AHEAD_BYTES = 512 << 20  # tensors made ahead of the writer, at most (besides the one it writes)
+AHEAD_WORKERS = 4  # each holds a 256 MB float32 chunk while it draws (random_tensor)
+
+
+class Ahead:
+    """``produce(name)`` for the names of ``order``, computed ahead on a few threads while the writer writes.
+
+    Each tensor comes from its own generator, seeded by its name (:func:`glmq.models.build.random_tensor`), so
+    making them concurrently gives the same bytes as one at a time. At most :data:`AHEAD_BYTES` of tensors wait
+    beside the one being written (one larger tensor may wait alone), so memory stays bounded; ``take`` must
+    be called in ``order``.
+    """
+
+    def __init__(self, produce, order: list[str], sizes: dict[str, int], *, workers: int | None = None,
+                 budget: int = AHEAD_BYTES):
+        import os
+        from concurrent.futures import ThreadPoolExecutor
+
+        self.produce, self.order, self.sizes, self.budget = produce, order, sizes, budget
+        self.pool = ThreadPoolExecutor(max_workers=workers or min(AHEAD_WORKERS, os.cpu_count() or 1))
+        self.futures: dict[str, object] = {}
+        self.next = 0  # index in order of the next name to submit
+        self.waiting = 0  # bytes submitted and not yet taken
+
+    def _fill(self) -> None:
+        while self.next < len(self.order):
+            name = self.order[self.next]
+            if self.futures and self.waiting + self.sizes[name] > self.budget:
+                return
+            self.futures[name] = self.pool.submit(self.produce, name)
+            self.waiting += self.sizes[name]
+            self.next += 1
+
+    def take(self, name: str):
+        self._fill()
+        future = self.futures.pop(name, None)
+        if future is None:  # not in order (or not planned): make it here
+            return self.produce(name)
+        self.waiting -= self.sizes[name]
+        result = future.result()
+        self._fill()
+        return result
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for future in self.futures.values():
+            future.cancel()
+        self.pool.shutdown(wait=True)
 
 
 def _nbytes(dtype: str, shape: tuple[int, ...]) -> int:

@@ -81,3 +81,58 @@ def test_inspect_reports_components_and_verified_manifest(tiny_dir):
     assert report["manifest"] == {"present": True, "verified": True, "hashes_checked": True,
                                   "files": report["manifest"]["files"], "problems": []}
     assert report["total_params"] == sum(c.get("params", 0) for c in report["components"])
+
+
+def test_tensors_made_ahead_on_threads_are_the_bytes_made_one_at_a_time(tiny_dir, tmp_path, monkeypatch):
+    """make-tiny draws upcoming tensors on worker threads; each has its own seeded generator, so one worker
+    with nothing made ahead writes the same shards as the session's folder (made with the defaults)."""
+    from glmq import maketiny
+
+    monkeypatch.setattr(maketiny, "AHEAD_WORKERS", 1)
+    monkeypatch.setattr(maketiny, "AHEAD_BYTES", 0)
+    maketiny.make_tiny(tmp_path / "one", progress=False)
+    a = json.loads((tiny_dir / "glmq-manifest.json").read_text())["files"]
+    b = json.loads((tmp_path / "one" / "glmq-manifest.json").read_text())["files"]
+    assert a == b
+
+
+def test_ahead_keeps_order_bounds_what_waits_and_passes_errors():
+    import threading
+    import time
+
+    import pytest
+
+    from glmq.maketiny import Ahead
+
+    order = [f"t{i}" for i in range(40)]
+    sizes = {n: (i % 7 + 1) * 100 for i, n in enumerate(order)}
+    made, lock = set(), threading.Lock()
+    most = 0
+
+    def produce(name):
+        time.sleep(0.001)
+        with lock:
+            made.add(name)
+        return name.upper()
+
+    with Ahead(produce, order, sizes, workers=4, budget=1000) as ahead:
+        for i, name in enumerate(order):
+            assert ahead.take(name) == name.upper()
+            with lock:  # made and not yet taken: bounded by the budget plus one tensor
+                waiting = sum(sizes[n] for n in made if order.index(n) > i)
+            most = max(most, waiting)
+            assert ahead.waiting <= 1000 + max(sizes.values())
+    assert 0 < most <= 1000 + max(sizes.values())
+    assert made == set(order)
+    with Ahead(produce, order, sizes, workers=2) as ahead:
+        assert ahead.take("not planned") == "NOT PLANNED"  # out of plan: made on the spot
+
+    def broken(name):
+        if name == "t3":
+            raise OSError(28, "No space left on device")
+        return name
+
+    with Ahead(broken, order, sizes, workers=2) as ahead:
+        assert [ahead.take(n) for n in order[:3]] == order[:3]
+        with pytest.raises(OSError, match="No space left"):
+            ahead.take("t3")
