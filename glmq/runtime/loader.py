@@ -212,7 +212,9 @@ def load_component(cr: ComponentReader, *, device: str | torch.device = "cpu", d
             shape = tuple(weight.shape)
             stored_q = {q.removeprefix(prefix + "."): cr.get(q) for q in fmt.expected_tensors(prefix, shape)}
             weight.copy_(fmt.dequantize(stored_q, shape).to(weight.dtype))
-        infos = getattr(cr, "tensors", {})  # safetensors components; GGUF ones go through cr.get
+        from glmq.io.reader import ComponentReader
+
+        infos = cr.tensors if isinstance(cr, ComponentReader) else {}  # GGUF components go through cr.get
         filler = Filler()
         for name in cr.names():
             if name in from_quantized:
