@@ -67,6 +67,7 @@ def quant_plan(cr: ComponentReader) -> dict[str, dict]:
 
 
 STAGING_BYTES = 64 << 20  # each of the two staging buffers of a GPU load
+FILL_WORKERS = 4  # threads reading tensors into a CPU module at once
 
 
 class Filler:
@@ -75,14 +76,21 @@ class Filler:
     A CPU target is filled by plain reads into its own bytes. Any other target goes through two staging
     buffers of ``chunk`` bytes (pinned host memory when the target is on a CUDA GPU), alternating: the next
     chunk is read while the previous one copies (``non_blocking``), and a buffer is reused only once the copy
-    out of it has finished. ``staged=True`` forces the staging path on the CPU too (tests). NaN/Inf: a CPU
-    target is checked at once; device targets are counted on the device and read back by :meth:`finish`,
-    which raises for the first tensor holding any.
+    out of it has finished. ``staged=True`` forces the staging path on the CPU too (tests). CPU targets are
+    filled by ``workers`` threads at once (each reads into its own tensor); :meth:`finish` waits for them.
+    NaN/Inf: a CPU target is checked by the thread that read it; device targets are counted on the device.
+    :meth:`finish` raises the first error in the order the tensors were given; :meth:`close` stops what is
+    left after an error.
     """
 
-    def __init__(self, *, chunk: int = STAGING_BYTES, staged: bool | None = None):
+    def __init__(self, *, chunk: int = STAGING_BYTES, staged: bool | None = None, workers: int | None = None):
+        import os
+
         self.chunk = chunk
         self.staged = staged
+        self.workers = workers or min(FILL_WORKERS, os.cpu_count() or 1)
+        self.pool = None
+        self.jobs: list = []
         self.buffers: list = []
         self.events: list = [None, None]
         self.turn = 0
@@ -103,12 +111,17 @@ class Filler:
             return
         flat = target.detach().reshape(-1).view(torch.uint8)
         staged = target.device.type != "cpu" if self.staged is None else self.staged
+        if not staged:
+            if self.workers == 1:
+                return self._direct(info, target, flat, what)
+            if self.pool is None:
+                from concurrent.futures import ThreadPoolExecutor
+
+                self.pool = ThreadPoolExecutor(max_workers=self.workers)
+            self.jobs.append(self.pool.submit(self._direct, info, target, flat, what))
+            return
         try:
             with open(info.file, "rb") as f:
-                if not staged:
-                    read_into(f, info, memoryview(flat.numpy()))
-                    check_finite(target, what)
-                    return
                 for begin in range(0, info.nbytes, self.chunk):
                     n = min(self.chunk, info.nbytes - begin)
                     buf = self._buffer(target.device)
@@ -118,6 +131,18 @@ class Filler:
         except OSError as e:
             raise CheckpointError(f"{info.file}: cannot read tensor {info.name!r} ({e.strerror or e})") from None
         self.pending.append((what, count_nonfinite_lazy(target)))
+
+    @staticmethod
+    def _direct(info, target: torch.Tensor, flat: torch.Tensor, what: str) -> None:
+        from glmq.io.finite import check_finite
+        from glmq.io.safetensors_io import read_into
+
+        try:
+            with open(info.file, "rb") as f:
+                read_into(f, info, memoryview(flat.numpy()))
+        except OSError as e:
+            raise CheckpointError(f"{info.file}: cannot read tensor {info.name!r} ({e.strerror or e})") from None
+        check_finite(target, what)
 
     def _buffer(self, device: torch.device):
         """The staging buffer whose turn it is, once the copy out of it has finished."""
@@ -144,9 +169,13 @@ class Filler:
         self.turn = 1 - self.turn
 
     def finish(self) -> None:
-        """Raise for the first device-filled tensor that holds NaN/Inf (one transfer for all the counts)."""
+        """Wait for the CPU fills, then read the device counts back (one transfer for all of them); raise the
+        first error or NaN/Inf found."""
         import torch
 
+        jobs, self.jobs = self.jobs, []
+        for job in jobs:
+            job.result()
         if not self.pending:
             return
         counts = torch.stack([c for _, c in self.pending]).cpu().tolist()
@@ -154,6 +183,14 @@ class Filler:
             if bad:
                 raise CheckpointError(f"{what} holds {bad} NaN/Inf value(s); refusing to use broken weights")
         self.pending.clear()
+
+    def close(self) -> None:
+        """Cancel the fills not started and wait for the running ones (after an error, before the model goes)."""
+        for job in self.jobs:
+            job.cancel()
+        if self.pool is not None:
+            self.pool.shutdown(wait=True)
+            self.pool = None
 
 
 def load_component(cr: ComponentReader, *, device: str | torch.device = "cpu", dtype=None,
@@ -216,36 +253,46 @@ def load_component(cr: ComponentReader, *, device: str | torch.device = "cpu", d
 
         infos = cr.tensors if isinstance(cr, ComponentReader) else {}  # GGUF components go through cr.get
         filler = Filler()
-        for name in cr.names():
-            if name in from_quantized:
-                continue
-            if name not in expected or name in aliases:
-                raise CheckpointError(f"{cr.folder}: unexpected tensor {name!r}")
-            module_name, _, attr = name.rpartition(".")
-            owner = model.get_submodule(module_name) if module_name else model
-            target = getattr(owner, attr)
-            info = infos.get(name)
-            value = None if info is not None else cr.get(name)
-            shape = tuple(info.shape) if info is not None else tuple(value.shape)
-            stored = info.dtype if info is not None else str(value.dtype).removeprefix("torch.")
-            if shape != tuple(target.shape):
-                raise CheckpointError(f"{cr.folder}: tensor {name!r} has shape {list(shape)}, "
-                                      f"the model expects {list(target.shape)}")
-            _check_dtype(cr, name, stored, target, quantized=isinstance(owner, QuantLinear) and attr != "bias")
-            if info is not None and filler.fits(info, target):
-                filler.fill(info, target, f"{info.file}: tensor {name!r}")
-                continue
-            if value is None:
-                value = cr.get(name)
-            if isinstance(owner, QuantLinear) and attr != "bias":
-                target.copy_(value)  # quantized buffers keep their storage dtype
-            else:
-                target.copy_(value.to(target.dtype))
-        filler.finish()
+        try:
+            _fill_all(cr, model, infos, filler, expected=expected, aliases=aliases, from_quantized=from_quantized)
+            filler.finish()
+        finally:
+            filler.close()
     _init_nonpersistent_buffers(model)
     model.eval()
     model.requires_grad_(False)
     return model
+
+
+def _fill_all(cr, model, infos: dict, filler: Filler, *, expected: set, aliases: set, from_quantized: dict) -> None:
+    """Every stored tensor of ``cr`` into ``model``: checked against the module, then filled or read, cast, copied."""
+    from glmq.quant.formats.linear import QuantLinear
+
+    for name in cr.names():
+        if name in from_quantized:
+            continue
+        if name not in expected or name in aliases:
+            raise CheckpointError(f"{cr.folder}: unexpected tensor {name!r}")
+        module_name, _, attr = name.rpartition(".")
+        owner = model.get_submodule(module_name) if module_name else model
+        target = getattr(owner, attr)
+        info = infos.get(name)
+        value = None if info is not None else cr.get(name)
+        shape = tuple(info.shape) if info is not None else tuple(value.shape)
+        stored = info.dtype if info is not None else str(value.dtype).removeprefix("torch.")
+        if shape != tuple(target.shape):
+            raise CheckpointError(f"{cr.folder}: tensor {name!r} has shape {list(shape)}, "
+                                  f"the model expects {list(target.shape)}")
+        _check_dtype(cr, name, stored, target, quantized=isinstance(owner, QuantLinear) and attr != "bias")
+        if info is not None and filler.fits(info, target):
+            filler.fill(info, target, f"{info.file}: tensor {name!r}")
+            continue
+        if value is None:
+            value = cr.get(name)
+        if isinstance(owner, QuantLinear) and attr != "bias":
+            target.copy_(value)  # quantized buffers keep their storage dtype
+        else:
+            target.copy_(value.to(target.dtype))
 
 
 _FLOAT_DTYPES = ("float32", "bfloat16", "float16", "float64")

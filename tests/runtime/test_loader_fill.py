@@ -104,16 +104,33 @@ def test_a_filled_tensor_with_nan_or_inf_is_refused_by_name(tiny_dir, tmp_path, 
         filler.finish()
 
 
-@pytest.mark.parametrize("staged", [False, True])
-def test_a_truncated_shard_is_a_clear_error(tiny_dir, tmp_path, staged):
+@pytest.mark.parametrize("staged, workers", [(False, 1), (False, 3), (True, 1)])
+def test_a_truncated_shard_is_a_clear_error(tiny_dir, tmp_path, staged, workers):
     shutil.copytree(tiny_dir, tmp_path / "t")
     cr = open_component(tmp_path / "t", "transformer")
     info = max(cr.tensors.values(), key=lambda i: i.data_start + i.end)  # the file's last tensor
     with open(info.file, "r+b") as f:
         f.truncate(info.data_start + info.begin + info.nbytes // 2)
     target = torch.empty(info.shape, dtype=getattr(torch, info.dtype))
-    with pytest.raises(CheckpointError, match="truncated while reading tensor"):
-        Filler(chunk=1000, staged=staged).fill(info, target, info.name)
+    filler = Filler(chunk=1000, staged=staged, workers=workers)
+    try:
+        with pytest.raises(CheckpointError, match="truncated while reading tensor"):
+            filler.fill(info, target, info.name)
+            filler.finish()  # threads report at finish
+    finally:
+        filler.close()
+
+
+@pytest.mark.parametrize("workers", [1, 4])
+def test_cpu_fills_on_threads_give_the_same_module(quantized_dir, workers, monkeypatch):
+    """The DiT filled by one thread or four: the same bytes (each thread reads into its own tensor)."""
+    from glmq.runtime import loader
+
+    monkeypatch.setattr(loader, "FILL_WORKERS", workers)
+    state = _state(quantized_dir, "transformer", torch.bfloat16)
+    monkeypatch.setattr(loader, "FILL_WORKERS", 1)
+    one = _state(quantized_dir, "transformer", torch.bfloat16)
+    assert all(torch.equal(state[k].view(-1).view(torch.uint8), one[k].view(-1).view(torch.uint8)) for k in one)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64,
