@@ -17,6 +17,7 @@ import argparse
 import functools
 import json
 import sys
+import threading
 import time
 from collections import defaultdict
 from pathlib import Path
@@ -28,7 +29,8 @@ class Timers:
     def __init__(self) -> None:
         self.seconds: dict[tuple[str, ...], float] = {}
         self.calls: dict[tuple[str, ...], int] = defaultdict(int)
-        self.stack: list[str] = []
+        self.local = threading.local()  # each thread's own stack of open phases
+        self.lock = threading.Lock()
         self.sync = None  # torch.cuda.synchronize on CUDA, so a phase owns its device work
 
     def wrap(self, owner, attr: str, label: str) -> None:
@@ -36,18 +38,25 @@ class Timers:
 
         @functools.wraps(fn)
         def timed(*args, **kwargs):
-            self.stack.append(label)
-            path = tuple(self.stack)
-            self.seconds.setdefault(path, 0.0)
+            stack = getattr(self.local, "stack", None)
+            if stack is None:
+                stack = self.local.stack = []
+            main = threading.current_thread() is threading.main_thread()
+            # the loader's fill threads: their phases are rows of their own, summed over the threads
+            stack.append(label if main else f"{label} (fill threads, summed)")
+            path = tuple(stack)
+            with self.lock:
+                self.seconds.setdefault(path, 0.0)
             t = time.perf_counter()
             try:
                 return fn(*args, **kwargs)
             finally:
-                if self.sync is not None:
+                if self.sync is not None and threading.current_thread() is threading.main_thread():
                     self.sync()
-                self.seconds[path] += time.perf_counter() - t
-                self.calls[path] += 1
-                self.stack.pop()
+                with self.lock:
+                    self.seconds[path] += time.perf_counter() - t
+                    self.calls[path] += 1
+                stack.pop()
 
         setattr(owner, attr, timed)
 
