@@ -8,8 +8,8 @@ release, make-tiny folders and ``glmq quantize`` output alike.
 
 A stored tensor whose dtype and shape are the module's (every quantized buffer; float tensors stored in the
 compute dtype) is read straight into the module's memory (:class:`Filler`): on the CPU with plain reads into
-the tensor itself; on a GPU through two pinned staging buffers, reading the next chunk while the previous one
-copies, and checking NaN/Inf on the device. Other tensors (a cast on the way) are read into a CPU tensor,
+the tensor itself, up to four tensors at once on threads; on a GPU through two pinned staging buffers, reading
+the next chunk while the previous one copies, and checking NaN/Inf on the device. Other tensors (a cast on the way) are read into a CPU tensor,
 checked there and copied.
 """
 
