@@ -102,9 +102,10 @@ class Filler:
                 and str(target.dtype).removeprefix("torch.") == info.dtype)
 
     def fill(self, info, target: torch.Tensor, what: str) -> None:
+        """Fill ``target`` with the stored tensor ``info`` (``what`` names it in errors)."""
         import torch
 
-        from glmq.io.finite import check_finite, count_nonfinite_lazy
+        from glmq.io.finite import count_nonfinite_lazy
         from glmq.io.safetensors_io import read_into
 
         if info.nbytes == 0:
