@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # End-to-end GPU runs through the device tool: carries transformers/diffusers wheels in .whl/.
-#   bash benchmarks/gpu_e2e.sh smoke|main|stock|tiers|offload|compare1024|checks2048|glmq2048|glmq2048bf16|quick2048|stock2048|vae2048|i2i_tier2048|profile1024|tiers_compiled
+#   bash benchmarks/gpu_e2e.sh smoke|main|stock|tiers|offload|compare1024|checks2048|glmq2048|glmq2048bf16|quick2048|stock2048|vae2048|i2i_tier2048|profile1024|profile2048|tiers_compiled
 # compare1024: stock diffusers bf16, glmq bf16 and glmq default in ONE bench run.
 # glmq2048 / stock2048: the 2048x2048 rows; a stock 2048 image alone takes most of one 10-minute device call,
 # so they run as separate calls (glmq2048 default, glmq2048bf16, stock2048) and are merged with
@@ -81,6 +81,10 @@ case "$1" in
   profile1024) # kernel classes per AR token and per DiT step of the compiled default runtime at 1024x1024
          timeout 420 python3 -X faulthandler benchmarks/profile_e2e.py --out "$OUT/profile" > "$OUT/profile.log" 2>&1
          echo "== profile rc=$?"; grep -v "^  File\|^    \|^Extension" "$OUT/profile.log" | tail -60 ;;
+  profile2048) # the same at 2048x2048, resident (issue #14's 650 ms DiT target: where the step goes there)
+         timeout 560 python3 -X faulthandler benchmarks/profile_e2e.py --size 2048 --out "$OUT/profile2048" \
+           > "$OUT/profile2048.log" 2>&1
+         echo "== profile2048 rc=$?"; grep -v "^  File\|^    \|^Extension" "$OUT/profile2048.log" | tail -60 ;;
   tiers_compiled) # the 16 and 12 GiB tiers at 1024 with compile on (AR step compiled in every mode)
          timeout 290 python3 -X faulthandler -m glmq bench --model full-random --recipe default --tiers 16,12 \
            --size 1024x1024 --steps 50 --out "$OUT/tiers_compiled" > "$OUT/tiers_compiled.log" 2>&1
