@@ -99,6 +99,7 @@ def test_tensors_made_ahead_on_threads_are_the_bytes_made_one_at_a_time(tiny_dir
 def test_ahead_keeps_order_bounds_what_waits_and_passes_errors():
     import threading
     import time
+    from collections import Counter
 
     import pytest
 
@@ -107,12 +108,14 @@ def test_ahead_keeps_order_bounds_what_waits_and_passes_errors():
     order = [f"t{i}" for i in range(40)]
     sizes = {n: (i % 7 + 1) * 100 for i, n in enumerate(order)}
     made, lock = set(), threading.Lock()
+    calls = Counter()
     most = 0
 
     def produce(name):
         time.sleep(0.001)
         with lock:
             made.add(name)
+            calls[name] += 1
         return name.upper()
 
     with Ahead(produce, order, sizes, workers=4, budget=1000) as ahead:
@@ -124,6 +127,7 @@ def test_ahead_keeps_order_bounds_what_waits_and_passes_errors():
             assert ahead.waiting <= 1000 + max(sizes.values())
     assert 0 < most <= 1000 + max(sizes.values())
     assert made == set(order)
+    assert set(calls.values()) == {1}  # each made once, on a thread, and handed over
     with Ahead(produce, order, sizes, workers=2) as ahead:
         assert ahead.take("not planned") == "NOT PLANNED"  # out of plan: made on the spot
 
