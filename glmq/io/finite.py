@@ -51,13 +51,8 @@ def count_nonfinite(tensor: torch.Tensor, *, chunk: int = CHUNK) -> int:
             bits = block.view(int_dtype).numpy()
             bad += int(np.count_nonzero(np.bitwise_and(bits, np_mask) == marked))
         return bad
-    if spec is not None:  # on a GPU: the same bit test, one count on the device, one transfer back
-        return int(count_nonfinite_lazy(flat, chunk=chunk))
-    for block in flat.split(chunk):  # other float types: widen one block at a time
-        ok = torch.isfinite(block.to(torch.float32))
-        if not bool(ok.all()):
-            bad += int(ok.numel() - torch.count_nonzero(ok))
-    return bad
+    # on a GPU: the same bit test, counted on the device and read back once; other float types widened
+    return int(count_nonfinite_lazy(flat, chunk=chunk))
 
 
 def count_nonfinite_lazy(tensor: torch.Tensor, *, chunk: int = CHUNK) -> torch.Tensor:
@@ -81,8 +76,13 @@ def count_nonfinite_lazy(tensor: torch.Tensor, *, chunk: int = CHUNK) -> torch.T
     return bad
 
 
+def nonfinite_error(what: str, bad: int) -> CheckpointError:
+    """The one refusal of a tensor (described by ``what``) holding ``bad`` NaN or Inf values."""
+    return CheckpointError(f"{what} holds {bad} NaN/Inf value(s); refusing to use broken weights")
+
+
 def check_finite(tensor: torch.Tensor, what: str) -> None:
     """Raise :class:`CheckpointError` when ``tensor`` (described by ``what``) holds NaN or Inf values."""
     bad = count_nonfinite(tensor)
     if bad:
-        raise CheckpointError(f"{what} holds {bad} NaN/Inf value(s); refusing to use broken weights")
+        raise nonfinite_error(what, bad)

@@ -24,7 +24,7 @@ from glmq.io.layout import (
     read_json,
 )
 from glmq.io.safe_read import MAX_INDEX_BYTES, want_str_map
-from glmq.io.safetensors_io import TensorInfo, read_header, read_tensor
+from glmq.io.safetensors_io import TensorInfo, read_error, read_header, read_tensor
 
 if TYPE_CHECKING:
     import torch
@@ -121,7 +121,7 @@ class ComponentReader:
         try:
             tensor = read_tensor(info)
         except OSError as e:
-            raise CheckpointError(f"{info.file}: cannot read tensor {name!r} ({e.strerror or e})") from None
+            raise read_error(info, e) from None
         if check_finite:
             from glmq.io.finite import check_finite as _check
 

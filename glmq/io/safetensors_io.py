@@ -169,6 +169,13 @@ def read_tensor(info: TensorInfo) -> torch.Tensor:
     return out
 
 
+def read_error(info: TensorInfo, e: OSError):
+    """The one error for a tensor whose file cannot be opened or read (``e``), naming file and tensor."""
+    from glmq.errors import CheckpointError
+
+    return CheckpointError(f"{info.file}: cannot read tensor {info.name!r} ({e.strerror or e})")
+
+
 def read_into(f, info: TensorInfo, dest: memoryview, begin: int = 0) -> None:
     """Fill ``dest`` with the tensor's bytes ``begin .. begin + len(dest)``, read from the open file ``f``."""
     f.seek(info.data_start + info.begin + begin)

@@ -9,8 +9,8 @@ release, make-tiny folders and ``glmq quantize`` output alike.
 A stored tensor whose dtype and shape are the module's (every quantized buffer; float tensors stored in the
 compute dtype) is read straight into the module's memory (:class:`Filler`): on the CPU with plain reads into
 the tensor itself, up to four tensors at once on threads; on a GPU through two pinned staging buffers, reading
-the next chunk while the previous one copies, and checking NaN/Inf on the device. Other tensors (a cast on the way) are read into a CPU tensor,
-checked there and copied.
+the next chunk while the previous one copies, and checking NaN/Inf on the device. Other tensors (a cast on the
+way) are read into a CPU tensor, checked there and copied.
 """
 
 from __future__ import annotations
@@ -106,7 +106,7 @@ class Filler:
         import torch
 
         from glmq.io.finite import count_nonfinite_lazy
-        from glmq.io.safetensors_io import read_into
+        from glmq.io.safetensors_io import read_error, read_into
 
         if info.nbytes == 0:
             return
@@ -130,19 +130,19 @@ class Filler:
                     flat[begin:begin + n].copy_(buf[:n], non_blocking=True)
                     self._copied(target.device)
         except OSError as e:
-            raise CheckpointError(f"{info.file}: cannot read tensor {info.name!r} ({e.strerror or e})") from None
+            raise read_error(info, e) from None
         self.pending.append((what, count_nonfinite_lazy(target)))
 
     @staticmethod
     def _direct(info, target: torch.Tensor, flat: torch.Tensor, what: str) -> None:
         from glmq.io.finite import check_finite
-        from glmq.io.safetensors_io import read_into
+        from glmq.io.safetensors_io import read_error, read_into
 
         try:
             with open(info.file, "rb") as f:
                 read_into(f, info, memoryview(flat.numpy()))
         except OSError as e:
-            raise CheckpointError(f"{info.file}: cannot read tensor {info.name!r} ({e.strerror or e})") from None
+            raise read_error(info, e) from None
         check_finite(target, what)
 
     def _buffer(self, device: torch.device):
@@ -174,6 +174,8 @@ class Filler:
         first error or NaN/Inf found."""
         import torch
 
+        from glmq.io.finite import nonfinite_error
+
         jobs, self.jobs = self.jobs, []
         for job in jobs:
             job.result()
@@ -182,7 +184,7 @@ class Filler:
         counts = torch.stack([c for _, c in self.pending]).cpu().tolist()
         for (what, _), bad in zip(self.pending, counts):
             if bad:
-                raise CheckpointError(f"{what} holds {bad} NaN/Inf value(s); refusing to use broken weights")
+                raise nonfinite_error(what, bad)
         self.pending.clear()
 
     def close(self) -> None:
