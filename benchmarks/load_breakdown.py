@@ -138,7 +138,8 @@ def main(argv=None) -> int:
         total = time.perf_counter() - t
         phases = timers.rows()
         loads.append({"load": i + 1, "seconds": round(total, 3), "phases": phases,
-                      "calls": {" > ".join(k): v for k, v in timers.calls.items()}, "mode": str(getattr(pipe.mode, "value", pipe.mode))})
+                      "calls": {" > ".join(k): v for k, v in timers.calls.items()},
+                      "mode": str(getattr(pipe.mode, "value", pipe.mode))})
         print(f"load {i + 1}: {total:.2f} s", file=sys.stderr, flush=True)
         del pipe
         if args.device.startswith("cuda"):

@@ -79,8 +79,8 @@ def compile_mode() -> str:
     ``benchmarks/ar_batch_decode.py``, glmq's int4 kernels): the engine's first call (compilation, graph
     capture, one generation) 24.9 s per layer against 107.7 s for the whole step, for 4.984 against
     4.828 ms a decode step at B = 1 (+3%, about 0.2 s per 1024 image). The bench's warm-up image fell from 129 s
-    (bench_decode_h200/) to 38 s (bench_stock_h200/, with tinygemm int4 layers as well). Without a CUDA graph (the CPU) each layer is a Python call (2.5 against 1.3 s per
-    261-token generation, ar_compile_time_cpu2/)."""
+    (bench_decode_h200/) to 38 s (bench_stock_h200/, with tinygemm int4 layers as well). Without a CUDA graph
+    (the CPU) each layer is a Python call (2.5 against 1.3 s per 261-token generation, ar_compile_time_cpu2/)."""
     choice = os.environ.get("GLMQ_AR_COMPILE", "layers")
     if choice not in ("step", "layers"):
         raise GlmqError(f"GLMQ_AR_COMPILE must be 'step' or 'layers', got {choice!r}")
