@@ -23,10 +23,15 @@ from torch import nn
 class StepTable(nn.Module):
     """A stand-in for a linear layer whose input depends only on the denoising step.
 
-    While a table is loaded (:meth:`load`), ``forward`` ignores its input and returns row ``step`` of the
-    table, shape (1, out_features), which broadcasts over the batch exactly like the upstream
-    (batch, out_features) output whose rows are all equal. ``step`` is a 1-element int64 tensor on the
-    table's device, so the lookup has no host synchronization and can be captured in a CUDA graph.
+    While a table is loaded (:meth:`load`), ``forward`` ignores its input and returns the row of the
+    current step, shape (1, out_features), which broadcasts over the batch exactly like the upstream
+    (batch, out_features) output whose rows are all equal. The row lives in a buffer of its own that
+    :meth:`select` refreshes from row ``step`` of the table, ``step`` a 1-element int64 tensor on the
+    table's device: no host synchronization, so the copy can be captured in a CUDA graph. The caller
+    selects before each forward, outside the compiled blocks, so a compiled block sees a (1, out_features)
+    tensor whatever the number of steps: a call with another step count does not recompile it (a
+    ``dynamic=False`` block that saw the whole (steps, out_features) table recompiled for each new count
+    and, past Dynamo's limit of 8, ran eager).
     Unloaded, it calls the wrapped layer: the model behaves exactly as before.
     """
 
@@ -35,17 +40,23 @@ class StepTable(nn.Module):
         self.inner = inner
         self.table: torch.Tensor | None = None
         self.step: torch.Tensor | None = None
+        self.row: torch.Tensor | None = None
 
     def load(self, table: torch.Tensor, step: torch.Tensor) -> None:
         self.table, self.step = table, step
+        self.row = table[:1].clone()  # step 0's; ``step`` may still hold the last call's step
+
+    def select(self) -> None:
+        """Copy the table's row ``step`` into the buffer that :meth:`forward` returns."""
+        torch.index_select(self.table, 0, self.step, out=self.row)
 
     def unload(self) -> None:
-        self.table, self.step = None, None
+        self.table, self.step, self.row = None, None, None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.table is None:
+        if self.row is None:  # not self.table: Dynamo would guard on the table's shape, the step count
             return self.inner(x)
-        return self.table.index_select(0, self.step)
+        return self.row
 
 
 def install_step_tables(transformer: nn.Module) -> list[StepTable]:

@@ -409,6 +409,8 @@ class DitRunner:
             proc.groups = p.groups
         if self.precompute:
             temb = self._temb.index_select(0, self._step)  # (1, E): broadcasts over the rows
+            for table in self._tables:  # outside the compiled blocks: they see one row, not the step count
+                table.select()
             rope, glyph, prior = self._rope, p.glyph_hidden, p.prior_hidden
         else:
             temb = t.time_condition_embed(self._dit_t[i:i + 1], self._target, self._crop, self.dtype)

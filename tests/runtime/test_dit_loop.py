@@ -268,3 +268,31 @@ def test_i2i_matches_stock_pipeline(pipe, inputs):
     print(errs)
     assert errs["i2i vs t2i"] > 1e-2  # the reference image matters
     assert errs["i2i/stock"] < PARITY_RTOL and errs["separate/stock"] < PARITY_RTOL
+
+
+def test_compiled_blocks_do_not_recompile_for_another_step_count(pipe, inputs, monkeypatch):
+    """The blocks are compiled with ``dynamic=False``; what they read must not carry the step count, or each
+    new count recompiles all of them (and past Dynamo's limit of 8 a block runs eager). Dynamo's guards run
+    here as on the GPU; the "eager" backend only skips code generation. The result still matches stock."""
+    import functools
+
+    import torch._dynamo
+
+    monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend="eager"))
+    torch._dynamo.reset()
+    runner = DitRunner(pipe.transformer, pipe.scheduler.config, device="cpu", dtype=torch.float32, compile=True)
+
+    def denoise(steps):
+        return runner.denoise(inputs["latents"].clone(), prompt_embeds=inputs["prompt_embeds"],
+                              negative_prompt_embeds=inputs["negative_prompt_embeds"],
+                              prior_token_ids=inputs["prior_token_ids"], height=HEIGHT, width=WIDTH,
+                              num_inference_steps=steps)
+
+    try:
+        denoise(3)
+        with torch._dynamo.config.patch(error_on_recompile=True):
+            out = denoise(5)
+    finally:
+        runner.remove()
+        torch._dynamo.reset()
+    assert rel_err(out, stock(pipe, inputs, 5)) < PARITY_RTOL
