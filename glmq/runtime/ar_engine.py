@@ -50,6 +50,7 @@ import torch
 
 from glmq.errors import GlmqError
 from glmq.runtime import ar_fused
+from glmq.runtime.compile_cache import compile_static
 from glmq.runtime.ar_plan import GridPlan, insert_image_tokens, rope_positions
 from glmq.runtime.ar_plan import prior_tokens_from_generated  # noqa: F401  (public name, re-exported)
 from glmq.runtime.ar_state import ArRequest, BatchState, RowSpec, StaticKVCache, StepKey  # noqa: F401  (re-exported)
@@ -139,9 +140,9 @@ class ArEngine:
         # GLMQ_AR_COMPILE=layers: one decoder layer compiled, its graph reused by every layer (and the rest of the
         # step eager inside the CUDA graph), instead of the whole step traced through 40 layers.
         per_layer = self.compile and compile_mode() == "layers"
-        self._layer = torch.compile(_layer_call, dynamic=False) if per_layer else None
+        self._layer = compile_static(_layer_call) if per_layer else None
         whole = self.compile and not per_layer
-        self._step = torch.compile(self._decode_step, dynamic=False) if whole else self._decode_step
+        self._step = compile_static(self._decode_step) if whole else self._decode_step
         self._compiled = self.compile
         head_dim = getattr(tcfg, "head_dim", None) or tcfg.hidden_size // tcfg.num_attention_heads
         self._kv_dims = (len(self.text.layers), tcfg.num_key_value_heads, head_dim)

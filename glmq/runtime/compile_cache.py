@@ -188,6 +188,25 @@ class AutotuneStore:
             self._saved = len(pairs)
 
 
+# -- compiling ------------------------------------------------------------------------------------------------
+
+# Graphs Dynamo keeps per compiled function before it runs the function eager for every new shape. Its default,
+# 8, is few for a process that lives long: each image size, DiT chunk of rows and AR batch width is a shape
+# (``dynamic=False``), and a server or a ComfyUI session meets more than eight.
+RECOMPILE_LIMIT = 64
+
+
+def compile_static(fn):
+    """``torch.compile(fn, dynamic=False)``: one specialized graph per shape, with Dynamo's limit on graphs per
+    function raised to :data:`RECOMPILE_LIMIT` (never lowered; the setting is process-wide)."""
+    import torch
+    import torch._dynamo.config as dynamo_config
+
+    if dynamo_config.recompile_limit < RECOMPILE_LIMIT:
+        dynamo_config.recompile_limit = RECOMPILE_LIMIT
+    return torch.compile(fn, dynamic=False)
+
+
 # -- which models have been compiled here -------------------------------------------------------------------------
 
 def _switches() -> list:

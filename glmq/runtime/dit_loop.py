@@ -35,6 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from glmq.runtime.compile_cache import compile_static
 from glmq.runtime.dit_cache import (
     StepTable,
     install_step_tables,
@@ -186,7 +187,7 @@ class DitRunner:
         self.cuda_graph = cuda_graph
         self._blocks = list(transformer.transformer_blocks)
         if compile:
-            self._blocks = [torch.compile(b, dynamic=False) for b in self._blocks]
+            self._blocks = [compile_static(b) for b in self._blocks]
         self._step = torch.zeros(1, dtype=torch.long, device=self.device)
         self._install()
 

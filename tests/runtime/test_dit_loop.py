@@ -296,3 +296,33 @@ def test_compiled_blocks_do_not_recompile_for_another_step_count(pipe, inputs, m
         runner.remove()
         torch._dynamo.reset()
     assert rel_err(out, stock(pipe, inputs, 5)) < PARITY_RTOL
+
+
+def test_compiled_blocks_stay_compiled_past_eight_shapes(pipe, inputs, monkeypatch):
+    """Each image size is a shape of its own for the ``dynamic=False`` blocks. Dynamo's default keeps 8 graphs
+    per function and runs it eager for every shape after; a long-lived process (a server, ComfyUI) meets more
+    sizes than that, so the runner raises the limit. Ten sizes here: each must get a graph of its own."""
+    import functools
+
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+
+    monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend="eager"))
+    torch._dynamo.reset()
+    counters.clear()
+    cfg = pipe.transformer.config
+    runner = DitRunner(pipe.transformer, pipe.scheduler.config, device="cpu", dtype=torch.float32, compile=True)
+    g = torch.Generator().manual_seed(5)
+    sizes = [(64, 32 * k) for k in range(2, 12)]
+    try:
+        for h, w in sizes:
+            prior = torch.randint(0, cfg.prior_vq_quantizer_codebook_size, (1, (h // 16) * (w // 16)), generator=g)
+            runner.denoise(torch.randn((1, cfg.in_channels, h // 8, w // 8), generator=g),
+                           prompt_embeds=inputs["prompt_embeds"],
+                           negative_prompt_embeds=inputs["negative_prompt_embeds"], prior_token_ids=prior,
+                           height=h, width=w, num_inference_steps=2)
+        graphs = counters["stats"]["unique_graphs"]
+    finally:
+        runner.remove()
+        torch._dynamo.reset()
+    assert graphs == len(sizes)
