@@ -50,10 +50,10 @@ import torch
 
 from glmq.errors import GlmqError
 from glmq.runtime import ar_fused
-from glmq.runtime.compile_cache import compile_static
 from glmq.runtime.ar_plan import GridPlan, insert_image_tokens, rope_positions
 from glmq.runtime.ar_plan import prior_tokens_from_generated  # noqa: F401  (public name, re-exported)
 from glmq.runtime.ar_state import ArRequest, BatchState, RowSpec, StaticKVCache, StepKey  # noqa: F401  (re-exported)
+from glmq.runtime.compile_cache import compile_static
 from glmq.runtime.sampling import sample_tokens
 
 if TYPE_CHECKING:
