@@ -15,6 +15,9 @@ cache_dir=)`` overrides both), holds:
 - ``compiled/``: a marker per model, card and versions, written after a compiled call completed; ``glmq
   generate --compile auto`` compiles only when one is there (the cache then makes compiling cheap).
 
+Compiling itself goes through :func:`compile_static`, which gives a long-lived process room for more than
+Dynamo's default eight graphs per function.
+
 PyTorch's cache entries are pickles: the folder is created private (0700), and one that another user owns or
 others can write is not used (compilation then goes to PyTorch's default places, in this process only).
 Variables the user set (``TORCHINDUCTOR_CACHE_DIR``, ``TRITON_CACHE_DIR``) win over the default folder; an

@@ -270,38 +270,10 @@ def test_i2i_matches_stock_pipeline(pipe, inputs):
     assert errs["i2i/stock"] < PARITY_RTOL and errs["separate/stock"] < PARITY_RTOL
 
 
-def test_compiled_blocks_do_not_recompile_for_another_step_count(pipe, inputs, monkeypatch):
-    """The blocks are compiled with ``dynamic=False``; what they read must not carry the step count, or each
-    new count recompiles all of them (and past Dynamo's limit of 8 a block runs eager). Dynamo's guards run
-    here as on the GPU; the "eager" backend only skips code generation. The result still matches stock."""
-    import functools
-
-    import torch._dynamo
-
-    monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend="eager"))
-    torch._dynamo.reset()
-    runner = DitRunner(pipe.transformer, pipe.scheduler.config, device="cpu", dtype=torch.float32, compile=True)
-
-    def denoise(steps):
-        return runner.denoise(inputs["latents"].clone(), prompt_embeds=inputs["prompt_embeds"],
-                              negative_prompt_embeds=inputs["negative_prompt_embeds"],
-                              prior_token_ids=inputs["prior_token_ids"], height=HEIGHT, width=WIDTH,
-                              num_inference_steps=steps)
-
-    try:
-        denoise(3)
-        with torch._dynamo.config.patch(error_on_recompile=True):
-            out = denoise(5)
-    finally:
-        runner.remove()
-        torch._dynamo.reset()
-    assert rel_err(out, stock(pipe, inputs, 5)) < PARITY_RTOL
-
-
-def test_compiled_blocks_stay_compiled_past_eight_shapes(pipe, inputs, monkeypatch):
-    """Each image size is a shape of its own for the ``dynamic=False`` blocks. Dynamo's default keeps 8 graphs
-    per function and runs it eager for every shape after; a long-lived process (a server, ComfyUI) meets more
-    sizes than that, so the runner raises the limit. Ten sizes here: each must get a graph of its own."""
+@pytest.fixture
+def compiled_runner(pipe, monkeypatch):
+    """A runner whose blocks are compiled as on the GPU (``dynamic=False``, Dynamo's guards and limits) with the
+    "eager" backend, which only skips code generation; Dynamo's state is reset before and after."""
     import functools
 
     import torch._dynamo
@@ -310,19 +282,44 @@ def test_compiled_blocks_stay_compiled_past_eight_shapes(pipe, inputs, monkeypat
     monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend="eager"))
     torch._dynamo.reset()
     counters.clear()
-    cfg = pipe.transformer.config
     runner = DitRunner(pipe.transformer, pipe.scheduler.config, device="cpu", dtype=torch.float32, compile=True)
-    g = torch.Generator().manual_seed(5)
-    sizes = [(64, 32 * k) for k in range(2, 12)]
     try:
-        for h, w in sizes:
-            prior = torch.randint(0, cfg.prior_vq_quantizer_codebook_size, (1, (h // 16) * (w // 16)), generator=g)
-            runner.denoise(torch.randn((1, cfg.in_channels, h // 8, w // 8), generator=g),
-                           prompt_embeds=inputs["prompt_embeds"],
-                           negative_prompt_embeds=inputs["negative_prompt_embeds"], prior_token_ids=prior,
-                           height=h, width=w, num_inference_steps=2)
-        graphs = counters["stats"]["unique_graphs"]
+        yield runner
     finally:
         runner.remove()
         torch._dynamo.reset()
-    assert graphs == len(sizes)
+
+
+def test_compiled_blocks_do_not_recompile_for_another_step_count(pipe, inputs, compiled_runner):
+    """What the compiled blocks read must not carry the step count, or each new count recompiles all of them
+    (and past Dynamo's limit of 8 a block runs eager). The result still matches stock."""
+    import torch._dynamo
+
+    def denoise(steps):
+        return compiled_runner.denoise(inputs["latents"].clone(), prompt_embeds=inputs["prompt_embeds"],
+                                       negative_prompt_embeds=inputs["negative_prompt_embeds"],
+                                       prior_token_ids=inputs["prior_token_ids"], height=HEIGHT, width=WIDTH,
+                                       num_inference_steps=steps)
+
+    denoise(3)
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        out = denoise(5)
+    assert rel_err(out, stock(pipe, inputs, 5)) < PARITY_RTOL
+
+
+def test_compiled_blocks_stay_compiled_past_eight_shapes(pipe, inputs, compiled_runner):
+    """Each image size is a shape of its own for the ``dynamic=False`` blocks. Dynamo's default keeps 8 graphs
+    per function and runs it eager for every shape after; a long-lived process (a server, ComfyUI) meets more
+    sizes than that, so the runner raises the limit. Ten sizes here: each must get a graph of its own."""
+    from torch._dynamo.utils import counters
+
+    cfg = pipe.transformer.config
+    g = torch.Generator().manual_seed(5)
+    sizes = [(64, 32 * k) for k in range(2, 12)]
+    for h, w in sizes:
+        prior = torch.randint(0, cfg.prior_vq_quantizer_codebook_size, (1, (h // 16) * (w // 16)), generator=g)
+        compiled_runner.denoise(torch.randn((1, cfg.in_channels, h // 8, w // 8), generator=g),
+                                prompt_embeds=inputs["prompt_embeds"],
+                                negative_prompt_embeds=inputs["negative_prompt_embeds"], prior_token_ids=prior,
+                                height=h, width=w, num_inference_steps=2)
+    assert counters["stats"]["unique_graphs"] == len(sizes)
